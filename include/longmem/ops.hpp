@@ -37,19 +37,24 @@ enum class Accumulate : bool { No = false, Yes = true };
 
 namespace ops {
 
+/// Inputs are not deduced: T and L come from the first (output) view, and any view or
+/// tensor convertible to a const view of them is accepted.
+template <class T, class L>
+using In = std::type_identity_t<TensorView<const T, L>>;
+
 /// out (T, d) = wte[tokens] (+ wpe[0..T) when wpe is not empty).
 /// Throws InputError for an empty segment, a token id outside [0, V) or T > P.
 template <class T, class L>
-void embedding(TensorView<T, L> out, std::span<const std::int32_t> tokens, TensorView<const T, L> wte /*(V,d)*/,
-               TensorView<const T, L> wpe /*(P,d) or empty*/) {
+void embedding(TensorView<T, L> out, std::span<const std::int32_t> tokens, In<T, L> wte /*(V,d)*/,
+               In<T, L> wpe /*(P,d) or empty*/) {
   detail::require_backend<L>();
   OpsBackend<L>::embedding(out, tokens, wte, wpe);
 }
 
 /// out (N, C) = (in - mean) / sqrt(var + eps) * weight + bias, per row; biased variance.
 template <class T, class L>
-void layer_norm(TensorView<T, L> out, TensorView<const T, L> in, TensorView<const T, L> weight /*(C)*/,
-                TensorView<const T, L> bias /*(C)*/, double eps) {
+void layer_norm(TensorView<T, L> out, In<T, L> in, In<T, L> weight /*(C)*/,
+                In<T, L> bias /*(C)*/, double eps) {
   detail::require_backend<L>();
   OpsBackend<L>::layer_norm(out, in, weight, bias, eps);
 }
@@ -57,8 +62,8 @@ void layer_norm(TensorView<T, L> out, TensorView<const T, L> in, TensorView<cons
 /// out (N, O) [+]= in (N, I) @ weight (O, I)^T + bias (O); bias may be empty.
 /// Weights are in PyTorch Linear layout [out, in]; loaders transpose HF Conv1D.
 template <class T, class L>
-void linear(TensorView<T, L> out, TensorView<const T, L> in, TensorView<const T, L> weight,
-            TensorView<const T, L> bias, Accumulate acc = Accumulate::No) {
+void linear(TensorView<T, L> out, In<T, L> in, In<T, L> weight,
+            In<T, L> bias, Accumulate acc = Accumulate::No) {
   detail::require_backend<L>();
   OpsBackend<L>::linear(out, in, weight, bias, acc);
 }
@@ -72,14 +77,14 @@ void gelu(TensorView<T, L> x, Activation kind) {
 
 /// out += in, elementwise, same shapes.
 template <class T, class L>
-void add(TensorView<T, L> out, TensorView<const T, L> in) {
+void add(TensorView<T, L> out, In<T, L> in) {
   detail::require_backend<L>();
   OpsBackend<L>::add(out, in);
 }
 
 /// out += a - b, elementwise, same shapes (the SideNet's cross-network residual).
 template <class T, class L>
-void add_difference(TensorView<T, L> out, TensorView<const T, L> a, TensorView<const T, L> b) {
+void add_difference(TensorView<T, L> out, In<T, L> a, In<T, L> b) {
   detail::require_backend<L>();
   OpsBackend<L>::add_difference(out, a, b);
 }
@@ -87,8 +92,8 @@ void add_difference(TensorView<T, L> out, TensorView<const T, L> a, TensorView<c
 /// Causal self-attention per head: out (T, H, dh) = softmax(q k^T / sqrt(dh) [+ alibi]) v,
 /// keys s <= t only; ALiBi adds -slope_h * (t - s) when positions is Alibi.
 template <class T, class L>
-void causal_attention(TensorView<T, L> out, TensorView<const T, L> q, TensorView<const T, L> k,
-                      TensorView<const T, L> v, PositionScheme positions) {
+void causal_attention(TensorView<T, L> out, In<T, L> q, In<T, L> k,
+                      In<T, L> v, PositionScheme positions) {
   detail::require_backend<L>();
   OpsBackend<L>::causal_attention(out, q, k, v, positions);
 }
@@ -97,9 +102,9 @@ void causal_attention(TensorView<T, L> out, TensorView<const T, L> q, TensorView
 ///   out (T, H, dh) from q, k, v (T, H, dh), retrieved mem_k, mem_v (T, H, K, dh) and
 ///   gate (H) logits; K = 0 gives plain causal attention. Fusion is GatedFusion or JointFusion.
 template <class Fusion, class T, class L>
-void memory_attention(TensorView<T, L> out, TensorView<const T, L> q, TensorView<const T, L> k,
-                      TensorView<const T, L> v, TensorView<const T, L> mem_k, TensorView<const T, L> mem_v,
-                      TensorView<const T, L> gate, PositionScheme positions) {
+void memory_attention(TensorView<T, L> out, In<T, L> q, In<T, L> k,
+                      In<T, L> v, In<T, L> mem_k, In<T, L> mem_v,
+                      In<T, L> gate, PositionScheme positions) {
   detail::require_backend<L>();
   OpsBackend<L>::template memory_attention<Fusion>(out, q, k, v, mem_k, mem_v, gate, positions);
 }

@@ -319,3 +319,15 @@ void expect_shape(const V& v, const Shape& expected, const char* what) {
 }
 
 }  // namespace longmem
+
+namespace longmem {
+/// The const view of a tensor or view: cview(t) for inputs of ops that deduce from it.
+template <class T, class L>
+TensorView<const T, L> cview(const Tensor<T, L>& t) {
+  return t.view();
+}
+template <class T, class L>
+TensorView<const T, L> cview(TensorView<T, L> v) {
+  return v;
+}
+}  // namespace longmem
