@@ -1,0 +1,534 @@
+#pragma once
+// The GPT-2 family of frozen backbones (DESIGN.md section 2):
+//   gpt2       sequential blocks, learned positions, biases everywhere, eps 1e-5
+//   gpt2-star  LongMem's parallel blocks, ALiBi, bias-free q/k/v/out, eps 1e-6
+// Weights load from safetensors with Hugging Face GPT-2 names (Conv1D [in, out], with or
+// without a "transformer." prefix) or the reference implementation's names (Linear
+// [out, in]); hyper-parameters come from __metadata__ or a config.json beside the file.
+//
+// Forward over one segment (T tokens), per block j (h is the residual stream (T, d)):
+//   sequential: h += Wo attn(ln_1 h); h += mlp(ln_2 h)
+//   parallel:   a = ln_1 h; h += Wo attn(a) + mlp(a)
+// B[0] = embedding, B[j+1] = h after block j, B[L] = ln_f(h_L).
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <random>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "longmem/backbone.hpp"
+#include "longmem/dtype.hpp"
+#include "longmem/error.hpp"
+#include "longmem/model_config.hpp"
+#include "longmem/ops.hpp"
+#include "longmem/safetensors.hpp"
+#include "longmem/tensor.hpp"
+#include "longmem/weight_reader.hpp"
+
+namespace longmem {
+
+/// Weights of one transformer block, Linear layout [out, in]. Empty tensors are absent
+/// parameters (no attention bias in GPT-2*, no ln_2 in parallel blocks).
+template <class T, class L = Host>
+struct BlockWeights {
+  Tensor<T, L> ln_1_weight, ln_1_bias;  // (d)
+  Tensor<T, L> ln_2_weight, ln_2_bias;  // (d), sequential blocks only
+  Tensor<T, L> q_weight, k_weight, v_weight, out_weight;  // (d, d)
+  Tensor<T, L> q_bias, k_bias, v_bias, out_bias;          // (d) or empty
+  Tensor<T, L> fc_in_weight;   // (n_inner, d)
+  Tensor<T, L> fc_in_bias;     // (n_inner) or empty
+  Tensor<T, L> fc_out_weight;  // (d, n_inner)
+  Tensor<T, L> fc_out_bias;    // (d) or empty
+};
+
+namespace detail {
+
+/// Reads hyper-parameters from a Hugging Face (or our own) config.json.
+inline BackboneConfig backbone_config_from_json(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  if (!in) fail<FormatError>(path.string(), ": cannot open the config file");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    fail<FormatError>(path.string(), ": not valid JSON (", e.what(), ")");
+  }
+  if (!j.is_object()) fail<FormatError>(path.string(), ": expected a JSON object");
+  // Re-express as string metadata so one parser handles both sources.
+  std::map<std::string, std::string> md;
+  auto num = [&](const char* key) {
+    if (!j.contains(key) || j[key].is_null()) return;
+    const auto& v = j[key];
+    if (v.is_number_integer()) {
+      md[key] = std::to_string(v.get<long long>());
+    } else if (v.is_number()) {
+      md[key] = format_double(v.get<double>());
+    } else {
+      fail<ConfigError>(path.string(), ": '", key, "' must be a number");
+    }
+  };
+  for (const char* k : {"n_layer", "n_embd", "n_head", "n_inner", "vocab_size", "n_positions", "layer_norm_epsilon"}) {
+    num(k);
+  }
+  if (j.contains("activation_function") && j["activation_function"].is_string()) {
+    md["activation_function"] = j["activation_function"].get<std::string>();
+  }
+  if (j.contains("architecture") && j["architecture"].is_string()) {
+    md["architecture"] = j["architecture"].get<std::string>();
+  } else if (j.value("model_type", std::string()) == "gpt2") {
+    md["architecture"] = "gpt2";
+  } else {
+    fail<ConfigError>(path.string(), ": model_type '", j.value("model_type", std::string("<missing>")),
+                      "' is not supported (expected gpt2)");
+  }
+  auto refuse = [&](const char* key, bool bad_value, const char* why) {
+    if (j.contains(key) && !j[key].is_null() && j[key].is_boolean() && j[key].get<bool>() == bad_value) {
+      fail<ConfigError>(path.string(), ": '", key, "' = ", bad_value ? "true" : "false", " is not supported (", why, ")");
+    }
+  };
+  refuse("scale_attn_weights", false, "attention is always scaled by 1/sqrt(head_dim)");
+  refuse("scale_attn_by_inverse_layer_idx", true, "per-layer attention scaling is not implemented");
+  refuse("add_cross_attention", true, "backbones are decoder-only");
+  return backbone_config_from_metadata(MetadataReader(md, path.string()));
+}
+
+/// Copies a host tensor to location L (identity for Host).
+template <class T, class L>
+Tensor<T, L> to_location(Tensor<T, Host>&& t) {
+  if constexpr (std::is_same_v<L, Host>) {
+    return std::move(t);
+  } else {
+    Tensor<T, L> d(t.shape());
+    copy(cview(t), d.view());
+    return d;
+  }
+}
+
+/// Transposes a host matrix (R, C) -> (C, R); HF Conv1D stores [in, out].
+template <class T>
+Tensor<T, Host> transpose(TensorView<const T, Host> m) {
+  const index_t R = m.dim(0), C = m.dim(1);
+  Tensor<T, Host> t({C, R});
+  for (index_t r = 0; r < R; ++r)
+    for (index_t c = 0; c < C; ++c) t(c, r) = m(r, c);
+  return t;
+}
+
+/// Columns [c0, c0 + n) of a host matrix (R, C) -> (R, n).
+template <class T>
+Tensor<T, Host> columns(TensorView<const T, Host> m, index_t c0, index_t n) {
+  const index_t R = m.dim(0);
+  Tensor<T, Host> t({R, n});
+  for (index_t r = 0; r < R; ++r)
+    for (index_t c = 0; c < n; ++c) t(r, c) = m(r, c0 + c);
+  return t;
+}
+
+/// Elements [b, b + n) of a vector.
+template <class T>
+Tensor<T, Host> segment(TensorView<const T, Host> v, index_t b, index_t n) {
+  Tensor<T, Host> t({n});
+  for (index_t i = 0; i < n; ++i) t(i) = v(b + i);
+  return t;
+}
+
+}  // namespace detail
+
+/// A frozen GPT-2 / GPT-2* backbone computing in T (float or double) on location L.
+/// forward() reuses internal scratch buffers: one instance serves one thread at a time.
+template <ComputeType T, class L = Host>
+class Gpt2Backbone {
+ public:
+  using value_type = T;
+  using location = L;
+
+  Gpt2Backbone(BackboneConfig config, Tensor<T, L> wte, Tensor<T, L> wpe, std::vector<BlockWeights<T, L>> blocks,
+               Tensor<T, L> ln_f_weight, Tensor<T, L> ln_f_bias)
+      : config_(std::move(config)),
+        wte_(std::move(wte)),
+        wpe_(std::move(wpe)),
+        blocks_(std::move(blocks)),
+        ln_f_weight_(std::move(ln_f_weight)),
+        ln_f_bias_(std::move(ln_f_bias)) {
+    config_.validate();
+    check_shapes();
+  }
+
+  /// Loads a safetensors checkpoint. Hyper-parameters come from its __metadata__ or from
+  /// `config.json` in the same folder; when both exist they must agree.
+  static Gpt2Backbone load(const std::filesystem::path& path) {
+    static_assert(std::is_same_v<L, Host>, "load a host backbone first, then copy it to the device");
+    SafetensorsFile file = SafetensorsFile::open(path);
+    const auto json_path = path.parent_path() / "config.json";
+    std::optional<BackboneConfig> from_json;
+    if (std::filesystem::exists(json_path)) from_json = detail::backbone_config_from_json(json_path);
+    return from_file(file, from_json);
+  }
+
+  /// Builds from an open file; `json_config` (from config.json) is used when the file's
+  /// metadata has no architecture key, and must agree with it otherwise.
+  static Gpt2Backbone from_file(const SafetensorsFile& file, std::optional<BackboneConfig> json_config = std::nullopt) {
+    MetadataReader md(file.metadata(), file.name());
+    BackboneConfig cfg;
+    if (md.has("architecture")) {
+      cfg = backbone_config_from_metadata(md);
+      if (json_config && !(*json_config == cfg)) {
+        detail::fail<ConfigError>(file.name(), ": the hyper-parameters in __metadata__ and in config.json disagree (",
+                                  describe(cfg), " vs ", describe(*json_config), ")");
+      }
+    } else if (json_config) {
+      cfg = *json_config;
+    } else {
+      detail::fail<ConfigError>(file.name(), ": no hyper-parameters: the file's __metadata__ has no 'architecture' and there is "
+                                "no config.json beside it");
+    }
+    WeightReader r(file, {"", "transformer."});
+    const index_t d = cfg.n_embd, V = cfg.vocab_size, F = cfg.n_inner;
+    const bool hf_names = r.has("h.0.attn.c_attn.weight");
+    auto wte = r.read<T>("wte.weight", {V, d});
+    Tensor<T, Host> wpe;
+    if (cfg.positions == PositionScheme::Learned) wpe = r.read<T>("wpe.weight", {cfg.n_positions, d});
+    std::vector<BlockWeights<T, L>> blocks;
+    blocks.reserve(static_cast<std::size_t>(cfg.n_layer));
+    for (int j = 0; j < cfg.n_layer; ++j) {
+      const std::string p = "h." + std::to_string(j) + ".";
+      BlockWeights<T, Host> b;
+      b.ln_1_weight = r.read<T>(p + "ln_1.weight", {d});
+      b.ln_1_bias = r.read<T>(p + "ln_1.bias", {d});
+      if (cfg.block_style == BlockStyle::Sequential) {
+        b.ln_2_weight = r.read<T>(p + "ln_2.weight", {d});
+        b.ln_2_bias = r.read<T>(p + "ln_2.bias", {d});
+      }
+      if (hf_names) {
+        // Conv1D layout [in, out]; c_attn packs q | k | v along out.
+        auto c_attn = r.read<T>(p + "attn.c_attn.weight", {d, 3 * d});
+        b.q_weight = detail::transpose<T>(detail::columns<T>(cview(c_attn), 0, d));
+        b.k_weight = detail::transpose<T>(detail::columns<T>(cview(c_attn), d, d));
+        b.v_weight = detail::transpose<T>(detail::columns<T>(cview(c_attn), 2 * d, d));
+        b.out_weight = detail::transpose<T>(cview(r.read<T>(p + "attn.c_proj.weight", {d, d})));
+        if (cfg.attn_bias) {
+          auto c_attn_b = r.read<T>(p + "attn.c_attn.bias", {3 * d});
+          b.q_bias = detail::segment<T>(cview(c_attn_b), 0, d);
+          b.k_bias = detail::segment<T>(cview(c_attn_b), d, d);
+          b.v_bias = detail::segment<T>(cview(c_attn_b), 2 * d, d);
+          b.out_bias = r.read<T>(p + "attn.c_proj.bias", {d});
+        }
+        b.fc_in_weight = detail::transpose<T>(cview(r.read<T>(p + "mlp.c_fc.weight", {d, F})));
+        b.fc_in_bias = r.read<T>(p + "mlp.c_fc.bias", {F});
+        b.fc_out_weight = detail::transpose<T>(cview(r.read<T>(p + "mlp.c_proj.weight", {F, d})));
+        b.fc_out_bias = r.read<T>(p + "mlp.c_proj.bias", {d});
+        r.ignore(p + "attn.bias");  // causal-mask buffers of old HF checkpoints, not weights
+        r.ignore(p + "attn.masked_bias");
+      } else {
+        b.q_weight = r.read<T>(p + "attn.q_proj.weight", {d, d});
+        b.k_weight = r.read<T>(p + "attn.k_proj.weight", {d, d});
+        b.v_weight = r.read<T>(p + "attn.v_proj.weight", {d, d});
+        b.out_weight = r.read<T>(p + "attn.out_proj.weight", {d, d});
+        if (cfg.attn_bias) {
+          b.q_bias = r.read<T>(p + "attn.q_proj.bias", {d});
+          b.k_bias = r.read<T>(p + "attn.k_proj.bias", {d});
+          b.v_bias = r.read<T>(p + "attn.v_proj.bias", {d});
+          b.out_bias = r.read<T>(p + "attn.out_proj.bias", {d});
+        }
+        b.fc_in_weight = r.read<T>(p + "mlp.fc_in.weight", {F, d});
+        b.fc_in_bias = r.read<T>(p + "mlp.fc_in.bias", {F});
+        b.fc_out_weight = r.read<T>(p + "mlp.fc_out.weight", {d, F});
+        b.fc_out_bias = r.read<T>(p + "mlp.fc_out.bias", {d});
+      }
+      blocks.push_back(to_location_block(std::move(b)));
+    }
+    auto ln_f_w = r.read<T>("ln_f.weight", {d});
+    auto ln_f_b = r.read<T>("ln_f.bias", {d});
+    check_tied_head(r, cview(wte));
+    r.expect_all_used("GPT-2 backbone");
+    return Gpt2Backbone(cfg, detail::to_location<T, L>(std::move(wte)), detail::to_location<T, L>(std::move(wpe)),
+                        std::move(blocks), detail::to_location<T, L>(std::move(ln_f_w)),
+                        detail::to_location<T, L>(std::move(ln_f_b)));
+  }
+
+  /// Random weights (a test and demo model): N(0, std) matrices, LayerNorm N(1, 0.1).
+  static Gpt2Backbone random(const BackboneConfig& cfg, std::uint64_t seed, double std_dev = 0.02) {
+    static_assert(std::is_same_v<L, Host>, "random backbones are made on the host");
+    cfg.validate();
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> normal(0.0, 1.0);
+    auto make = [&](Shape s, double mean, double sd) {
+      Tensor<T, Host> t(s);
+      for (auto& x : t) x = static_cast<T>(mean + sd * normal(rng));
+      return t;
+    };
+    const index_t d = cfg.n_embd, F = cfg.n_inner;
+    auto wte = make({cfg.vocab_size, d}, 0, std_dev);
+    Tensor<T, Host> wpe;
+    if (cfg.positions == PositionScheme::Learned) wpe = make({cfg.n_positions, d}, 0, std_dev);
+    std::vector<BlockWeights<T, L>> blocks;
+    for (int j = 0; j < cfg.n_layer; ++j) {
+      BlockWeights<T, Host> b;
+      b.ln_1_weight = make({d}, 1, 0.1);
+      b.ln_1_bias = make({d}, 0, 0.1);
+      if (cfg.block_style == BlockStyle::Sequential) {
+        b.ln_2_weight = make({d}, 1, 0.1);
+        b.ln_2_bias = make({d}, 0, 0.1);
+      }
+      b.q_weight = make({d, d}, 0, std_dev);
+      b.k_weight = make({d, d}, 0, std_dev);
+      b.v_weight = make({d, d}, 0, std_dev);
+      b.out_weight = make({d, d}, 0, std_dev);
+      if (cfg.attn_bias) {
+        b.q_bias = make({d}, 0, std_dev);
+        b.k_bias = make({d}, 0, std_dev);
+        b.v_bias = make({d}, 0, std_dev);
+        b.out_bias = make({d}, 0, std_dev);
+      }
+      b.fc_in_weight = make({F, d}, 0, std_dev);
+      b.fc_in_bias = make({F}, 0, std_dev);
+      b.fc_out_weight = make({d, F}, 0, std_dev);
+      b.fc_out_bias = make({d}, 0, std_dev);
+      blocks.push_back(to_location_block(std::move(b)));
+    }
+    auto ln_f_w = make({d}, 1, 0.1);
+    auto ln_f_b = make({d}, 0, 0.1);
+    return Gpt2Backbone(cfg, std::move(wte), std::move(wpe), std::move(blocks), std::move(ln_f_w), std::move(ln_f_b));
+  }
+
+  /// Writes a checkpoint: GPT-2 under Hugging Face names, GPT-2* under the reference
+  /// implementation's names, hyper-parameters in __metadata__ (host backbones).
+  void save(const std::filesystem::path& path) const {
+    static_assert(std::is_same_v<L, Host>, "save a host backbone");
+    SafetensorsWriter w;
+    std::map<std::string, std::string> md;
+    backbone_config_to_metadata(config_, md);
+    w.set_metadata(md);
+    const index_t d = config_.n_embd;
+    w.add<T>("wte.weight", wte_.view());
+    if (!wpe_.empty()) w.add<T>("wpe.weight", wpe_.view());
+    const bool hf_names = config_.architecture == "gpt2";
+    for (int j = 0; j < config_.n_layer; ++j) {
+      const auto& b = blocks_[static_cast<std::size_t>(j)];
+      const std::string p = "h." + std::to_string(j) + ".";
+      w.add<T>(p + "ln_1.weight", b.ln_1_weight.view());
+      w.add<T>(p + "ln_1.bias", b.ln_1_bias.view());
+      if (!b.ln_2_weight.empty()) {
+        w.add<T>(p + "ln_2.weight", b.ln_2_weight.view());
+        w.add<T>(p + "ln_2.bias", b.ln_2_bias.view());
+      }
+      if (hf_names) {
+        Tensor<T, Host> c_attn({d, 3 * d});
+        for (index_t i = 0; i < d; ++i)
+          for (index_t o = 0; o < d; ++o) {
+            c_attn(i, o) = b.q_weight(o, i);
+            c_attn(i, d + o) = b.k_weight(o, i);
+            c_attn(i, 2 * d + o) = b.v_weight(o, i);
+          }
+        w.add<T>(p + "attn.c_attn.weight", c_attn.view());
+        w.add<T>(p + "attn.c_proj.weight", detail::transpose<T>(b.out_weight.view()).view());
+        if (config_.attn_bias) {
+          Tensor<T, Host> c_attn_b({3 * d});
+          for (index_t o = 0; o < d; ++o) {
+            c_attn_b(o) = b.q_bias(o);
+            c_attn_b(d + o) = b.k_bias(o);
+            c_attn_b(2 * d + o) = b.v_bias(o);
+          }
+          w.add<T>(p + "attn.c_attn.bias", c_attn_b.view());
+          w.add<T>(p + "attn.c_proj.bias", b.out_bias.view());
+        }
+        w.add<T>(p + "mlp.c_fc.weight", detail::transpose<T>(b.fc_in_weight.view()).view());
+        w.add<T>(p + "mlp.c_fc.bias", b.fc_in_bias.view());
+        w.add<T>(p + "mlp.c_proj.weight", detail::transpose<T>(b.fc_out_weight.view()).view());
+        w.add<T>(p + "mlp.c_proj.bias", b.fc_out_bias.view());
+      } else {
+        w.add<T>(p + "attn.q_proj.weight", b.q_weight.view());
+        w.add<T>(p + "attn.k_proj.weight", b.k_weight.view());
+        w.add<T>(p + "attn.v_proj.weight", b.v_weight.view());
+        w.add<T>(p + "attn.out_proj.weight", b.out_weight.view());
+        if (config_.attn_bias) {
+          w.add<T>(p + "attn.q_proj.bias", b.q_bias.view());
+          w.add<T>(p + "attn.k_proj.bias", b.k_bias.view());
+          w.add<T>(p + "attn.v_proj.bias", b.v_bias.view());
+          w.add<T>(p + "attn.out_proj.bias", b.out_bias.view());
+        }
+        w.add<T>(p + "mlp.fc_in.weight", b.fc_in_weight.view());
+        w.add<T>(p + "mlp.fc_in.bias", b.fc_in_bias.view());
+        w.add<T>(p + "mlp.fc_out.weight", b.fc_out_weight.view());
+        w.add<T>(p + "mlp.fc_out.bias", b.fc_out_bias.view());
+      }
+    }
+    w.add<T>("ln_f.weight", ln_f_weight_.view());
+    w.add<T>("ln_f.bias", ln_f_bias_.view());
+    w.write(path);
+  }
+
+  const BackboneConfig& config() const { return config_; }
+  TensorView<const T, L> token_embedding() const { return wte_.view(); }
+  TensorView<const T, L> position_embedding() const { return wpe_.view(); }
+  const BlockWeights<T, L>& block(int j) const { return blocks_.at(static_cast<std::size_t>(j)); }
+  TensorView<const T, L> ln_f_weight() const { return ln_f_weight_.view(); }
+  TensorView<const T, L> ln_f_bias() const { return ln_f_bias_.view(); }
+
+  /// "fnv1a64:..." of the token embedding; SideNet files record it to name their backbone.
+  std::string fingerprint() const {
+    if (fingerprint_.empty()) {
+      if constexpr (std::is_same_v<L, Host>) {
+        fingerprint_ = detail::embedding_fingerprint<T>(wte_.view());
+      } else {
+        Tensor<T, Host> h(wte_.shape());
+        copy(wte_.view(), h.view());
+        fingerprint_ = detail::embedding_fingerprint<T>(h.view());
+      }
+    }
+    return fingerprint_;
+  }
+
+  /// One segment. Throws InputError for an empty segment, token ids outside the
+  /// vocabulary or a segment longer than n_positions; ConfigError for a memory layer
+  /// outside [0, n_layer).
+  void forward(std::span<const std::int32_t> tokens, const BackboneRequest& req, BackboneOutput<T, L>& out) const {
+    const index_t Tn = static_cast<index_t>(tokens.size());
+    const index_t d = config_.n_embd, H = config_.n_head, dh = config_.head_dim(), F = config_.n_inner;
+    const int nL = config_.n_layer;
+    if (Tn == 0) detail::fail<InputError>("backbone forward: the segment is empty");
+    if (Tn > config_.n_positions) {
+      detail::fail<InputError>("backbone forward: the segment has ", Tn, " tokens but the model accepts at most ",
+                               config_.n_positions, " (n_positions); split the input into shorter segments");
+    }
+    if (req.memory_layer < -1 || req.memory_layer >= nL) {
+      detail::fail<ConfigError>("backbone forward: memory_layer ", req.memory_layer, " is outside [0, ", nL, ")");
+    }
+    // Scratch, (T, d) unless noted.
+    ln_.resize({Tn, d});
+    q_.resize({Tn, d});
+    k_.resize({Tn, d});
+    v_.resize({Tn, d});
+    att_.resize({Tn, d});
+    mlp_.resize({Tn, F});  // (T, n_inner)
+    out.hidden.resize(req.hidden_states ? Shape{nL + 1, Tn, d} : Shape{1, Tn, d});
+    stream_.resize({Tn, d});
+
+    TensorView<T, L> h = stream_.view();  // residual stream h_j
+    ops::embedding(h, tokens, wte_, wpe_);
+    if (req.hidden_states) copy(cview(stream_), out.hidden[0]);
+
+    for (int j = 0; j < nL; ++j) {
+      const auto& b = blocks_[static_cast<std::size_t>(j)];
+      ops::layer_norm(ln_.view(), h, b.ln_1_weight, b.ln_1_bias, config_.layer_norm_epsilon);
+      attention(b, h);
+      if (j == req.memory_layer) {
+        out.mem_keys.resize({Tn, H, dh});
+        out.mem_values.resize({Tn, H, dh});
+        copy(cview(k_), out.mem_keys.view().reshape({Tn, d}));
+        copy(cview(v_), out.mem_values.view().reshape({Tn, d}));
+      }
+      if (config_.block_style == BlockStyle::Sequential) {
+        ops::layer_norm(ln_.view(), h, b.ln_2_weight, b.ln_2_bias, config_.layer_norm_epsilon);
+      }
+      mlp(b, h);  // parallel blocks reuse ln_1's output still in ln_
+      if (req.hidden_states && j + 1 < nL) copy(cview(stream_), out.hidden[j + 1]);
+    }
+    // B[L] = ln_f(h_L)
+    TensorView<T, L> last = out.hidden[out.hidden.dim(0) - 1];
+    ops::layer_norm(last, h, ln_f_weight_, ln_f_bias_, config_.layer_norm_epsilon);
+    if (req.memory_layer < 0) {
+      out.mem_keys.resize({0, H, dh});
+      out.mem_values.resize({0, H, dh});
+    }
+    if (req.logits) {
+      out.logits.resize({Tn, config_.vocab_size});
+      ops::linear(out.logits.view(), cview(last), wte_, TensorView<const T, L>{});
+    } else {
+      out.logits.resize({0, config_.vocab_size});
+    }
+  }
+
+ private:
+  // h += Wo attn(ln_) ; leaves k_, v_ holding this layer's keys and values.
+  void attention(const BlockWeights<T, L>& b, TensorView<T, L> h) const {
+    ops::linear(q_.view(), ln_, b.q_weight, b.q_bias);
+    ops::linear(k_.view(), ln_, b.k_weight, b.k_bias);
+    ops::linear(v_.view(), ln_, b.v_weight, b.v_bias);
+    const index_t Tn = q_.dim(0), H = config_.n_head, dh = config_.head_dim();
+    const Shape heads{Tn, H, dh};
+    ops::causal_attention(att_.view().reshape(heads), cview(q_).reshape(heads), cview(k_).reshape(heads),
+                          cview(v_).reshape(heads), config_.positions);
+    ops::linear(h, att_, b.out_weight, b.out_bias, Accumulate::Yes);
+  }
+
+  // h += fc_out(gelu(fc_in(ln_)))
+  void mlp(const BlockWeights<T, L>& b, TensorView<T, L> h) const {
+    ops::linear(mlp_.view(), ln_, b.fc_in_weight, b.fc_in_bias);
+    ops::gelu(mlp_.view(), config_.activation);
+    ops::linear(h, mlp_, b.fc_out_weight, b.fc_out_bias, Accumulate::Yes);
+  }
+
+  static BlockWeights<T, L> to_location_block(BlockWeights<T, Host>&& b) {
+    if constexpr (std::is_same_v<L, Host>) {
+      return std::move(b);
+    } else {
+      BlockWeights<T, L> o;
+      auto mv = [](Tensor<T, Host>& src) { return detail::to_location<T, L>(std::move(src)); };
+      o.ln_1_weight = mv(b.ln_1_weight); o.ln_1_bias = mv(b.ln_1_bias);
+      o.ln_2_weight = mv(b.ln_2_weight); o.ln_2_bias = mv(b.ln_2_bias);
+      o.q_weight = mv(b.q_weight); o.k_weight = mv(b.k_weight); o.v_weight = mv(b.v_weight); o.out_weight = mv(b.out_weight);
+      o.q_bias = mv(b.q_bias); o.k_bias = mv(b.k_bias); o.v_bias = mv(b.v_bias); o.out_bias = mv(b.out_bias);
+      o.fc_in_weight = mv(b.fc_in_weight); o.fc_in_bias = mv(b.fc_in_bias);
+      o.fc_out_weight = mv(b.fc_out_weight); o.fc_out_bias = mv(b.fc_out_bias);
+      return o;
+    }
+  }
+
+  // An untied lm_head would silently change the model: accept only a copy of wte.
+  static void check_tied_head(WeightReader& r, TensorView<const T, Host> wte) {
+    if (!r.has("lm_head.weight")) return;
+    auto head = r.read<T>("lm_head.weight", wte.shape());
+    for (index_t i = 0; i < wte.numel(); ++i) {
+      if (head.data()[i] != wte.data()[i]) {
+        detail::fail<FormatError>(r.file().name(), ": lm_head.weight differs from wte.weight; untied output heads are not supported");
+      }
+    }
+  }
+
+  static std::string describe(const BackboneConfig& c) {
+    return detail::concat(c.architecture, " L=", c.n_layer, " d=", c.n_embd, " H=", c.n_head, " n_inner=", c.n_inner,
+                          " V=", c.vocab_size, " P=", c.n_positions, " eps=", c.layer_norm_epsilon, " act=",
+                          to_string(c.activation));
+  }
+
+  void check_shapes() const {
+    const index_t d = config_.n_embd, F = config_.n_inner;
+    expect_shape(wte_, {config_.vocab_size, d}, "wte");
+    if (config_.positions == PositionScheme::Learned) expect_shape(wpe_, {config_.n_positions, d}, "wpe");
+    if (blocks_.size() != static_cast<std::size_t>(config_.n_layer)) {
+      detail::fail<ShapeError>("backbone: ", blocks_.size(), " blocks given for n_layer = ", config_.n_layer);
+    }
+    for (const auto& b : blocks_) {
+      expect_shape(b.q_weight, {d, d}, "q weight");
+      expect_shape(b.k_weight, {d, d}, "k weight");
+      expect_shape(b.v_weight, {d, d}, "v weight");
+      expect_shape(b.out_weight, {d, d}, "out weight");
+      expect_shape(b.fc_in_weight, {F, d}, "fc_in weight");
+      expect_shape(b.fc_out_weight, {d, F}, "fc_out weight");
+      expect_shape(b.ln_1_weight, {d}, "ln_1 weight");
+    }
+    expect_shape(ln_f_weight_, {d}, "ln_f weight");
+    expect_shape(ln_f_bias_, {d}, "ln_f bias");
+  }
+
+  BackboneConfig config_;
+  Tensor<T, L> wte_;  // (V, d)
+  Tensor<T, L> wpe_;  // (P, d) or empty
+  std::vector<BlockWeights<T, L>> blocks_;
+  Tensor<T, L> ln_f_weight_, ln_f_bias_;  // (d)
+  mutable std::string fingerprint_;
+  // Scratch reused across forwards.
+  mutable Tensor<T, L> stream_, ln_, q_, k_, v_, att_, mlp_;
+};
+
+static_assert(Backbone<Gpt2Backbone<float>>);
+static_assert(Backbone<Gpt2Backbone<double>>);
+
+}  // namespace longmem

@@ -1,0 +1,351 @@
+#pragma once
+// The residual SideNet (DESIGN.md section 2): L/r parallel blocks beside a frozen
+// backbone, fed the backbone's hidden-state differences, one layer memory-augmented.
+//
+//   x = B[0]
+//   layer i:  h = ln_i(x);  x = x + (B[r(i+1)] - B[r i]) + Wo attn_i(h) + fc2(gelu(fc1(h)))
+//             attn of layer i* = floor(m / r) is memory-augmented (see fusion.hpp)
+//   logits = ln_f(x) @ wte^T              (head tied to the backbone's embedding)
+//
+// Files use the reference implementation's names: layers.N.ln_1, layers.N.self_attn.
+// {q,k,v,out}_proj, layers.N.self_attn.memory_bias (the gate, only on layer i*),
+// layers.N.fc1, layers.N.fc2, layer_norm; hyper-parameters in __metadata__.
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "longmem/chunk_retriever.hpp"
+#include "longmem/fusion.hpp"
+#include "longmem/gpt2_backbone.hpp"
+#include "longmem/model_config.hpp"
+#include "longmem/ops.hpp"
+#include "longmem/safetensors.hpp"
+#include "longmem/tensor.hpp"
+#include "longmem/weight_reader.hpp"
+
+namespace longmem {
+
+/// Weights of one SideNet layer, Linear layout [out, in].
+template <class T, class L = Host>
+struct SideNetLayerWeights {
+  Tensor<T, L> ln_weight, ln_bias;                        // (d)
+  Tensor<T, L> q_weight, k_weight, v_weight, out_weight;  // (d, d)
+  Tensor<T, L> q_bias, k_bias, v_bias, out_bias;          // (d) or empty
+  Tensor<T, L> gate;                                      // (H) on layer i*, else empty
+  Tensor<T, L> fc1_weight;                                // (n_inner, d)
+  Tensor<T, L> fc1_bias;                                  // (n_inner)
+  Tensor<T, L> fc2_weight;                                // (d, n_inner)
+  Tensor<T, L> fc2_bias;                                  // (d)
+};
+
+/// Reads a SideNet's hyper-parameters from its file's metadata.
+inline SideNetConfig side_net_config_from_metadata(const MetadataReader& md) {
+  auto arch = md.get_string("architecture");
+  if (!arch || *arch != "longmem-sidenet") {
+    detail::fail<ConfigError>(md.source(), ": metadata 'architecture' is '", arch.value_or("<missing>"),
+                              "', expected 'longmem-sidenet' (is this a backbone file?)");
+  }
+  SideNetConfig c;
+  c.n_layer = md.require_int("n_layer");
+  c.n_embd = md.require_int("n_embd");
+  c.n_head = md.require_int("n_head");
+  c.n_inner = md.int_or("n_inner", 4 * c.n_embd);
+  c.reduction_factor = md.require_int("reduction_factor");
+  c.memory_layer = md.require_int("memory_layer");
+  if (auto eps = md.get_double("layer_norm_epsilon")) c.layer_norm_epsilon = *eps;
+  if (auto act = md.get_string("activation_function")) c.activation = detail::parse_activation(*act, md.source());
+  if (auto pos = md.get_string("position_embedding")) c.positions = detail::parse_positions(*pos, md.source());
+  if (auto b = md.get_bool("attn_bias")) c.attn_bias = *b;
+  if (auto f = md.get_string("backbone_fingerprint")) c.backbone_fingerprint = *f;
+  if (c.n_layer <= 0 || c.n_embd <= 0 || c.n_head <= 0 || c.n_embd % c.n_head != 0) {
+    detail::fail<ConfigError>(md.source(), ": SideNet sizes n_layer=", c.n_layer, " n_embd=", c.n_embd, " n_head=", c.n_head,
+                              " are invalid (all positive, n_embd divisible by n_head)");
+  }
+  return c;
+}
+
+/// The recommended memory settings a SideNet file may carry (memory_tokens, chunk_size,
+/// retrieved_tokens), or nothing when absent.
+inline std::optional<MemoryConfig> memory_config_from_metadata(const MetadataReader& md) {
+  if (!md.has("memory_tokens") && !md.has("chunk_size") && !md.has("retrieved_tokens")) return std::nullopt;
+  MemoryConfig m;
+  m.memory_tokens = md.require_int("memory_tokens");
+  m.chunk_size = md.require_int("chunk_size");
+  m.retrieved_tokens = md.require_int("retrieved_tokens");
+  return m;
+}
+
+/// The SideNet computing in T on location L. forward() reuses scratch buffers: one
+/// instance serves one thread at a time.
+template <ComputeType T, class L = Host>
+class SideNet {
+ public:
+  using value_type = T;
+  using location = L;
+
+  SideNet(SideNetConfig config, std::vector<SideNetLayerWeights<T, L>> layers, Tensor<T, L> ln_f_weight,
+          Tensor<T, L> ln_f_bias, std::optional<MemoryConfig> recommended = std::nullopt)
+      : config_(std::move(config)),
+        layers_(std::move(layers)),
+        ln_f_weight_(std::move(ln_f_weight)),
+        ln_f_bias_(std::move(ln_f_bias)),
+        recommended_(recommended) {
+    check_shapes();
+  }
+
+  /// Loads a SideNet file (reference names, hyper-parameters in __metadata__).
+  static SideNet load(const std::filesystem::path& path) {
+    static_assert(std::is_same_v<L, Host>, "load a host SideNet first, then copy it to the device");
+    SafetensorsFile file = SafetensorsFile::open(path);
+    return from_file(file);
+  }
+
+  static SideNet from_file(const SafetensorsFile& file) {
+    MetadataReader md(file.metadata(), file.name());
+    SideNetConfig cfg = side_net_config_from_metadata(md);
+    auto recommended = memory_config_from_metadata(md);
+    WeightReader r(file);
+    const index_t d = cfg.n_embd, F = cfg.n_inner, H = cfg.n_head;
+    const int i_star = cfg.memory_augmented_layer();
+    if (i_star >= cfg.n_layer) {
+      detail::fail<ConfigError>(file.name(), ": memory_layer ", cfg.memory_layer, " with reduction_factor ",
+                                cfg.reduction_factor, " puts the memory in SideNet layer ", i_star, " but it has only ",
+                                cfg.n_layer, " layers");
+    }
+    std::vector<SideNetLayerWeights<T, L>> layers;
+    for (int i = 0; i < cfg.n_layer; ++i) {
+      const std::string p = "layers." + std::to_string(i) + ".";
+      SideNetLayerWeights<T, Host> w;
+      w.ln_weight = r.read<T>(p + "ln_1.weight", {d});
+      w.ln_bias = r.read<T>(p + "ln_1.bias", {d});
+      w.q_weight = r.read<T>(p + "self_attn.q_proj.weight", {d, d});
+      w.k_weight = r.read<T>(p + "self_attn.k_proj.weight", {d, d});
+      w.v_weight = r.read<T>(p + "self_attn.v_proj.weight", {d, d});
+      w.out_weight = r.read<T>(p + "self_attn.out_proj.weight", {d, d});
+      if (cfg.attn_bias) {
+        w.q_bias = r.read<T>(p + "self_attn.q_proj.bias", {d});
+        w.k_bias = r.read<T>(p + "self_attn.k_proj.bias", {d});
+        w.v_bias = r.read<T>(p + "self_attn.v_proj.bias", {d});
+        w.out_bias = r.read<T>(p + "self_attn.out_proj.bias", {d});
+      }
+      if (i == i_star) w.gate = r.read<T>(p + "self_attn.memory_bias", {H});
+      w.fc1_weight = r.read<T>(p + "fc1.weight", {F, d});
+      w.fc1_bias = r.read<T>(p + "fc1.bias", {F});
+      w.fc2_weight = r.read<T>(p + "fc2.weight", {d, F});
+      w.fc2_bias = r.read<T>(p + "fc2.bias", {d});
+      layers.push_back(to_location_layer(std::move(w)));
+    }
+    auto ln_w = r.read<T>("layer_norm.weight", {d});
+    auto ln_b = r.read<T>("layer_norm.bias", {d});
+    r.expect_all_used("SideNet");
+    return SideNet(cfg, std::move(layers), detail::to_location<T, L>(std::move(ln_w)),
+                   detail::to_location<T, L>(std::move(ln_b)), recommended);
+  }
+
+  /// The reference initialisation for memory-augmented adaptation: layer i copies
+  /// backbone block r*i+1 (block i when r = 1): ln_1, attention and MLP weights; the
+  /// final LayerNorm copies ln_f; gates are 0. Position scheme and attention biases
+  /// follow the backbone.
+  static SideNet from_backbone(const Gpt2Backbone<T, L>& backbone, int memory_layer, int reduction_factor = 2) {
+    static_assert(std::is_same_v<L, Host>, "initialise a host SideNet, then copy it to the device");
+    const BackboneConfig& b = backbone.config();
+    SideNetConfig cfg = SideNetConfig::for_backbone(b, memory_layer, reduction_factor);
+    cfg.attn_bias = b.attn_bias;
+    cfg.backbone_fingerprint = backbone.fingerprint();
+    cfg.validate_against(b);
+    auto clone = [](const Tensor<T, Host>& t) {
+      Tensor<T, Host> c(t.shape());
+      if (!t.empty()) copy(t.view(), c.view());
+      return c;
+    };
+    std::vector<SideNetLayerWeights<T, L>> layers;
+    for (int i = 0; i < cfg.n_layer; ++i) {
+      const int src = reduction_factor > 1 ? reduction_factor * i + 1 : i;
+      const auto& bw = backbone.block(src);
+      SideNetLayerWeights<T, Host> w;
+      w.ln_weight = clone(bw.ln_1_weight);
+      w.ln_bias = clone(bw.ln_1_bias);
+      w.q_weight = clone(bw.q_weight);
+      w.k_weight = clone(bw.k_weight);
+      w.v_weight = clone(bw.v_weight);
+      w.out_weight = clone(bw.out_weight);
+      if (cfg.attn_bias) {
+        w.q_bias = clone(bw.q_bias);
+        w.k_bias = clone(bw.k_bias);
+        w.v_bias = clone(bw.v_bias);
+        w.out_bias = clone(bw.out_bias);
+      }
+      if (i == cfg.memory_augmented_layer()) {
+        w.gate = Tensor<T, Host>({cfg.n_head});
+        fill(w.gate.view(), T(0));
+      }
+      w.fc1_weight = clone(bw.fc_in_weight);
+      w.fc1_bias = clone(bw.fc_in_bias);
+      w.fc2_weight = clone(bw.fc_out_weight);
+      w.fc2_bias = clone(bw.fc_out_bias);
+      layers.push_back(std::move(w));
+    }
+    Tensor<T, Host> ln_w({b.n_embd}), ln_b({b.n_embd});
+    copy(backbone.ln_f_weight(), ln_w.view());
+    copy(backbone.ln_f_bias(), ln_b.view());
+    return SideNet(cfg, std::move(layers), std::move(ln_w), std::move(ln_b));
+  }
+
+  /// Writes the SideNet under the reference names; `recommended` memory settings, if
+  /// given (or carried from the loaded file), go into the metadata.
+  void save(const std::filesystem::path& path, std::optional<MemoryConfig> recommended = std::nullopt) const {
+    static_assert(std::is_same_v<L, Host>, "save a host SideNet");
+    if (!recommended) recommended = recommended_;
+    SafetensorsWriter w;
+    std::map<std::string, std::string> md{
+        {"architecture", "longmem-sidenet"},
+        {"n_layer", std::to_string(config_.n_layer)},
+        {"n_embd", std::to_string(config_.n_embd)},
+        {"n_head", std::to_string(config_.n_head)},
+        {"n_inner", std::to_string(config_.n_inner)},
+        {"layer_norm_epsilon", detail::format_double(config_.layer_norm_epsilon)},
+        {"activation_function", to_string(config_.activation)},
+        {"position_embedding", to_string(config_.positions)},
+        {"attn_bias", config_.attn_bias ? "true" : "false"},
+        {"reduction_factor", std::to_string(config_.reduction_factor)},
+        {"memory_layer", std::to_string(config_.memory_layer)},
+    };
+    if (!config_.backbone_fingerprint.empty()) md["backbone_fingerprint"] = config_.backbone_fingerprint;
+    if (recommended) {
+      md["memory_tokens"] = std::to_string(recommended->memory_tokens);
+      md["chunk_size"] = std::to_string(recommended->chunk_size);
+      md["retrieved_tokens"] = std::to_string(recommended->retrieved_tokens);
+    }
+    w.set_metadata(md);
+    for (int i = 0; i < config_.n_layer; ++i) {
+      const auto& l = layers_[static_cast<std::size_t>(i)];
+      const std::string p = "layers." + std::to_string(i) + ".";
+      w.add<T>(p + "ln_1.weight", l.ln_weight.view());
+      w.add<T>(p + "ln_1.bias", l.ln_bias.view());
+      w.add<T>(p + "self_attn.q_proj.weight", l.q_weight.view());
+      w.add<T>(p + "self_attn.k_proj.weight", l.k_weight.view());
+      w.add<T>(p + "self_attn.v_proj.weight", l.v_weight.view());
+      w.add<T>(p + "self_attn.out_proj.weight", l.out_weight.view());
+      if (config_.attn_bias) {
+        w.add<T>(p + "self_attn.q_proj.bias", l.q_bias.view());
+        w.add<T>(p + "self_attn.k_proj.bias", l.k_bias.view());
+        w.add<T>(p + "self_attn.v_proj.bias", l.v_bias.view());
+        w.add<T>(p + "self_attn.out_proj.bias", l.out_bias.view());
+      }
+      if (!l.gate.empty()) w.add<T>(p + "self_attn.memory_bias", l.gate.view());
+      w.add<T>(p + "fc1.weight", l.fc1_weight.view());
+      w.add<T>(p + "fc1.bias", l.fc1_bias.view());
+      w.add<T>(p + "fc2.weight", l.fc2_weight.view());
+      w.add<T>(p + "fc2.bias", l.fc2_bias.view());
+    }
+    w.add<T>("layer_norm.weight", ln_f_weight_.view());
+    w.add<T>("layer_norm.bias", ln_f_bias_.view());
+    w.write(path);
+  }
+
+  const SideNetConfig& config() const { return config_; }
+  const std::optional<MemoryConfig>& recommended_memory() const { return recommended_; }
+  const SideNetLayerWeights<T, L>& layer(int i) const { return layers_.at(static_cast<std::size_t>(i)); }
+  SideNetLayerWeights<T, L>& layer(int i) { return layers_.at(static_cast<std::size_t>(i)); }
+
+  /// One segment.
+  ///   hidden  (L+1, T, d)  the backbone's hidden states B[0..L]
+  ///   wte     (V, d)       the backbone's token embedding (tied head)
+  ///   retrieve             callable (TensorView<const T, L> queries (T, H, dh)) ->
+  ///                        const Retrieved<T, L>*; nullptr (or 0 chunks) means no memory
+  ///   logits  (T, V)       output
+  template <Fusion F, class RetrieveFn>
+  void forward(TensorView<const T, L> hidden, TensorView<const T, L> wte, RetrieveFn&& retrieve,
+               TensorView<T, L> logits) const {
+    const index_t d = config_.n_embd, H = config_.n_head, dh = config_.head_dim(), F_ = config_.n_inner;
+    const int r = config_.reduction_factor;
+    if (hidden.rank() != 3 || hidden.dim(0) != static_cast<index_t>(config_.n_layer) * r + 1 || hidden.dim(2) != d) {
+      detail::fail<ShapeError>("SideNet forward: hidden states must be (", config_.n_layer * r + 1, ", T, ", d,
+                               ") (all backbone hidden states), got ", hidden.shape().str());
+    }
+    const index_t Tn = hidden.dim(1);
+    expect_shape(logits, {Tn, wte.dim(0)}, "SideNet forward: logits");
+    x_.resize({Tn, d});
+    ln_.resize({Tn, d});
+    q_.resize({Tn, d});
+    k_.resize({Tn, d});
+    v_.resize({Tn, d});
+    att_.resize({Tn, d});
+    mlp_.resize({Tn, F_});
+    copy(hidden[0], x_.view());
+    const Shape heads{Tn, H, dh};
+    for (int i = 0; i < config_.n_layer; ++i) {
+      const auto& w = layers_[static_cast<std::size_t>(i)];
+      ops::layer_norm(ln_.view(), x_, w.ln_weight, w.ln_bias, config_.layer_norm_epsilon);
+      ops::add_difference(x_.view(), hidden[static_cast<index_t>(r) * (i + 1)], hidden[static_cast<index_t>(r) * i]);
+      ops::linear(q_.view(), ln_, w.q_weight, w.q_bias);
+      ops::linear(k_.view(), ln_, w.k_weight, w.k_bias);
+      ops::linear(v_.view(), ln_, w.v_weight, w.v_bias);
+      const Retrieved<T, L>* mem = nullptr;
+      if (i == config_.memory_augmented_layer()) mem = retrieve(cview(q_).reshape(heads));
+      if (mem && mem->chunks > 0) {
+        ops::memory_attention<F>(att_.view().reshape(heads), cview(q_).reshape(heads), cview(k_).reshape(heads),
+                                 cview(v_).reshape(heads), mem->keys, mem->values, w.gate, config_.positions);
+      } else {
+        ops::causal_attention(att_.view().reshape(heads), cview(q_).reshape(heads), cview(k_).reshape(heads),
+                              cview(v_).reshape(heads), config_.positions);
+      }
+      ops::linear(x_.view(), att_, w.out_weight, w.out_bias, Accumulate::Yes);
+      ops::linear(mlp_.view(), ln_, w.fc1_weight, w.fc1_bias);
+      ops::gelu(mlp_.view(), config_.activation);
+      ops::linear(x_.view(), mlp_, w.fc2_weight, w.fc2_bias, Accumulate::Yes);
+    }
+    ops::layer_norm(ln_.view(), x_, ln_f_weight_, ln_f_bias_, config_.layer_norm_epsilon);
+    ops::linear(logits, ln_, wte, TensorView<const T, L>{});
+  }
+
+ private:
+  static SideNetLayerWeights<T, L> to_location_layer(SideNetLayerWeights<T, Host>&& w) {
+    if constexpr (std::is_same_v<L, Host>) {
+      return std::move(w);
+    } else {
+      SideNetLayerWeights<T, L> o;
+      auto mv = [](Tensor<T, Host>& s) { return detail::to_location<T, L>(std::move(s)); };
+      o.ln_weight = mv(w.ln_weight); o.ln_bias = mv(w.ln_bias);
+      o.q_weight = mv(w.q_weight); o.k_weight = mv(w.k_weight); o.v_weight = mv(w.v_weight); o.out_weight = mv(w.out_weight);
+      o.q_bias = mv(w.q_bias); o.k_bias = mv(w.k_bias); o.v_bias = mv(w.v_bias); o.out_bias = mv(w.out_bias);
+      o.gate = mv(w.gate);
+      o.fc1_weight = mv(w.fc1_weight); o.fc1_bias = mv(w.fc1_bias);
+      o.fc2_weight = mv(w.fc2_weight); o.fc2_bias = mv(w.fc2_bias);
+      return o;
+    }
+  }
+
+  void check_shapes() const {
+    const index_t d = config_.n_embd, F = config_.n_inner, H = config_.n_head;
+    if (config_.n_layer <= 0 || config_.n_embd <= 0 || config_.n_head <= 0 || config_.n_embd % config_.n_head != 0) {
+      detail::fail<ConfigError>("SideNet: sizes n_layer=", config_.n_layer, " n_embd=", config_.n_embd,
+                                " n_head=", config_.n_head, " are invalid");
+    }
+    if (layers_.size() != static_cast<std::size_t>(config_.n_layer)) {
+      detail::fail<ShapeError>("SideNet: ", layers_.size(), " layers given for n_layer = ", config_.n_layer);
+    }
+    for (int i = 0; i < config_.n_layer; ++i) {
+      const auto& w = layers_[static_cast<std::size_t>(i)];
+      expect_shape(w.q_weight, {d, d}, "SideNet q weight");
+      expect_shape(w.out_weight, {d, d}, "SideNet out weight");
+      expect_shape(w.fc1_weight, {F, d}, "SideNet fc1 weight");
+      expect_shape(w.fc2_weight, {d, F}, "SideNet fc2 weight");
+      if (i == config_.memory_augmented_layer()) expect_shape(w.gate, {H}, "SideNet memory gate");
+    }
+    expect_shape(ln_f_weight_, {d}, "SideNet final LayerNorm weight");
+  }
+
+  SideNetConfig config_;
+  std::vector<SideNetLayerWeights<T, L>> layers_;
+  Tensor<T, L> ln_f_weight_, ln_f_bias_;  // (d)
+  std::optional<MemoryConfig> recommended_;
+  mutable Tensor<T, L> x_, ln_, q_, k_, v_, att_, mlp_;
+};
+
+}  // namespace longmem
