@@ -177,7 +177,7 @@ class TensorView {
   }
 
   T* data_ = nullptr;
-  Shape shape_;
+  Shape shape_{0};  // default: empty (numel 0), not a scalar
 };
 
 namespace detail {
@@ -291,7 +291,7 @@ class Tensor {
   }
 
   T* data_ = nullptr;
-  Shape shape_;
+  Shape shape_{0};  // default: empty (numel 0), not a scalar
   index_t capacity_ = 0;
 };
 
