@@ -378,6 +378,10 @@ class SafetensorsFile {
     if (const std::size_t at = detail::utf8_invalid_at(text); at != text.size()) {
       bad("header is not valid UTF-8 (byte ", at, " of the header)");
     }
+    // JSON never holds a raw NUL, and nlohmann's lexer would take one for the end of input.
+    if (const std::size_t at = text.find('\0'); at != std::string_view::npos) {
+      bad("header has a NUL byte at byte ", at, " of the header; JSON does not allow one");
+    }
     const nlohmann::json header = detail::parse_safetensors_header(text, name_);
     if (!header.is_object()) bad("header is ", detail::describe(header), ", expected a JSON object");
 
