@@ -124,7 +124,8 @@ class TensorView {
   constexpr int rank() const { return shape_.rank(); }
   constexpr index_t dim(int i) const { return shape_[i]; }
   constexpr index_t numel() const { return shape_.numel(); }
-  constexpr bool empty() const { return numel() == 0; }
+  /// No elements: a default-constructed view (rank 0, no data) or a zero extent.
+  constexpr bool empty() const { return data_ == nullptr || numel() == 0; }
   constexpr std::size_t bytes() const { return static_cast<std::size_t>(numel()) * sizeof(T); }
 
   /// Sub-tensor i along the first dimension (rank - 1).
@@ -177,7 +178,7 @@ class TensorView {
   }
 
   T* data_ = nullptr;
-  Shape shape_{0};  // default: empty (numel 0), not a scalar
+  Shape shape_;
 };
 
 namespace detail {
@@ -256,7 +257,8 @@ class Tensor {
   int rank() const { return shape_.rank(); }
   index_t dim(int i) const { return shape_[i]; }
   index_t numel() const { return shape_.numel(); }
-  bool empty() const { return numel() == 0; }
+  /// No elements: default-constructed (rank 0, nothing allocated) or a zero extent.
+  bool empty() const { return data_ == nullptr || numel() == 0; }
   std::size_t bytes() const { return static_cast<std::size_t>(numel()) * sizeof(T); }
   /// Bytes allocated (>= bytes()).
   std::size_t capacity_bytes() const { return static_cast<std::size_t>(capacity_) * sizeof(T); }
@@ -291,7 +293,7 @@ class Tensor {
   }
 
   T* data_ = nullptr;
-  Shape shape_{0};  // default: empty (numel 0), not a scalar
+  Shape shape_;
   index_t capacity_ = 0;
 };
 
