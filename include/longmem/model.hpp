@@ -107,7 +107,20 @@ class Model {
       detail::fail<InputError>("Model forward: got ", targets.size(), " target spans for ", segments.size(), " segments");
     }
     for (std::size_t b = 0; b < segments.size(); ++b) {
+      // Validate everything before any stream runs, so a refused call changes no bank.
       if (segments[b].empty()) detail::fail<InputError>("Model forward: the segment of stream ", b, " is empty");
+      const BackboneConfig& bc = backbone_.config();
+      if (static_cast<index_t>(segments[b].size()) > bc.n_positions) {
+        detail::fail<InputError>("Model forward: the segment of stream ", b, " has ", segments[b].size(),
+                                 " tokens but the backbone accepts at most ", bc.n_positions, " (n_positions)");
+      }
+      for (std::size_t t = 0; t < segments[b].size(); ++t) {
+        const std::int32_t id = segments[b][t];
+        if (id < 0 || id >= bc.vocab_size) {
+          detail::fail<InputError>("Model forward: token id ", id, " at position ", t, " of stream ", b,
+                                   " is outside the vocabulary [0, ", bc.vocab_size, ")");
+        }
+      }
       if (!targets.empty() && targets[b].size() != segments[b].size()) {
         detail::fail<InputError>("Model forward: stream ", b, " has ", segments[b].size(), " tokens but ",
                                  targets[b].size(), " targets");
@@ -168,6 +181,8 @@ class Model {
   const B& backbone() const { return backbone_; }
   const side_net_type& side_net() const { return side_net_; }
   side_net_type& side_net() { return side_net_; }
+  const R& retriever() const { return retriever_; }
+  R& retriever() { return retriever_; }
   const MemoryConfig& memory_config() const { return memory_; }
   const MemoryGeometry& geometry() const { return geometry_; }
   /// The retrieval of the last stream processed by the last forward (for inspection).
