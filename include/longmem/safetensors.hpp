@@ -310,6 +310,10 @@ class SafetensorsFile {
     const std::byte* src = data_section().data() + ti.begin;
     const auto n = static_cast<std::size_t>(ti.shape.numel());
     T* out = dst.data();
+    if (n > 0 && out == nullptr) {
+      detail::fail<ShapeError>(name_, ": tensor ", detail::quote_text(tensor),
+                               " cannot be read into a view without storage (a default-constructed view)");
+    }
     if constexpr (detail::is_float_target_v<T>) {
       auto conv = [](auto s, std::size_t) { return detail::convert_float<T>(s); };
       switch (ti.dtype) {
@@ -533,6 +537,10 @@ class SafetensorsWriter {
   /// Copies the data; DType from dtype_of_v<T>. Duplicate names are an InputError.
   template <class T>
   void add(std::string name, TensorView<const T, Host> t) {
+    if (t.numel() > 0 && t.data() == nullptr) {
+      detail::fail<InputError>("SafetensorsWriter: tensor ", detail::quote_text(name),
+                               " is a view without storage (a default-constructed view)");
+    }
     const auto* p = reinterpret_cast<const std::byte*>(t.data());
     add_raw(std::move(name), dtype_of_v<T>, t.shape(), std::span<const std::byte>(p, t.bytes()));
   }
@@ -540,6 +548,10 @@ class SafetensorsWriter {
   /// Stores float data as `dtype` (F16, BF16, F32 or F64), rounding to nearest even.
   void add_as(std::string name, DType dtype, TensorView<const float, Host> t) {
     check_name(name);
+    if (t.numel() > 0 && t.data() == nullptr) {
+      detail::fail<InputError>("SafetensorsWriter: tensor ", detail::quote_text(name),
+                               " is a view without storage (a default-constructed view)");
+    }
     const auto n = static_cast<std::size_t>(t.numel());
     std::vector<std::byte> bytes(n * dtype_size(dtype));
     auto store = [&](auto convert) {

@@ -422,6 +422,13 @@ TEST_CASE("safetensors: shape checks and missing tensors are ShapeErrors naming 
   REQUIRE_THROWS_AS(f.read_into<float>("h.0.attn.c_attn.weight", wrong.view()), ShapeError);
   REQUIRE_THROWS_WITH(f.read_into<float>("h.0.attn.c_attn.weight", wrong.view()),
                       Contains("destination has shape (6)"));
+  SafetensorsWriter ws;
+  Tensor<float, Host> scalar(Shape{});
+  scalar() = 4.f;
+  ws.add<float>("s", scalar.view());
+  const auto fs_ = SafetensorsFile::from_bytes(ws.to_bytes());
+  REQUIRE_THROWS_WITH(fs_.read_into<float>("s", TensorView<float, Host>{}), Contains("view without storage"));
+  CHECK(fs_.read<float>("s")() == 4.f);
   REQUIRE_THROWS_AS(f.info("wte"), ShapeError);
   REQUIRE_THROWS_WITH(f.info("wte"), Contains("model.safetensors: no tensor 'wte'"));
   REQUIRE_THROWS_WITH(f.read<float>("wte"), Contains("no tensor 'wte'"));
@@ -619,6 +626,8 @@ TEST_CASE("safetensors: writer refuses bad names, sizes and dtypes", "[safetenso
   REQUIRE_THROWS_WITH(w.add_as("b", DType::I32, t.view()), Contains("cannot store float data as I32"));
   const std::vector<std::byte> three(3);
   REQUIRE_THROWS_WITH(w.add_raw("c", DType::F16, Shape{2}, three), Contains("needs 4 bytes, got 3"));
+  REQUIRE_THROWS_WITH(w.add<float>("d", TensorView<const float, Host>{}), Contains("view without storage"));
+  REQUIRE_THROWS_WITH(w.add_as("d", DType::F16, TensorView<const float, Host>{}), Contains("view without storage"));
   // Nothing refused was added.
   CHECK(SafetensorsFile::from_bytes(w.to_bytes()).names() == std::vector<std::string>{"a"});
 }
