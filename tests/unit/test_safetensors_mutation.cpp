@@ -5,7 +5,8 @@
 // header-length edits and JSON token edits (numbers in shape / data_offsets, dtype
 // names, duplicated keys and entries). Every mutant must either be refused with a
 // longmem::Error, or be accepted as a file whose every tensor reads back from inside
-// the buffer and whose tensors tile the data section. Under AddressSanitizer this also
+// the buffer, whose tensors tile the data section, and which SafetensorsWriter writes
+// back as an equal file. Under AddressSanitizer this also
 // proves that no mutant makes the reader touch memory outside the buffer.
 #include <catch2/catch.hpp>
 #include <cstdint>
@@ -254,6 +255,8 @@ bool exercise(const Bytes& b) {
   std::memcpy(&n, b.data(), 8);
   const std::size_t data_begin = 8 + static_cast<std::size_t>(n);
   std::size_t covered = 0;
+  SafetensorsWriter w;  // what was accepted must survive a round trip through the writer
+  w.set_metadata(f.metadata());
   for (const std::string& name : f.names()) {
     const TensorInfo& ti = f.info(name);
     REQUIRE(ti.name == name);
@@ -279,8 +282,19 @@ bool exercise(const Bytes& b) {
       REQUIRE(d.numel() == v.numel());
       if (ti.dtype == DType::F32) REQUIRE((v.bytes() == 0 || std::memcmp(v.data(), raw.data(), v.bytes()) == 0));
     }
+    w.add_raw(name, ti.dtype, ti.shape, raw);
   }
   REQUIRE(covered == b.size() - data_begin);  // the tensors tile the data section
+  const SafetensorsFile g = SafetensorsFile::from_bytes(w.to_bytes(), "rewritten");
+  REQUIRE(g.names() == f.names());
+  REQUIRE(g.metadata() == f.metadata());
+  for (const std::string& name : f.names()) {
+    const auto a = f.raw(name), c = g.raw(name);
+    REQUIRE(f.info(name).shape == g.info(name).shape);
+    REQUIRE(f.info(name).dtype == g.info(name).dtype);
+    REQUIRE(a.size() == c.size());
+    REQUIRE((a.empty() || std::memcmp(a.data(), c.data(), a.size()) == 0));
+  }
   return true;
 }
 
