@@ -151,7 +151,7 @@ inline bool json_nonneg_integer(const nlohmann::json& v, std::uint64_t& out) {
 inline nlohmann::json parse_safetensors_header(std::string_view text, const std::string& file) {
   struct Frame {
     std::set<std::string> keys;
-    std::string name;               // the key this object sits under ("" at the top)
+    std::string name;  // the key this object sits under ("" at the top)
   };
   std::vector<Frame> frames;
   std::string last_key;
@@ -182,10 +182,6 @@ inline nlohmann::json parse_safetensors_header(std::string_view text, const std:
   } catch (const nlohmann::json::exception& e) {
     fail<FormatError>(file, ": header is not valid JSON: ", e.what());
   }
-}
-
-inline bool dtype_is_float(DType t) {
-  return t == DType::F16 || t == DType::BF16 || t == DType::F32 || t == DType::F64;
 }
 
 template <class T>
