@@ -211,9 +211,11 @@ struct ExactChunkRetriever {
     const index_t qt = std::min(tuning_.query_tile, Tq);
     const index_t n_qtiles = (Tq + qt - 1) / qt;
     const index_t tasks = H * n_qtiles;
+    // Small searches stay on the calling thread: a parallel region costs more than they do.
+    const bool parallel = tasks > 1 && Tq * H * bank.num_chunks() * bank.geometry().head_dim >= parallel_min_work;
     // Consecutive tasks share a head, so both threads stream the same chunk keys.
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
 #endif
     for (index_t task = 0; task < tasks; ++task) {
       const index_t h = task / n_qtiles;
@@ -223,6 +225,7 @@ struct ExactChunkRetriever {
       search_tile(bank, q, h, q0, q1, kk, s, slots, scores);
       if constexpr (Gather) gather(bank, h, q0, q1, kk, slots, keys, values);
     }
+    (void)parallel;  // unused without OpenMP
   }
 
   /// Top-k of queries [q0, q1) of head h against every stored chunk.
@@ -325,6 +328,8 @@ struct ExactChunkRetriever {
       }
     }
   }
+
+  static constexpr index_t parallel_min_work = index_t{1} << 20;  // multiply-adds of the score GEMM
 
   ExactRetrieverTuning tuning_ = default_exact_retriever_tuning;
   std::vector<Scratch> scratch_;
