@@ -24,7 +24,16 @@
 #include <type_traits>
 #include <vector>
 
+// GCC 12 at -O3 with AVX-512 reports a false -Wmaybe-uninitialized inside its own
+// intrinsics headers when Eigen's GEMM is inlined (GCC bug 105593, fixed in GCC 13).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <Eigen/Core>
+#pragma GCC diagnostic pop
+#else
+#include <Eigen/Core>
+#endif
 
 #if defined(_OPENMP)
 #include <omp.h>
