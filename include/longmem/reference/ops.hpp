@@ -8,6 +8,7 @@
 // add_difference) take the starting value of the output as an argument.
 // Inputs are checked only as far as needed to avoid reading out of bounds
 // (ShapeError / InputError); the CPU backend owns the user-facing diagnostics.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -129,7 +130,28 @@ inline void check_memory(View q, View mem_k, View mem_v, const char* op) {
               mem_k.dim(1) == q.dim(1) && mem_k.dim(3) == q.dim(2),
           op, "mem_k, mem_v must be (T, H, K, dh)");
 }
+/// sum_c a[c] b[c]
+inline double dot(const double* a, const double* b, index_t n) {
+  double acc = 0;
+  for (index_t c = 0; c < n; ++c) acc += a[c] * b[c];
+  return acc;
+}
+
+/// y[c] += alpha x[c]
+inline void axpy(double alpha, const double* x, double* y, index_t n) {
+  for (index_t c = 0; c < n; ++c) y[c] += alpha * x[c];
+}
+
 inline double sigmoid(double g) { return 1.0 / (1.0 + std::exp(-g)); }
+
+/// p_j = exp(s_j - mx) / sum_i exp(s_i - mx) over the first n scores; mx is their maximum.
+inline std::vector<double> softmax(const std::vector<double>& s, index_t n, double mx) {
+  std::vector<double> p(static_cast<std::size_t>(n));
+  double z = 0;
+  for (index_t j = 0; j < n; ++j) z += std::exp(s[std::size_t(j)] - mx);
+  for (index_t j = 0; j < n; ++j) p[std::size_t(j)] = std::exp(s[std::size_t(j)] - mx) / z;
+  return p;
+}
 }  // namespace detail
 
 /// A (T, H, dh): per head h and query t, scores s_j = q_t . k_j / sqrt(dh) - slope_h (t - j)
@@ -144,18 +166,13 @@ inline Tensor<double, Host> causal_attention(View q, View k, View v, PositionSch
     for (index_t t = 0; t < T; ++t) {
       double mx = -INFINITY;
       for (index_t j = 0; j <= t; ++j) {
-        double dot = 0;
-        for (index_t c = 0; c < dh; ++c) dot += q(t, h, c) * k(j, h, c);
-        s[std::size_t(j)] = dot / std::sqrt(double(dh)) - slope * double(t - j);
+        s[std::size_t(j)] = detail::dot(&q(t, h, 0), &k(j, h, 0), dh) / std::sqrt(double(dh)) - slope * double(t - j);
         mx = std::max(mx, s[std::size_t(j)]);
       }
-      double z = 0;
-      for (index_t j = 0; j <= t; ++j) z += std::exp(s[std::size_t(j)] - mx);
-      for (index_t c = 0; c < dh; ++c) {
-        double acc = 0;
-        for (index_t j = 0; j <= t; ++j) acc += std::exp(s[std::size_t(j)] - mx) / z * v(j, h, c);
-        out(t, h, c) = acc;
-      }
+      const std::vector<double> p = detail::softmax(s, t + 1, mx);
+      double* o = &out(t, h, 0);
+      std::fill(o, o + dh, 0.0);
+      for (index_t j = 0; j <= t; ++j) detail::axpy(p[std::size_t(j)], &v(j, h, 0), o, dh);
     }
   }
   return out;
@@ -173,18 +190,13 @@ inline Tensor<double, Host> memory_branch(View q, View mem_k /*(T,H,K,dh)*/, Vie
     for (index_t h = 0; h < H; ++h) {
       double mx = -INFINITY;
       for (index_t j = 0; j < K; ++j) {
-        double dot = 0;
-        for (index_t c = 0; c < dh; ++c) dot += q(t, h, c) * mem_k(t, h, j, c);
-        r[std::size_t(j)] = dot / std::sqrt(double(dh));
+        r[std::size_t(j)] = detail::dot(&q(t, h, 0), &mem_k(t, h, j, 0), dh) / std::sqrt(double(dh));
         mx = std::max(mx, r[std::size_t(j)]);
       }
-      double z = 0;
-      for (index_t j = 0; j < K; ++j) z += std::exp(r[std::size_t(j)] - mx);
-      for (index_t c = 0; c < dh; ++c) {
-        double acc = 0;
-        for (index_t j = 0; j < K; ++j) acc += std::exp(r[std::size_t(j)] - mx) / z * mem_v(t, h, j, c);
-        out(t, h, c) = acc;
-      }
+      const std::vector<double> p = detail::softmax(r, K, mx);
+      double* o = &out(t, h, 0);
+      std::fill(o, o + dh, 0.0);
+      for (index_t j = 0; j < K; ++j) detail::axpy(p[std::size_t(j)], &mem_v(t, h, j, 0), o, dh);
     }
   }
   return out;
@@ -224,25 +236,18 @@ inline Tensor<double, Host> memory_attention_joint(View q, View k, View v, View 
     for (index_t t = 0; t < T; ++t) {
       s.assign(std::size_t(t + 1 + K), 0.0);
       for (index_t j = 0; j <= t; ++j) {
-        double dot = 0;
-        for (index_t c = 0; c < dh; ++c) dot += q(t, h, c) * k(j, h, c);
-        s[std::size_t(j)] = dot / std::sqrt(double(dh)) - slope * double(t - j);
+        s[std::size_t(j)] = detail::dot(&q(t, h, 0), &k(j, h, 0), dh) / std::sqrt(double(dh)) - slope * double(t - j);
       }
       for (index_t j = 0; j < K; ++j) {
-        double dot = 0;
-        for (index_t c = 0; c < dh; ++c) dot += q(t, h, c) * mem_k(t, h, j, c);
-        s[std::size_t(t + 1 + j)] = dot / std::sqrt(double(dh));
+        s[std::size_t(t + 1 + j)] = detail::dot(&q(t, h, 0), &mem_k(t, h, j, 0), dh) / std::sqrt(double(dh));
       }
       double mx = -INFINITY;
       for (double x : s) mx = std::max(mx, x);
-      double z = 0;
-      for (double x : s) z += std::exp(x - mx);
-      for (index_t c = 0; c < dh; ++c) {
-        double acc = 0;
-        for (index_t j = 0; j <= t; ++j) acc += std::exp(s[std::size_t(j)] - mx) / z * v(j, h, c);
-        for (index_t j = 0; j < K; ++j) acc += std::exp(s[std::size_t(t + 1 + j)] - mx) / z * mem_v(t, h, j, c);
-        out(t, h, c) = acc;
-      }
+      const std::vector<double> p = detail::softmax(s, t + 1 + K, mx);  // one softmax over both
+      double* o = &out(t, h, 0);
+      std::fill(o, o + dh, 0.0);
+      for (index_t j = 0; j <= t; ++j) detail::axpy(p[std::size_t(j)], &v(j, h, 0), o, dh);
+      for (index_t j = 0; j < K; ++j) detail::axpy(p[std::size_t(t + 1 + j)], &mem_v(t, h, j, 0), o, dh);
     }
   }
   return out;
