@@ -12,7 +12,6 @@
 //   memory_attention<F> with K = 0          exactly the causal path (no gate factor)
 //   memory_attention<GatedFusion>, K > 0    causal A and memory M, mixed per head by sigmoid(gate)
 //   memory_attention<JointFusion>, K > 0    one softmax over local and memory scores
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -22,6 +21,18 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+// GCC 12 at -O3 with AVX-512 reports a false (maybe-)uninitialized `__Y` inside its own
+// intrinsics headers once Eigen's kernels are inlined (GCC bug 105593, fixed in GCC 13).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <Eigen/Core>
+#pragma GCC diagnostic pop
+#else
+#include <Eigen/Core>
+#endif
 
 #if defined(_OPENMP)
 #include <omp.h>
