@@ -16,6 +16,7 @@
 // higher score first, equal scores older chunk (smaller chunk_sequence) first; a NaN
 // score counts as -infinity and is reported as -infinity.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -38,7 +39,7 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -64,7 +65,7 @@ struct ExactRetrieverTuning {
 
 /// Measured on a 2-core AMD EPYC (Zen 4) with 16 heads, dh 64, 1,024 queries (bench/RESULTS.md):
 /// a (128 x 512) float score tile is 256 KiB, within a core's L2.
-inline constexpr ExactRetrieverTuning default_exact_retriever_tuning{512, 128};
+inline constexpr ExactRetrieverTuning default_exact_retriever_tuning{512, 512};
 
 namespace detail {
 
@@ -105,6 +106,22 @@ void convert_n(const S* src, index_t n, T* dst) {
 #endif
     for (; i < n; ++i) dst[i] = static_cast<T>(to_float(src[i]));
   }
+}
+
+/// Bit u set when p[u] >= thr, for the 16 floats at p (NaN compares false).
+inline std::uint32_t lanes_at_least(const float* p, float thr) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(thr), _CMP_GE_OQ);
+#elif defined(__AVX__)
+  const __m256 t = _mm256_set1_ps(thr);
+  const auto lo = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), t, _CMP_GE_OQ)));
+  const auto hi = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), t, _CMP_GE_OQ)));
+  return lo | (hi << 8);
+#else
+  std::uint32_t m = 0;
+  for (int u = 0; u < 16; ++u) m |= static_cast<std::uint32_t>(p[u] >= thr) << u;
+  return m;
+#endif
 }
 
 /// a ranks before b: higher key, or equal key and older chunk.
@@ -290,7 +307,7 @@ struct ExactChunkRetriever {
     }
     if (count < kk) return;
     float thr = bs[kk - 1];
-    // !(x < thr) lets ties and NaN through to the exact test below.
+    // Exact test for one candidate; `thr` is the current k'-th key.
     auto consider = [&](index_t jj) {
       const float x = row[jj];
       if (x < thr) return;
@@ -308,12 +325,14 @@ struct ExactChunkRetriever {
       bseq[i] = seq;
       thr = bs[kk - 1];
     };
+    // While the k'-th key is -inf a NaN (= -inf) can still enter; the vector test below
+    // drops NaN, so test such (rare) rows one score at a time until the threshold rises.
+    for (; j < nc && thr == lowest; ++j) consider(j);
+    // Blocks of 16: one compare gives the lanes >= thr; only those reach the exact test.
     constexpr index_t block = 16;
     for (; j + block <= nc; j += block) {
-      bool any = false;
-      for (index_t u = 0; u < block; ++u) any |= !(row[j + u] < thr);
-      if (any) {
-        for (index_t u = 0; u < block; ++u) consider(j + u);
+      for (std::uint32_t m = detail::lanes_at_least(row + j, thr); m != 0; m &= m - 1) {
+        consider(j + std::countr_zero(m));
       }
     }
     for (; j < nc; ++j) consider(j);
