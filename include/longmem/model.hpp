@@ -148,7 +148,7 @@ class Model {
         result_.loss_sum += sum;
         result_.loss_tokens += count;
       }
-      if (memory_.enabled) bank.append(cview(out_.mem_keys), cview(out_.mem_values));
+      if (memory_.enabled && remember_) bank.append(cview(out_.mem_keys), cview(out_.mem_values));
     }
     return result_;
   }
@@ -167,6 +167,11 @@ class Model {
   /// (the baseline). Turning it back on resumes from the banks as they were.
   void set_memory_enabled(bool on) { memory_.enabled = on; }
   bool memory_enabled() const { return memory_.enabled; }
+
+  /// Read-only memory: segments still retrieve from the banks but are not appended
+  /// (e.g. evaluation prompts after demonstrations were stored). On by default.
+  void set_remember(bool on) { remember_ = on; }
+  bool remembers() const { return remember_; }
 
   /// Forgets every stream's memory.
   void reset() {
@@ -192,6 +197,7 @@ class Model {
   B backbone_;
   side_net_type side_net_;
   MemoryConfig memory_;
+  bool remember_ = true;
   R retriever_;
   MemoryGeometry geometry_;
   std::vector<M> banks_;

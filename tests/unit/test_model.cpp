@@ -286,6 +286,12 @@ TEST_CASE("model: memory changes the output only once something is remembered", 
     }
   }
   CHECK(without.bank(0).tokens_appended() == 0);
+  // Read-only memory retrieves but remembers nothing new.
+  with.set_remember(false);
+  const auto& ro = with.forward(segs[0]);
+  CHECK(ro.retrieved_chunks[0] == 3);
+  CHECK(with.bank(0).tokens_appended() == 30);
+  with.set_remember(true);
   CHECK(with.bank(0).tokens_appended() == 30);
   with.reset();
   CHECK(with.bank(0).num_chunks() == 0);
