@@ -10,8 +10,9 @@
 // Dispatch cases of the attention kernel (detail::cpu::attention):
 //   causal_attention                        local causal softmax only
 //   memory_attention<F> with K = 0          exactly the causal path (no gate factor)
-//   memory_attention<GatedFusion>, K > 0    causal A and memory M, mixed per head by sigmoid(gate)
-//   memory_attention<JointFusion>, K > 0    one softmax over local and memory scores
+//   memory_attention<GatedFusion>, K > 0    memory pass writes M, local pass mixes in A by the gate
+//   memory_attention<JointFusion>, K > 0    memory pass writes e Vr and its softmax statistics,
+//                                           local pass merges them into one softmax
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -160,30 +161,72 @@ struct AttentionProblem {
   const T* alibi = nullptr;        // (H, T): slope_h * (j - (T-1)), or null for learned positions
   const T* gate_local = nullptr;   // (H): 1 - sigmoid(g_h)
   const T* gate_memory = nullptr;  // (H): sigmoid(g_h)
+  T* mem_stats = nullptr;          // (T, H, 2) joint: max and sum of exp(score - max) of the memory scores
 };
 
+/// Pass 1 (K > 0), over (t, h) in memory order so mem_k and mem_v stream contiguously:
+///   r = q_t Kr^T / sqrt(dh), e = exp(r - max r), writes into out (t, h):
+///     Gated  M = e Vr / sum(e)                       (the finished memory branch)
+///     Joint  e Vr, and (max r, sum e) to mem_stats   (merged with the local softmax in pass 2)
+template <AttentionMode Mode, class T>
+void memory_pass(const AttentionProblem<T>& p) {
+  const index_t H = p.n_head, dh = p.head_dim, K = p.n_mem, ld = H * dh;
+  const T scale = T(1) / std::sqrt(T(dh));
+  Tensor<T, Host> scratch(Shape{static_cast<index_t>(max_threads()), K});  // (threads, K) scores
+  [[maybe_unused]] const bool threaded = p.n_tok > 1 && p.n_tok * H * K * dh >= (index_t{1} << 15);
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (threaded)
+#endif
+  for (index_t t = 0; t < p.n_tok; ++t) {
+    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>> r(scratch.data() + thread_id() * K, K);
+    for (index_t h = 0; h < H; ++h) {
+      const index_t th = t * H + h;
+      ConstMatrixMap<T> Kr(p.mem_k + th * K * dh, K, dh, Eigen::OuterStride<>(dh));  // (K, dh)
+      ConstMatrixMap<T> Vr(p.mem_v + th * K * dh, K, dh, Eigen::OuterStride<>(dh));  // (K, dh)
+      ConstVectorMap<T> qt(p.q + t * ld + h * dh, dh);
+      Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> o(p.out + t * ld + h * dh, dh);
+      r.noalias() = Kr * qt;
+      r *= scale;
+      const T mx = r.maxCoeff();
+      r = (r.array() - mx).exp().matrix();
+      const T sum = r.sum();
+      o.noalias() = r.transpose() * Vr;
+      if constexpr (Mode == AttentionMode::Gated) {
+        o *= T(1) / sum;
+      } else {
+        p.mem_stats[2 * th] = mx;
+        p.mem_stats[2 * th + 1] = sum;
+      }
+    }
+  }
+}
+
 /// Scratch elements one thread needs for a query block of `nb` rows.
-inline index_t attention_scratch(index_t nb, index_t n_tok, index_t n_mem, index_t head_dim) {
-  const index_t n = nb * n_tok + nb * n_mem + nb + n_mem + head_dim;
+inline index_t attention_scratch(index_t nb, index_t n_tok, index_t head_dim) {
+  const index_t n = nb * n_tok + nb * head_dim + 2 * nb;
   return (n + 15) / 16 * 16;  // keep each thread's slice on its own cache lines
 }
 
-/// One head h, queries [t0, t1): writes out rows t0..t1-1 of head h.
+/// Pass 2, one head h and queries [t0, t1): the local causal softmax as two GEMMs over the keys
+/// up to t1 - 1, then out rows t0..t1-1 of head h:
+///   Causal  A
+///   Gated   (1 - sigmoid(g_h)) A + sigmoid(g_h) M                 (M from pass 1 in out)
+///   Joint   (sum_j e_j v_j + exp(mm - mx) e Vr) / (sum_j e_j + exp(mm - mx) sum e)
+///           with mx the maximum over local and memory scores       (e Vr, mm, sum e from pass 1)
 template <AttentionMode Mode, class T>
 void attention_block(const AttentionProblem<T>& p, index_t h, index_t t0, index_t t1, T* scratch) {
-  const index_t ld = p.n_head * p.head_dim, dh = p.head_dim, nb = t1 - t0, nk = t1, K = p.n_mem;
+  const index_t ld = p.n_head * p.head_dim, dh = p.head_dim, nb = t1 - t0, nk = t1;
   const T scale = T(1) / std::sqrt(T(dh));
-  T* scores = scratch;                 // (nb, nk)
-  T* mem_probs = scores + nb * nk;     // (nb, K) joint: unnormalised memory weights
-  T* inv_sum = mem_probs + nb * K;     // (nb)
-  T* mem_scores = inv_sum + nb;        // (K) gated: one row's memory softmax
-  T* mem_out = mem_scores + K;         // (dh) gated: one row of M
+  T* scores = scratch;               // (nb, nk)
+  T* block_out = scores + nb * nk;   // (nb, dh) unnormalised local output
+  T* inv_sum = block_out + nb * dh;  // (nb)
+  T* mem_weight = inv_sum + nb;      // (nb) joint: exp(mm - mx) / sum
 
   ConstMatrixMap<T> Q(p.q + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
   ConstMatrixMap<T> Kh(p.k + h * dh, nk, dh, Eigen::OuterStride<>(ld));
   ConstMatrixMap<T> Vh(p.v + h * dh, nk, dh, Eigen::OuterStride<>(ld));
   MatrixMap<T> S(scores, nb, nk, Eigen::OuterStride<>(nk));
-  MatrixMap<T> O(p.out + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
+  MatrixMap<T> Ob(block_out, nb, dh, Eigen::OuterStride<>(dh));
 
   S.noalias() = Q * Kh.transpose();  // keys beyond each row's query are masked below
 
@@ -197,57 +240,51 @@ void attention_block(const AttentionProblem<T>& p, index_t h, index_t t0, index_
       row *= scale;
     }
     T mx = row.maxCoeff();
-    T sum = 0;
+    T mem_max = 0;
     if constexpr (Mode == AttentionMode::Joint) {
-      ConstMatrixMap<T> Kr(p.mem_k + (t * p.n_head + h) * K * dh, K, dh, Eigen::OuterStride<>(dh));
-      ConstVectorMap<T> qt(p.q + t * ld + h * dh, dh);
-      Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>> m(mem_probs + i * K, K);
-      m.noalias() = Kr * qt;
-      m *= scale;
-      mx = std::max(mx, m.maxCoeff());
-      m = (m.array() - mx).exp().matrix();
-      sum += m.sum();
+      mem_max = p.mem_stats[2 * (t * p.n_head + h)];
+      mx = std::max(mx, mem_max);
     }
     row = (row - mx).exp();
-    sum += row.sum();
+    T sum = row.sum();
+    if constexpr (Mode == AttentionMode::Joint) {
+      const T alpha = std::exp(mem_max - mx);  // rescales the memory part to the joint maximum
+      sum += alpha * p.mem_stats[2 * (t * p.n_head + h) + 1];
+      mem_weight[i] = alpha / sum;
+    }
     std::fill(scores + i * nk + n, scores + (i + 1) * nk, T(0));
     inv_sum[i] = T(1) / sum;
   }
 
-  O.noalias() = S * Vh;
+  Ob.noalias() = S * Vh;
 
   for (index_t i = 0; i < nb; ++i) {
-    const index_t t = t0 + i;
-    if constexpr (Mode == AttentionMode::Joint) {
-      ConstMatrixMap<T> Vr(p.mem_v + (t * p.n_head + h) * K * dh, K, dh, Eigen::OuterStride<>(dh));
-      Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> m(mem_probs + i * K, K);
-      O.row(i).noalias() += m * Vr;
-    }
-    O.row(i) *= inv_sum[i];
-    if constexpr (Mode == AttentionMode::Gated) {
-      // M = softmax(q Kr^T / sqrt(dh)) Vr: its own softmax, no position term.
-      ConstMatrixMap<T> Kr(p.mem_k + (t * p.n_head + h) * K * dh, K, dh, Eigen::OuterStride<>(dh));
-      ConstMatrixMap<T> Vr(p.mem_v + (t * p.n_head + h) * K * dh, K, dh, Eigen::OuterStride<>(dh));
-      ConstVectorMap<T> qt(p.q + t * ld + h * dh, dh);
-      Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>> r(mem_scores, K);
-      Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> M(mem_out, dh);
-      r.noalias() = Kr * qt;
-      r *= scale;
-      const T mx = r.maxCoeff();
-      r = (r.array() - mx).exp().matrix();
-      const T inv = T(1) / r.sum();
-      M.noalias() = r.transpose() * Vr;
-      O.row(i) = p.gate_local[h] * O.row(i) + (p.gate_memory[h] * inv) * M;
+    Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> o(p.out + (t0 + i) * ld + h * dh, dh);
+    if constexpr (Mode == AttentionMode::Causal) {
+      o = Ob.row(i) * inv_sum[i];
+    } else if constexpr (Mode == AttentionMode::Gated) {
+      o = (p.gate_local[h] * inv_sum[i]) * Ob.row(i) + p.gate_memory[h] * o;
+    } else {
+      o = inv_sum[i] * Ob.row(i) + mem_weight[i] * o;
     }
   }
 }
 
-/// All heads and query blocks, threaded over (head, block) pairs, largest blocks first.
+/// All heads and query blocks: the memory pass when K > 0, then the local pass threaded over
+/// (head, block) pairs, largest blocks first.
 template <AttentionMode Mode, class T>
-void attention(const AttentionProblem<T>& p) {
+void attention(AttentionProblem<T> p) {
+  Tensor<T, Host> mem_stats;  // (T, H, 2)
+  if constexpr (Mode != AttentionMode::Causal) {
+    if constexpr (Mode == AttentionMode::Joint) {
+      mem_stats.resize(Shape{p.n_tok, p.n_head, 2});
+      p.mem_stats = mem_stats.data();
+    }
+    memory_pass<Mode>(p);
+  }
   const index_t B = std::max<index_t>(1, host_attention_tuning.query_block);
   const index_t n_blocks = (p.n_tok + B - 1) / B, jobs = n_blocks * p.n_head;
-  const index_t per_thread = attention_scratch(std::min(B, p.n_tok), p.n_tok, p.n_mem, p.head_dim);
+  const index_t per_thread = attention_scratch(std::min(B, p.n_tok), p.n_tok, p.head_dim);
   // Allocated before the parallel region so no exception can start inside it.
   Tensor<T, Host> scratch(Shape{static_cast<index_t>(max_threads()), per_thread});
   [[maybe_unused]] const bool threaded = jobs > 1 && p.n_tok * p.n_tok * p.n_head * p.head_dim >= (index_t{1} << 16);
