@@ -181,16 +181,18 @@ void memory_pass(const AttentionProblem<T>& p) {
     Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>> r(scratch.data() + thread_id() * K, K);
     for (index_t h = 0; h < H; ++h) {
       const index_t th = t * H + h;
-      ConstMatrixMap<T> Kr(p.mem_k + th * K * dh, K, dh, Eigen::OuterStride<>(dh));  // (K, dh)
-      ConstMatrixMap<T> Vr(p.mem_v + th * K * dh, K, dh, Eigen::OuterStride<>(dh));  // (K, dh)
+      const T* kr = p.mem_k + th * K * dh;  // (K, dh)
+      const T* vr = p.mem_v + th * K * dh;  // (K, dh)
       ConstVectorMap<T> qt(p.q + t * ld + h * dh, dh);
       Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> o(p.out + t * ld + h * dh, dh);
-      r.noalias() = Kr * qt;
+      // Row dots and row updates: for K x dh this small, half the cost of Eigen's GEMV calls.
+      for (index_t j = 0; j < K; ++j) r[j] = ConstVectorMap<T>(kr + j * dh, dh).dot(qt);
       r *= scale;
       const T mx = r.maxCoeff();
       r = (r.array() - mx).exp().matrix();
       const T sum = r.sum();
-      o.noalias() = r.transpose() * Vr;
+      o.setZero();
+      for (index_t j = 0; j < K; ++j) o += r[j] * Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(vr + j * dh, dh);
       if constexpr (Mode == AttentionMode::Gated) {
         o *= T(1) / sum;
       } else {
