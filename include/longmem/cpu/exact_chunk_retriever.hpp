@@ -6,9 +6,9 @@
 //
 // Per head h and tile of query_tile queries, the chunk keys are walked in tiles of
 // chunk_tile chunks: one Eigen GEMM gives the (query_tile, chunk_tile) score tile, which
-// stays in cache, and each query keeps a running top-k list (best first). A whole block
-// of 16 scores is skipped with one vectorisable comparison against the current k-th
-// score, so the list is touched only for the rare candidates. The full (T, n) score
+// stays in cache, and each query keeps a running top-k list (best first). A block of 16
+// scores is tested with one vector compare against the current k-th score, so the list
+// is touched only for the rare candidates. The full (T, n) score
 // matrix never exists. Tasks (head, query tile) run in parallel with OpenMP; each
 // writes only its own outputs, so the result does not depend on the thread count.
 //
@@ -25,11 +25,12 @@
 #include <type_traits>
 #include <vector>
 
-// GCC 12 at -O3 with AVX-512 reports a false -Wmaybe-uninitialized inside its own
-// intrinsics headers when Eigen's GEMM is inlined (GCC bug 105593, fixed in GCC 13).
+// GCC 12 with AVX-512 reports a false -W(maybe-)uninitialized inside its own intrinsics
+// headers when Eigen's packet code is inlined (GCC bug 105593, fixed in GCC 13).
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <Eigen/Core>
 #pragma GCC diagnostic pop
 #else
@@ -63,8 +64,9 @@ struct ExactRetrieverTuning {
   }
 };
 
-/// Measured on a 2-core AMD EPYC (Zen 4) with 16 heads, dh 64, 1,024 queries (bench/RESULTS.md):
-/// a (128 x 512) float score tile is 256 KiB, within a core's L2.
+/// Chosen by the SelectTuning sweep of bench/bench_retrieval.cpp (2-core AMD EPYC, Zen 4; 16 heads,
+/// dh 64, 1,024 queries, 64 Ki tokens, csz 4): query tiles of 512+ amortise Eigen's packing of
+/// each chunk-key tile; chunk tiles of 256..1024 were within noise. The (512, 512) score tile is 1 MiB.
 inline constexpr ExactRetrieverTuning default_exact_retriever_tuning{512, 512};
 
 namespace detail {
@@ -108,6 +110,33 @@ void convert_n(const S* src, index_t n, T* dst) {
   }
 }
 
+/// Like convert_n, for output that is written once and read later: with AVX-512 a
+/// half or float source goes out with streaming stores, which skip reading the
+/// destination lines first (the gathered keys/values are hundreds of MB).
+template <class S, class T>
+void convert_out_n(const S* src, index_t n, T* dst) {
+#if defined(__AVX512F__)
+  constexpr bool streamable = std::is_same_v<T, float> && (std::is_same_v<S, float> || std::is_same_v<S, half>);
+  if constexpr (streamable) {
+    if (reinterpret_cast<std::uintptr_t>(dst) % 64 == 0 && n % 16 == 0) {
+      for (index_t i = 0; i < n; i += 16) {
+        __m512 v;
+        if constexpr (std::is_same_v<S, half>) {
+          __m256i h16;
+          std::memcpy(&h16, src + i, sizeof h16);
+          v = _mm512_cvtph_ps(h16);
+        } else {
+          v = _mm512_loadu_ps(src + i);
+        }
+        _mm512_stream_ps(dst + i, v);
+      }
+      return;
+    }
+  }
+#endif
+  convert_n(src, n, dst);
+}
+
 /// Bit u set when p[u] >= thr, for the 16 floats at p (NaN compares false).
 inline std::uint32_t lanes_at_least(const float* p, float thr) {
 #if defined(__AVX512F__)
@@ -124,14 +153,10 @@ inline std::uint32_t lanes_at_least(const float* p, float thr) {
 #endif
 }
 
-/// a ranks before b: higher key, or equal key and older chunk.
-inline bool ranks_before(float a, index_t seq_a, float b, index_t seq_b) {
-  return a > b || (a == b && seq_a < seq_b);
-}
-
 }  // namespace detail
 
-/// Exact top-k chunk retrieval over host banks; keeps its scratch buffers between calls.
+/// Exact top-k chunk retrieval over host banks. It keeps its scratch buffers between calls,
+/// so one retriever serves one caller at a time (one per stream or thread).
 struct ExactChunkRetriever {
   using location = Host;
 
@@ -188,7 +213,6 @@ struct ExactChunkRetriever {
     Tensor<float, Host> tile;             // (query_tile, chunk_tile) scores
     Tensor<float, Host> best_score;       // (query_tile, k') best first
     Tensor<std::int32_t, Host> best_slot;  // (query_tile, k')
-    Tensor<index_t, Host> best_seq;       // (query_tile, k')
     Tensor<index_t, Host> count;          // (query_tile) entries filled so far
   };
 
@@ -216,7 +240,6 @@ struct ExactChunkRetriever {
       s.tile.resize({qt, ct});
       s.best_score.resize({qt, kk});
       s.best_slot.resize({qt, kk});
-      s.best_seq.resize({qt, kk});
       s.count.resize({qt});
     }
     return kk;
@@ -274,8 +297,8 @@ struct ExactChunkRetriever {
       Eigen::Map<RowMajor> S(s.tile.data(), nq, nc);  // (nq, nc)
       S.noalias() = Q * K.transpose();
       for (index_t r = 0; r < nq; ++r) {
-        scan_row(bank, s.tile.data() + r * nc, c0, nc, kk, s.best_score.data() + r * kk, s.best_slot.data() + r * kk,
-                 s.best_seq.data() + r * kk, s.count.data()[r]);
+        TopK<M> top{bank, s.best_score.data() + r * kk, s.best_slot.data() + r * kk, s.count.data()[r]};
+        scan_row(top, s.tile.data() + r * nc, c0, nc, kk);
       }
     }
     for (index_t r = 0; r < nq; ++r) {
@@ -285,45 +308,50 @@ struct ExactChunkRetriever {
     }
   }
 
-  /// Merges scores of chunks [c0, c0 + nc) into one query's list (best first).
+  /// One query's running top-k, kept sorted best first. Insertions are rare after the
+  /// first chunks (about k ln(n / k) of n), and a short linear shift with one mispredicted
+  /// exit measured faster than a heap or a binary search for k <= 64. Chunk ages are
+  /// looked up only for exact ties.
   template <class M>
-  static void scan_row(const M& bank, const float* row, index_t c0, index_t nc, index_t kk, float* bs,
-                       std::int32_t* bslot, index_t* bseq, index_t& count) {
+  struct TopK {
+    const M& bank;
+    float* bs;            // (k') keys, best first
+    std::int32_t* bslot;  // (k') slots
+    index_t& count;       // entries filled so far
+
+    // (a, a_slot) ranks before (b, b_slot): higher key, or equal key and older chunk.
+    bool before(float a, index_t a_slot, float b, index_t b_slot) const {
+      return a > b || (a == b && bank.chunk_sequence(a_slot) < bank.chunk_sequence(b_slot));
+    }
+
+    // Inserts into the sorted entries [0, last), dropping the entry at `last` (if any).
+    void insert(float key, index_t slot, index_t last) {
+      index_t i = last;
+      for (; i > 0 && before(key, slot, bs[i - 1], bslot[i - 1]); --i) {
+        bs[i] = bs[i - 1];
+        bslot[i] = bslot[i - 1];
+      }
+      bs[i] = key;
+      bslot[i] = static_cast<std::int32_t>(slot);
+    }
+  };
+
+  /// Merges scores of chunks [c0, c0 + nc) into one query's top-k.
+  template <class M>
+  static void scan_row(TopK<M>& top, const float* row, index_t c0, index_t nc, index_t kk) {
     constexpr float lowest = -std::numeric_limits<float>::infinity();
     index_t j = 0;
     // Fill: the first k' chunks enter unconditionally.
-    for (; j < nc && count < kk; ++j) {
-      const float key = std::isnan(row[j]) ? lowest : row[j];
-      const index_t seq = bank.chunk_sequence(c0 + j);
-      index_t i = count++;
-      for (; i > 0 && detail::ranks_before(key, seq, bs[i - 1], bseq[i - 1]); --i) {
-        bs[i] = bs[i - 1];
-        bslot[i] = bslot[i - 1];
-        bseq[i] = bseq[i - 1];
-      }
-      bs[i] = key;
-      bslot[i] = static_cast<std::int32_t>(c0 + j);
-      bseq[i] = seq;
-    }
-    if (count < kk) return;
-    float thr = bs[kk - 1];
-    // Exact test for one candidate; `thr` is the current k'-th key.
+    for (; j < nc && top.count < kk; ++j) top.insert(std::isnan(row[j]) ? lowest : row[j], c0 + j, top.count++);
+    if (top.count < kk) return;
+    float thr = top.bs[kk - 1];  // the current k'-th key
     auto consider = [&](index_t jj) {
       const float x = row[jj];
       if (x < thr) return;
       const float key = std::isnan(x) ? lowest : x;
-      const index_t seq = bank.chunk_sequence(c0 + jj);
-      if (!detail::ranks_before(key, seq, bs[kk - 1], bseq[kk - 1])) return;
-      index_t i = kk - 1;
-      for (; i > 0 && detail::ranks_before(key, seq, bs[i - 1], bseq[i - 1]); --i) {
-        bs[i] = bs[i - 1];
-        bslot[i] = bslot[i - 1];
-        bseq[i] = bseq[i - 1];
-      }
-      bs[i] = key;
-      bslot[i] = static_cast<std::int32_t>(c0 + jj);
-      bseq[i] = seq;
-      thr = bs[kk - 1];
+      if (!top.before(key, c0 + jj, top.bs[kk - 1], top.bslot[kk - 1])) return;
+      top.insert(key, c0 + jj, kk - 1);
+      thr = top.bs[kk - 1];
     };
     // While the k'-th key is -inf a NaN (= -inf) can still enter; the vector test below
     // drops NaN, so test such (rare) rows one score at a time until the threshold rises.
@@ -351,10 +379,13 @@ struct ExactChunkRetriever {
       const index_t o = (t * H + h) * kk;
       for (index_t i = 0; i < kk; ++i) {
         const index_t src = (h * C + slots[o + i]) * chunk;
-        detail::convert_n(bk + src, chunk, keys + (o + i) * chunk);
-        detail::convert_n(bv + src, chunk, values + (o + i) * chunk);
+        detail::convert_out_n(bk + src, chunk, keys + (o + i) * chunk);
+        detail::convert_out_n(bv + src, chunk, values + (o + i) * chunk);
       }
     }
+#if defined(__AVX512F__)
+    _mm_sfence();  // order the streaming stores before the results are read
+#endif
   }
 
   static constexpr index_t parallel_min_work = index_t{1} << 20;  // multiply-adds of the score GEMM
