@@ -309,7 +309,7 @@ TEST_CASE("retriever: an empty bank gives k' = 0", "[retriever]") {
     return make_bank<float>(rng, g, 4, 0);
   }();
   Tensor<float, Host> none({0, 3, 8});
-  retriever.retrieve(full, cview(none), 2, out);
+  retriever.retrieve(full, none, 2, out);  // an owning tensor: the convenience overload
   REQUIRE(out.chunks == 2);
   REQUIRE(out.slots.shape() == Shape{0, 3, 2});
   REQUIRE(out.keys.shape() == Shape{0, 3, 4, 8});

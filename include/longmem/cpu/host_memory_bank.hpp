@@ -1,6 +1,7 @@
 #pragma once
-// HostMemoryBank<S>: one stream's memory in host RAM, keys and values stored as S
-// (float, double, half or bfloat16), a ring of chunk slots with FIFO eviction.
+// HostMemoryBank<S>: one stream's memory in host RAM (one bank per stream; banks never
+// share state), keys and values stored as S (float, double, half or bfloat16), a ring of
+// chunk slots with FIFO eviction.
 //
 //   keys(), values()  (H, C, csz, dh)  S      token keys/values of each chunk, token order
 //   chunk_keys()      (H, C, dh)       float  mean of the chunk's csz keys
@@ -13,6 +14,8 @@
 // Chunk keys are the mean of the *input* keys (float or double), accumulated in double
 // and rounded to float once; they are not recomputed from the rounded S storage, so a
 // half or bfloat16 bank ranks chunks exactly as a float bank fed the same keys would.
+// Stored keys/values are the input rounded once to S (double input to half or bfloat16
+// goes through float first).
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>

@@ -75,6 +75,10 @@ template <MemoryBank M, class T>
 RetrievedF64 retrieve(const M& bank, TensorView<const T, Host> queries, int k) {
   if (k < 1) detail::fail<ConfigError>("reference::retrieve: k must be >= 1, got ", k);
   const MemoryGeometry g = bank.geometry();
+  if (queries.rank() != 3 || queries.dim(1) != g.n_head || queries.dim(2) != g.head_dim) {
+    detail::fail<ShapeError>("reference::retrieve: queries must be (T, ", g.n_head, ", ", g.head_dim, "), got ",
+                             queries.shape().str());
+  }
   const index_t Tq = queries.dim(0), H = g.n_head, csz = g.chunk_size, dh = g.head_dim;
   const index_t kk = std::min<index_t>(k, bank.num_chunks());
   RetrievedF64 r;
