@@ -1,0 +1,136 @@
+// Drives the longmem-run tool as a user would and checks what it writes against the
+// independent fixtures (Hugging Face outputs; the PyTorch port of LongMem).
+//   longmem_cli_check <path to longmem-run> <fixture dir> <scratch dir>
+// Exit 0 when every check passes; prints each failure.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <longmem/safetensors.hpp>
+
+namespace fs = std::filesystem;
+using namespace longmem;
+
+namespace {
+
+int failures = 0;
+
+void check(bool ok, const std::string& what) {
+  std::cout << (ok ? "ok    " : "FAIL  ") << what << "\n";
+  failures += ok ? 0 : 1;
+}
+
+int run(const std::string& cmd) {
+  std::cout << "$ " << cmd << "\n";
+  const int status = std::system(cmd.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+std::string quote(const fs::path& p) { return "'" + p.string() + "'"; }
+
+// max |a - b| / max |b| over all elements (b = reference).
+double relative_error(const float* a, const float* b, index_t n) {
+  double err = 0, ref = 0;
+  for (index_t i = 0; i < n; ++i) {
+    const double d = std::abs(static_cast<double>(a[i]) - static_cast<double>(b[i]));
+    err = std::isnan(d) ? INFINITY : std::max(err, d);
+    ref = std::max(ref, std::abs(static_cast<double>(b[i])));
+  }
+  return err / ref;
+}
+
+void write_text_tokens(const fs::path& path, const std::int32_t* ids, index_t n) {
+  std::ofstream out(path);
+  for (index_t i = 0; i < n; ++i) out << ids[i] << "\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 4) {
+    std::cerr << "usage: longmem_cli_check LONGMEM_RUN FIXTURE_DIR SCRATCH_DIR\n";
+    return 64;
+  }
+  const std::string tool = argv[1];
+  const fs::path fixtures = argv[2], scratch = argv[3];
+  fs::create_directories(scratch);
+  try {
+    // 1. A Hugging Face checkpoint: logits and hidden states against transformers.
+    const fs::path hf = fixtures / "hf_gpt2_small";
+    auto expected = SafetensorsFile::open(hf / "expected.safetensors");
+    auto tokens = expected.read<std::int32_t>("tokens");
+    write_text_tokens(scratch / "hf_tokens.txt", tokens.data(), tokens.numel());
+    const fs::path out1 = scratch / "hf_out.safetensors";
+    check(run(quote(tool) + " --backbone " + quote(hf / "model.safetensors") + " --tokens " + quote(scratch / "hf_tokens.txt") +
+              " --out " + quote(out1) + " --hidden-states --quiet") == 0,
+          "backbone run exits 0");
+    auto got = SafetensorsFile::open(out1);
+    auto want_logits = expected.read<float>("logits");
+    auto want_hidden = expected.read<float>("hidden_states");
+    auto got_logits = got.read<float>("logits", want_logits.shape());
+    auto got_hidden = got.read<float>("hidden_states", want_hidden.shape());
+    check(relative_error(got_logits.data(), want_logits.data(), want_logits.numel()) <= 1e-4, "logits match transformers");
+    check(relative_error(got_hidden.data(), want_hidden.data(), want_hidden.numel()) <= 1e-4,
+          "hidden states match transformers");
+
+    // Raw int32 input gives the same logits.
+    {
+      std::ofstream raw(scratch / "hf_tokens.i32", std::ios::binary);
+      raw.write(reinterpret_cast<const char*>(tokens.data()), static_cast<std::streamsize>(tokens.bytes()));
+    }
+    const fs::path out2 = scratch / "hf_out_raw.safetensors";
+    check(run(quote(tool) + " --backbone " + quote(hf / "model.safetensors") + " --tokens " + quote(scratch / "hf_tokens.i32") +
+              " --out " + quote(out2) + " --quiet") == 0,
+          "raw int32 token file accepted");
+    auto got2 = SafetensorsFile::open(out2).read<float>("logits", want_logits.shape());
+    check(relative_error(got2.data(), got_logits.data(), got_logits.numel()) == 0.0, "raw int32 input gives identical logits");
+
+    // 2. A LongMem model streamed with memory: stream 0 of the GPT-2* fixture.
+    const fs::path lm = fixtures / "longmem_gpt2star";
+    auto lexp = SafetensorsFile::open(lm / "expected.safetensors");
+    const auto& md = lexp.metadata();
+    auto ltokens = lexp.read<std::int32_t>("tokens");  // (B, S*T)
+    auto llogits = lexp.read<float>("logits");         // (B, S*T, V)
+    write_text_tokens(scratch / "lm_tokens.txt", ltokens.data(), ltokens.dim(1));
+    const fs::path out3 = scratch / "lm_out.safetensors";
+    check(run(quote(tool) + " --backbone " + quote(lm / "backbone.safetensors") + " --sidenet " + quote(lm / "sidenet.safetensors") +
+              " --tokens " + quote(scratch / "lm_tokens.txt") + " --out " + quote(out3) + " --segment-length " +
+              md.at("segment_length") + " --memory-tokens " + md.at("memory_tokens") + " --chunk-size " + md.at("chunk_size") +
+              " --retrieved-tokens " + md.at("retrieved_tokens") + " --quiet") == 0,
+          "LongMem run exits 0");
+    auto lgot = SafetensorsFile::open(out3).read<float>("logits", Shape{llogits.dim(1), llogits.dim(2)});
+    check(relative_error(lgot.data(), llogits.data(), lgot.numel()) <= 1e-4,
+          "LongMem per-segment logits match the PyTorch port of the reference");
+
+    // 3. Bad input: clear errors and a non-zero exit, no output file.
+    {
+      std::ofstream(scratch / "bad_tokens.txt") << "1 2 99999\n";
+      const fs::path bad_out = scratch / "bad_out.safetensors";
+      fs::remove(bad_out);
+      check(run(quote(tool) + " --backbone " + quote(hf / "model.safetensors") + " --tokens " + quote(scratch / "bad_tokens.txt") +
+                " --out " + quote(bad_out)) == 2,
+            "an out-of-vocabulary token id exits 2");
+      check(!fs::exists(bad_out), "no output file is left after an error");
+      std::ofstream(scratch / "junk_tokens.txt") << "1 two 3\n";
+      check(run(quote(tool) + " --backbone " + quote(hf / "model.safetensors") + " --tokens " +
+                quote(scratch / "junk_tokens.txt") + " --out " + quote(bad_out)) == 2,
+            "a non-numeric token exits 2");
+      check(run(quote(tool) + " --backbone " + quote(scratch / "missing.safetensors") + " --tokens " +
+                quote(scratch / "hf_tokens.txt") + " --out " + quote(bad_out)) == 2,
+            "a missing checkpoint exits 2");
+      check(run(quote(tool) + " --backbone " + quote(hf / "model.safetensors") + " --tokens " + quote(scratch / "hf_tokens.txt") +
+                " --out " + quote(bad_out) + " --chunk-size 4") == 64,
+            "memory options without --sidenet are a usage error (64)");
+    }
+  } catch (const std::exception& e) {
+    std::cout << "FAIL  unexpected exception: " << e.what() << "\n";
+    return 1;
+  }
+  std::cout << (failures ? "FAILED: " : "all passed: ") << failures << " failure(s)\n";
+  return failures ? 1 : 0;
+}
