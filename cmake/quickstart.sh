@@ -28,7 +28,7 @@ say() { printf '\n== %s\n' "$*"; }
 # --- packages ---------------------------------------------------------------------------
 packages=(ca-certificates cmake ninja-build g++ make pkg-config libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev)
 if [ "$cmd" = bench ]; then
-  packages+=(libfaiss-dev libblas-dev liblapack-dev python3 python3-numpy python3-torch)
+  packages+=(libfaiss-dev libblas-dev liblapack-dev libopenblas0-pthread python3 python3-numpy python3-torch)
 fi
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
