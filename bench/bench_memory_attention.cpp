@@ -14,6 +14,8 @@
 // The PyTorch peer of the same computation is bench/peers/memory_attention_torch.py.
 #include <benchmark/benchmark.h>
 
+#include "bench_support.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <map>
@@ -29,17 +31,7 @@ using namespace longmem;
 constexpr index_t kHeads = 16;
 constexpr index_t kHeadDim = 64;
 
-// xorshift64*: uniform in (-1, 1); enough quality for timing inputs, fast for 0.5 GB.
-struct Random {
-  std::uint64_t s;
-  float next() {
-    s ^= s >> 12;
-    s ^= s << 25;
-    s ^= s >> 27;
-    const std::uint64_t x = s * 2685821657736338717ull;
-    return (static_cast<float>(x >> 40) + 0.5f) * (2.0f / 16777216.0f) - 1.0f;
-  }
-};
+using longmem::bench::Random;
 
 struct Problem {
   Tensor<float, Host> q, k, v;    // (T, H, dh)

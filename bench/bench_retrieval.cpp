@@ -14,6 +14,8 @@
 // unless OMP_NUM_THREADS says otherwise.
 #include <benchmark/benchmark.h>
 
+#include "bench_support.hpp"
+
 #include <cstdint>
 #include <cstdio>
 #include <memory>
@@ -36,18 +38,7 @@ constexpr int kHeadDim = 64;
 constexpr index_t kQueries = 1024;
 constexpr index_t kSegment = 1024;  // tokens per append while filling a bank
 
-// xorshift64*: cheap enough to fill 2 Gi values; uniform in (-1, 1), never 0.
-struct Random {
-  std::uint64_t s;
-  float next() {
-    s ^= s >> 12;
-    s ^= s << 25;
-    s ^= s >> 27;
-    const std::uint64_t x = s * 2685821657736338717ull;
-    const auto m = static_cast<float>(x >> 40);      // 24 bits
-    return (m + 0.5f) * (2.0f / 16777216.0f) - 1.0f;  // (m + 0.5) / 2^23 - 1 is never 0
-  }
-};
+using longmem::bench::Random;
 
 // One bank (and its faiss copy) at a time: a 1 Mi-token half bank takes 4 GiB plus 1 GiB of chunk keys.
 struct Setup {
@@ -118,21 +109,7 @@ void BM_Retrieve(benchmark::State& state, index_t memory, int csz, int K) {
   set_counters(state, s.bank->num_chunks());
 }
 
-void BM_Select(benchmark::State& state, index_t memory, int csz, int K) {
-  Setup& s = setup(memory, csz);
-  ExactChunkRetriever retriever;
-  Tensor<std::int32_t, Host> slots;
-  Tensor<float, Host> scores;
-  retriever.select(*s.bank, cview(s.queries), K / csz, slots, scores);
-  for (auto _ : state) {
-    retriever.select(*s.bank, cview(s.queries), K / csz, slots, scores);
-    benchmark::DoNotOptimize(slots.data());
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, s.bank->num_chunks());
-}
-
-// Select with other tile sizes (how the defaults were chosen).
+// Select with the given tile sizes (the defaults, or others: how the defaults were chosen).
 void BM_SelectTuning(benchmark::State& state, index_t memory, int csz, int K, ExactRetrieverTuning tuning) {
   Setup& s = setup(memory, csz);
   ExactChunkRetriever retriever(tuning);
@@ -145,6 +122,10 @@ void BM_SelectTuning(benchmark::State& state, index_t memory, int csz, int K, Ex
     benchmark::ClobberMemory();
   }
   set_counters(state, s.bank->num_chunks());
+}
+
+void BM_Select(benchmark::State& state, index_t memory, int csz, int K) {
+  BM_SelectTuning(state, memory, csz, K, default_exact_retriever_tuning);
 }
 
 // The GEMM part of the retriever alone, same tiles and threads, scores thrown away.
