@@ -533,7 +533,7 @@ class SafetensorsWriter {
   /// Copies the data; DType from dtype_of_v<T>. Duplicate names are an InputError.
   template <class T>
   void add(std::string name, TensorView<const T, Host> t) {
-    if (t.numel() > 0 && t.data() == nullptr) {
+    if (t.shape().numel() > 0 && t.data() == nullptr) {
       detail::fail<InputError>("SafetensorsWriter: tensor ", detail::quote_text(name),
                                " is a view without storage (a default-constructed view)");
     }
@@ -544,7 +544,7 @@ class SafetensorsWriter {
   /// Stores float data as `dtype` (F16, BF16, F32 or F64), rounding to nearest even.
   void add_as(std::string name, DType dtype, TensorView<const float, Host> t) {
     check_name(name);
-    if (t.numel() > 0 && t.data() == nullptr) {
+    if (t.shape().numel() > 0 && t.data() == nullptr) {
       detail::fail<InputError>("SafetensorsWriter: tensor ", detail::quote_text(name),
                                " is a view without storage (a default-constructed view)");
     }

@@ -123,9 +123,10 @@ class TensorView {
   constexpr const Shape& shape() const { return shape_; }
   constexpr int rank() const { return shape_.rank(); }
   constexpr index_t dim(int i) const { return shape_[i]; }
-  constexpr index_t numel() const { return shape_.numel(); }
+  /// Elements viewed; 0 for a view over no data (a default-constructed view).
+  constexpr index_t numel() const { return data_ ? shape_.numel() : 0; }
   /// No elements: a default-constructed view (rank 0, no data) or a zero extent.
-  constexpr bool empty() const { return data_ == nullptr || numel() == 0; }
+  constexpr bool empty() const { return numel() == 0; }
   constexpr std::size_t bytes() const { return static_cast<std::size_t>(numel()) * sizeof(T); }
 
   /// Sub-tensor i along the first dimension (rank - 1).
@@ -256,9 +257,10 @@ class Tensor {
   const Shape& shape() const { return shape_; }
   int rank() const { return shape_.rank(); }
   index_t dim(int i) const { return shape_[i]; }
-  index_t numel() const { return shape_.numel(); }
+  /// Elements held; 0 when nothing is allocated (a default-constructed tensor).
+  index_t numel() const { return data_ ? shape_.numel() : 0; }
   /// No elements: default-constructed (rank 0, nothing allocated) or a zero extent.
-  bool empty() const { return data_ == nullptr || numel() == 0; }
+  bool empty() const { return numel() == 0; }
   std::size_t bytes() const { return static_cast<std::size_t>(numel()) * sizeof(T); }
   /// Bytes allocated (>= bytes()).
   std::size_t capacity_bytes() const { return static_cast<std::size_t>(capacity_) * sizeof(T); }

@@ -151,16 +151,19 @@ TEST_CASE("tensor: views convert to const views and cview works on tensors and v
   CHECK(longmem::cview(t.view()).shape() == Shape{3, 2});
   CHECK(c.bytes() == 6 * sizeof(float));
   CHECK_FALSE(c.empty());
-  // A default view is rank 0 over no data (note: rank 0 means one element, so it is not
-  // empty(); ops that take "empty" optional inputs check data() == nullptr as well).
+  // A default view is rank 0 over no data: it has no elements and is empty (the ops read
+  // it as an absent optional input).
   CHECK(TensorView<const float>().data() == nullptr);
   CHECK(TensorView<const float>().rank() == 0);
+  CHECK(TensorView<const float>().numel() == 0);
+  CHECK(TensorView<const float>().empty());
 }
 
 TEST_CASE("tensor: resize reallocates only beyond the capacity, and memory is aligned", "[tensor]") {
   Tensor<double> t;
   CHECK(t.data() == nullptr);
-  CHECK(t.numel() == 1);  // rank-0 shape of an empty tensor: no allocation was made
+  CHECK(t.numel() == 0);  // rank-0 shape, but nothing allocated: no elements
+  CHECK(t.empty());
   CHECK(t.capacity_bytes() == 0);
 
   t.resize(Shape{0, 4});
