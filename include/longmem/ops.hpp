@@ -1,12 +1,19 @@
 #pragma once
-// The op table: every computation of the forward pass as an explicit function over
-// explicit buffers (llm.c style), so a backward can later sit beside each forward.
+// The op table: every computation of the forward and backward passes as an explicit
+// function over explicit buffers (llm.c style); each *_backward sits beside its forward.
 //
 // Each function dispatches on the buffers' location to OpsBackend<L>:
 //   OpsBackend<Host>    <longmem/cpu/ops.hpp>    Eigen + plain loops, float or double
 //   OpsBackend<Device>  <longmem/cuda/ops.cuh>   CUDA kernels (later)
 // Shapes use: T tokens, H heads, dh head dim, d = H*dh width, V vocabulary,
 // K retrieved memory tokens, N rows, I/O linear in/out features.
+//
+// Backward conventions: d_x is the gradient of a scalar loss with respect to x. Gradients of
+// parameters (weights, biases, the gate, embeddings) are always accumulated (+=), so several
+// calls (streams, micro-batches) sum into one buffer; an empty parameter-gradient view means
+// "frozen, skip". Gradients of activations are overwritten unless the op takes an Accumulate
+// argument. Backward ops recompute what they need from the forward's inputs (LayerNorm
+// statistics, attention probabilities); nothing is kept between calls.
 #include <cstdint>
 #include <span>
 #include <type_traits>
@@ -75,6 +82,13 @@ void gelu(TensorView<T, L> x, Activation kind) {
   OpsBackend<L>::gelu(x, kind);
 }
 
+/// out = gelu(in), elementwise, same shapes (training keeps the pre-activation `in`).
+template <class T, class L>
+void gelu(TensorView<T, L> out, In<T, L> in, Activation kind) {
+  detail::require_backend<L>();
+  OpsBackend<L>::gelu(out, in, kind);
+}
+
 /// out += in, elementwise, same shapes.
 template <class T, class L>
 void add(TensorView<T, L> out, In<T, L> in) {
@@ -117,6 +131,78 @@ std::pair<double, std::int64_t> cross_entropy(TensorView<const T, L> logits, std
                                               TensorView<float, L> losses) {
   detail::require_backend<L>();
   return OpsBackend<L>::cross_entropy(logits, targets, losses);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward ops
+
+/// d_wte (V, d) += scatter of d_out (T, d) rows by token id; d_wpe (P, d) += d_out rows 0..T-1.
+/// Either may be empty (frozen). Token ids are checked as in embedding().
+template <class T, class L>
+void embedding_backward(TensorView<T, L> d_wte, TensorView<T, L> d_wpe, In<T, L> d_out /*(T,d)*/,
+                        std::span<const std::int32_t> tokens) {
+  detail::require_backend<L>();
+  OpsBackend<L>::embedding_backward(d_wte, d_wpe, d_out, tokens);
+}
+
+/// LayerNorm backward over rows of C features; mean and variance are recomputed from `in`.
+///   d_in (N, C) [+]= d in;  d_weight (C) += sum_n d_out * xhat;  d_bias (C) += sum_n d_out
+/// d_in, d_weight, d_bias may each be empty (not needed / frozen).
+template <class T, class L>
+void layer_norm_backward(TensorView<T, L> d_in, TensorView<T, L> d_weight, TensorView<T, L> d_bias,
+                         In<T, L> d_out, In<T, L> in, In<T, L> weight, double eps,
+                         Accumulate acc = Accumulate::No) {
+  detail::require_backend<L>();
+  OpsBackend<L>::layer_norm_backward(d_in, d_weight, d_bias, d_out, in, weight, eps, acc);
+}
+
+/// Linear backward for out = in weight^T + bias:
+///   d_in (N, I) [+]= d_out (N, O) weight (O, I);  d_weight (O, I) += d_out^T in;  d_bias (O) += sum_n d_out
+/// d_in, d_weight, d_bias may each be empty (not needed / frozen).
+template <class T, class L>
+void linear_backward(TensorView<T, L> d_in, TensorView<T, L> d_weight, TensorView<T, L> d_bias,
+                     In<T, L> d_out, In<T, L> in, In<T, L> weight, Accumulate acc = Accumulate::No) {
+  detail::require_backend<L>();
+  OpsBackend<L>::linear_backward(d_in, d_weight, d_bias, d_out, in, weight, acc);
+}
+
+/// d_in = d_out * gelu'(in), elementwise; d_in may be d_out itself (in place).
+template <class T, class L>
+void gelu_backward(TensorView<T, L> d_in, In<T, L> d_out, In<T, L> in, Activation kind) {
+  detail::require_backend<L>();
+  OpsBackend<L>::gelu_backward(d_in, d_out, in, kind);
+}
+
+/// Causal attention backward: d_q, d_k, d_v (T, H, dh) from d_out (T, H, dh); probabilities are
+/// recomputed from q, k, v.
+template <class T, class L>
+void causal_attention_backward(TensorView<T, L> d_q, TensorView<T, L> d_k, TensorView<T, L> d_v,
+                               In<T, L> d_out, In<T, L> q, In<T, L> k, In<T, L> v, PositionScheme positions) {
+  detail::require_backend<L>();
+  OpsBackend<L>::causal_attention_backward(d_q, d_k, d_v, d_out, q, k, v, positions);
+}
+
+/// Memory-augmented attention backward. The retrieved mem_k, mem_v are constants (memory is
+/// not differentiable, as in the reference): gradients reach q through both branches, k and v
+/// through the local branch, and (GatedFusion) the gate: d_gate (H) += ... (may be empty).
+/// K = 0 is exactly causal_attention_backward.
+template <class Fusion, class T, class L>
+void memory_attention_backward(TensorView<T, L> d_q, TensorView<T, L> d_k, TensorView<T, L> d_v,
+                               TensorView<T, L> d_gate, In<T, L> d_out, In<T, L> q, In<T, L> k, In<T, L> v,
+                               In<T, L> mem_k, In<T, L> mem_v, In<T, L> gate, PositionScheme positions) {
+  detail::require_backend<L>();
+  OpsBackend<L>::template memory_attention_backward<Fusion>(d_q, d_k, d_v, d_gate, d_out, q, k, v, mem_k, mem_v,
+                                                            gate, positions);
+}
+
+/// Cross-entropy backward: d_logits (T, V) = scale * (softmax(logits) - onehot(target)) per row,
+/// 0 on rows whose target is -1. With scale = 1 / (counted targets) this is the gradient of the
+/// mean loss.
+template <class T, class L>
+void cross_entropy_backward(TensorView<T, L> d_logits, In<T, L> logits, std::span<const std::int32_t> targets,
+                            double scale) {
+  detail::require_backend<L>();
+  OpsBackend<L>::cross_entropy_backward(d_logits, logits, targets, scale);
 }
 
 }  // namespace ops

@@ -1,0 +1,119 @@
+#pragma once
+// Host LayerNorm over the last C features of each row, forward and backward. Statistics are
+// computed in double per row (two passes); the backward recomputes them from the input.
+//   layer_norm           y = (x - mean) / sqrt(var + eps) * w + b          (biased variance)
+//   layer_norm_backward  xhat = (x - mean) r,  g = d_y * w,
+//                        d_x = r (g - mean(g) - xhat mean(g xhat)),  d_w += sum d_y xhat,  d_b += sum d_y
+#include <cmath>
+#include <vector>
+
+#include "longmem/cpu/ops/common.hpp"
+#include "longmem/ops.hpp"
+
+namespace longmem::detail::cpu {
+
+/// Validates weight (C), the optional bias (C) and eps; returns C.
+template <class W, class B>
+index_t check_layer_norm_params(const char* op, const W& weight, const B& bias, double eps, const char* bias_name) {
+  if (weight.rank() != 1 || weight.dim(0) == 0) {
+    fail<ShapeError>(op, ": weight: expected a non-empty (C) vector, got shape ", weight.shape().str());
+  }
+  const index_t C = weight.dim(0);
+  if (!absent(bias)) expect_shape(bias, Shape{C}, (std::string(op) + ": " + bias_name + " (C, like weight)").c_str());
+  if (!(eps >= 0) || !std::isfinite(eps)) fail<InputError>(op, ": eps must be a finite number >= 0, got ", eps);
+  return C;
+}
+
+/// Mean and 1/sqrt(var + eps) of one row of C values, in double.
+template <class T>
+std::pair<double, double> row_statistics(const T* x, index_t C, double eps) {
+  double mean = 0;
+  for (index_t c = 0; c < C; ++c) mean += static_cast<double>(x[c]);
+  mean /= static_cast<double>(C);
+  double var = 0;
+  for (index_t c = 0; c < C; ++c) {
+    const double dx = static_cast<double>(x[c]) - mean;
+    var += dx * dx;
+  }
+  return {mean, 1.0 / std::sqrt(var / static_cast<double>(C) + eps)};
+}
+
+/// Per row of C = weight.numel() features. An absent bias means zero bias. out may be in (in place).
+template <class T>
+void layer_norm(TensorView<T, Host> out, TensorView<const T, Host> in, TensorView<const T, Host> weight,
+                TensorView<const T, Host> bias, double eps) {
+  const index_t C = check_layer_norm_params("layer_norm", weight, bias, eps, "bias");
+  const bool has_bias = !absent(bias);
+  const index_t N = rows_of(in, C, "layer_norm", "in");
+  if (rows_of(out, C, "layer_norm", "out") != N) {
+    fail<ShapeError>("layer_norm: out has shape ", out.shape().str(), ", expected ", N, " rows of ", C, " like in ",
+                     in.shape().str());
+  }
+  if (in.data() != out.data()) expect_separate(out, in, "layer_norm", "in (only exact in-place use is allowed)");
+  parallel_for(N, 4 * C, [&](index_t n) {
+    const T* x = in.data() + n * C;
+    T* y = out.data() + n * C;
+    const auto [mean, inv] = row_statistics(x, C, eps);
+    for (index_t c = 0; c < C; ++c) {
+      const double b = has_bias ? static_cast<double>(bias.data()[c]) : 0.0;
+      y[c] = static_cast<T>((static_cast<double>(x[c]) - mean) * inv * static_cast<double>(weight.data()[c]) + b);
+    }
+  });
+}
+
+/// d_in [+]= d x over rows (threaded over rows); d_weight, d_bias += column sums over rows
+/// (threaded over columns, each summed in row order, so the result does not depend on threads).
+template <class T>
+void layer_norm_backward(TensorView<T, Host> d_in, TensorView<T, Host> d_weight, TensorView<T, Host> d_bias,
+                         TensorView<const T, Host> d_out, TensorView<const T, Host> in,
+                         TensorView<const T, Host> weight, double eps, Accumulate acc) {
+  const char* op = "layer_norm_backward";
+  const index_t C = check_layer_norm_params(op, weight, TensorView<const T, Host>{}, eps, "bias");
+  const index_t N = rows_of(in, C, op, "in");
+  if (rows_of(d_out, C, op, "d_out") != N) fail<ShapeError>(op, ": d_out has shape ", d_out.shape().str(), ", expected ", N, " rows of ", C, " like in");
+  const bool want_in = !absent(d_in), want_w = !absent(d_weight), want_b = !absent(d_bias);
+  if (want_in && rows_of(d_in, C, op, "d_in") != N) fail<ShapeError>(op, ": d_in has shape ", d_in.shape().str(), ", expected ", N, " rows of ", C);
+  if (want_w) expect_shape(d_weight, Shape{C}, "layer_norm_backward: d_weight (C)");
+  if (want_b) expect_shape(d_bias, Shape{C}, "layer_norm_backward: d_bias (C)");
+  if (want_in) {
+    expect_separate(d_in, d_out, op, "d_out (as d_in)");
+    expect_separate(d_in, in, op, "in (as d_in)");
+  }
+  if (N == 0) return;
+  std::vector<double> mean(static_cast<std::size_t>(N)), inv(static_cast<std::size_t>(N));
+  parallel_for(N, 8 * C, [&](index_t n) {
+    const T* x = in.data() + n * C;
+    const auto [m, r] = row_statistics(x, C, eps);
+    mean[static_cast<std::size_t>(n)] = m;
+    inv[static_cast<std::size_t>(n)] = r;
+    if (!want_in) return;
+    const T* g = d_out.data() + n * C;
+    const T* w = weight.data();
+    double sum_g = 0, sum_gx = 0;  // sums of g = d_out * w and of g * xhat
+    for (index_t c = 0; c < C; ++c) {
+      const double gc = static_cast<double>(g[c]) * static_cast<double>(w[c]);
+      sum_g += gc;
+      sum_gx += gc * (static_cast<double>(x[c]) - m) * r;
+    }
+    const double mg = sum_g / static_cast<double>(C), mgx = sum_gx / static_cast<double>(C);
+    T* dx = d_in.data() + n * C;
+    for (index_t c = 0; c < C; ++c) {
+      const double xhat = (static_cast<double>(x[c]) - m) * r;
+      const double v = r * (static_cast<double>(g[c]) * static_cast<double>(w[c]) - mg - xhat * mgx);
+      dx[c] = acc == Accumulate::Yes ? static_cast<T>(static_cast<double>(dx[c]) + v) : static_cast<T>(v);
+    }
+  });
+  if (!want_w && !want_b) return;
+  parallel_for(C, 4 * N, [&](index_t c) {
+    double sw = 0, sb = 0;
+    for (index_t n = 0; n < N; ++n) {
+      const double g = static_cast<double>(d_out.data()[n * C + c]);
+      sw += g * (static_cast<double>(in.data()[n * C + c]) - mean[static_cast<std::size_t>(n)]) * inv[static_cast<std::size_t>(n)];
+      sb += g;
+    }
+    if (want_w) d_weight.data()[c] += static_cast<T>(sw);
+    if (want_b) d_bias.data()[c] += static_cast<T>(sb);
+  });
+}
+
+}  // namespace longmem::detail::cpu
