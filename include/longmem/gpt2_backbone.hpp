@@ -47,6 +47,69 @@ struct BlockWeights {
   Tensor<T, L> fc_out_bias;    // (d) or empty
 };
 
+/// Every tensor of a GPT-2 / GPT-2* backbone. The same structure holds weights, their gradients
+/// and optimizer moments (llm.c's ParameterTensors).
+template <class T, class L = Host>
+struct Gpt2Parameters {
+  Tensor<T, L> wte;                      // (V, d) token embedding, also the tied output head
+  Tensor<T, L> wpe;                      // (P, d) learned positions, empty for ALiBi
+  std::vector<BlockWeights<T, L>> blocks;  // n_layer
+  Tensor<T, L> ln_f_weight, ln_f_bias;   // (d)
+};
+
+/// Calls fn(name, tensor, shape) for every tensor a backbone of `cfg` has, under the reference
+/// implementation's names in Linear layout (wte.weight, wpe.weight, h.N.ln_1.weight,
+/// h.N.attn.q_proj.weight, ..., h.N.mlp.fc_in.weight, ..., ln_f.weight), whatever the
+/// architecture; Hugging Face checkpoints are converted to and from these by load() and save().
+/// `params.blocks` must already hold cfg.n_layer entries.
+template <class P, class Fn>
+void visit_gpt2_tensors(const BackboneConfig& cfg, P& params, Fn&& fn) {
+  const index_t d = cfg.n_embd, F = cfg.n_inner;
+  if (params.blocks.size() != static_cast<std::size_t>(cfg.n_layer)) {
+    detail::fail<ShapeError>("backbone: ", params.blocks.size(), " blocks given for n_layer = ", cfg.n_layer);
+  }
+  fn(std::string("wte.weight"), params.wte, Shape{cfg.vocab_size, d});
+  if (cfg.positions == PositionScheme::Learned) fn(std::string("wpe.weight"), params.wpe, Shape{cfg.n_positions, d});
+  for (int j = 0; j < cfg.n_layer; ++j) {
+    auto& b = params.blocks[static_cast<std::size_t>(j)];
+    const std::string p = "h." + std::to_string(j) + ".";
+    fn(p + "ln_1.weight", b.ln_1_weight, Shape{d});
+    fn(p + "ln_1.bias", b.ln_1_bias, Shape{d});
+    if (cfg.block_style == BlockStyle::Sequential) {
+      fn(p + "ln_2.weight", b.ln_2_weight, Shape{d});
+      fn(p + "ln_2.bias", b.ln_2_bias, Shape{d});
+    }
+    fn(p + "attn.q_proj.weight", b.q_weight, Shape{d, d});
+    fn(p + "attn.k_proj.weight", b.k_weight, Shape{d, d});
+    fn(p + "attn.v_proj.weight", b.v_weight, Shape{d, d});
+    fn(p + "attn.out_proj.weight", b.out_weight, Shape{d, d});
+    if (cfg.attn_bias) {
+      fn(p + "attn.q_proj.bias", b.q_bias, Shape{d});
+      fn(p + "attn.k_proj.bias", b.k_bias, Shape{d});
+      fn(p + "attn.v_proj.bias", b.v_bias, Shape{d});
+      fn(p + "attn.out_proj.bias", b.out_bias, Shape{d});
+    }
+    fn(p + "mlp.fc_in.weight", b.fc_in_weight, Shape{F, d});
+    fn(p + "mlp.fc_in.bias", b.fc_in_bias, Shape{F});
+    fn(p + "mlp.fc_out.weight", b.fc_out_weight, Shape{d, F});
+    fn(p + "mlp.fc_out.bias", b.fc_out_bias, Shape{d});
+  }
+  fn(std::string("ln_f.weight"), params.ln_f_weight, Shape{d});
+  fn(std::string("ln_f.bias"), params.ln_f_bias, Shape{d});
+}
+
+/// Zero-filled host tensors of every shape a backbone of `cfg` has (gradients, optimizer moments).
+template <class T>
+Gpt2Parameters<T, Host> zero_gpt2_parameters(const BackboneConfig& cfg) {
+  Gpt2Parameters<T, Host> p;
+  p.blocks.resize(static_cast<std::size_t>(std::max(cfg.n_layer, 0)));
+  visit_gpt2_tensors(cfg, p, [](const std::string&, Tensor<T, Host>& t, const Shape& s) {
+    t.resize(s);
+    fill(t.view(), T(0));
+  });
+  return p;
+}
+
 namespace detail {
 
 /// Reads hyper-parameters from a Hugging Face (or our own) config.json.
@@ -148,17 +211,15 @@ class Gpt2Backbone {
   using value_type = T;
   using location = L;
 
-  Gpt2Backbone(BackboneConfig config, Tensor<T, L> wte, Tensor<T, L> wpe, std::vector<BlockWeights<T, L>> blocks,
-               Tensor<T, L> ln_f_weight, Tensor<T, L> ln_f_bias)
-      : config_(std::move(config)),
-        wte_(std::move(wte)),
-        wpe_(std::move(wpe)),
-        blocks_(std::move(blocks)),
-        ln_f_weight_(std::move(ln_f_weight)),
-        ln_f_bias_(std::move(ln_f_bias)) {
+  Gpt2Backbone(BackboneConfig config, Gpt2Parameters<T, L> params) : config_(std::move(config)), params_(std::move(params)) {
     config_.validate();
     check_shapes();
   }
+
+  Gpt2Backbone(BackboneConfig config, Tensor<T, L> wte, Tensor<T, L> wpe, std::vector<BlockWeights<T, L>> blocks,
+               Tensor<T, L> ln_f_weight, Tensor<T, L> ln_f_bias)
+      : Gpt2Backbone(std::move(config), Gpt2Parameters<T, L>{std::move(wte), std::move(wpe), std::move(blocks),
+                                                             std::move(ln_f_weight), std::move(ln_f_bias)}) {}
 
   /// Loads a safetensors checkpoint. Hyper-parameters come from its __metadata__ or from
   /// `config.json` in the same folder; when both exist they must agree.
@@ -188,6 +249,7 @@ class Gpt2Backbone {
       detail::fail<ConfigError>(file.name(), ": no hyper-parameters: the file's __metadata__ has no 'architecture' and there is "
                                 "no config.json beside it");
     }
+    detail::check_layer_count(file, "n_layer", cfg.n_layer, "h.", ".ln_1.weight");
     WeightReader r(file, {"", "transformer."});
     const index_t d = cfg.n_embd, V = cfg.vocab_size, F = cfg.n_inner;
     const bool hf_names = r.has("h.0.attn.c_attn.weight");
@@ -306,11 +368,11 @@ class Gpt2Backbone {
     backbone_config_to_metadata(config_, md);
     w.set_metadata(md);
     const index_t d = config_.n_embd;
-    w.add<T>("wte.weight", wte_.view());
-    if (!wpe_.empty()) w.add<T>("wpe.weight", wpe_.view());
+    w.add<T>("wte.weight", params_.wte.view());
+    if (!params_.wpe.empty()) w.add<T>("wpe.weight", params_.wpe.view());
     const bool hf_names = config_.architecture == "gpt2";
     for (int j = 0; j < config_.n_layer; ++j) {
-      const auto& b = blocks_[static_cast<std::size_t>(j)];
+      const auto& b = params_.blocks[static_cast<std::size_t>(j)];
       const std::string p = "h." + std::to_string(j) + ".";
       w.add<T>(p + "ln_1.weight", b.ln_1_weight.view());
       w.add<T>(p + "ln_1.bias", b.ln_1_bias.view());
@@ -359,26 +421,31 @@ class Gpt2Backbone {
         w.add<T>(p + "mlp.fc_out.bias", b.fc_out_bias.view());
       }
     }
-    w.add<T>("ln_f.weight", ln_f_weight_.view());
-    w.add<T>("ln_f.bias", ln_f_bias_.view());
+    w.add<T>("ln_f.weight", params_.ln_f_weight.view());
+    w.add<T>("ln_f.bias", params_.ln_f_bias.view());
     w.write(path);
   }
 
   const BackboneConfig& config() const { return config_; }
-  TensorView<const T, L> token_embedding() const { return wte_.view(); }
-  TensorView<const T, L> position_embedding() const { return wpe_.view(); }
-  const BlockWeights<T, L>& block(int j) const { return blocks_.at(static_cast<std::size_t>(j)); }
-  TensorView<const T, L> ln_f_weight() const { return ln_f_weight_.view(); }
-  TensorView<const T, L> ln_f_bias() const { return ln_f_bias_.view(); }
+  TensorView<const T, L> token_embedding() const { return params_.wte.view(); }
+  TensorView<const T, L> position_embedding() const { return params_.wpe.view(); }
+  const BlockWeights<T, L>& block(int j) const { return params_.blocks.at(static_cast<std::size_t>(j)); }
+  TensorView<const T, L> ln_f_weight() const { return params_.ln_f_weight.view(); }
+  TensorView<const T, L> ln_f_bias() const { return params_.ln_f_bias.view(); }
+  /// Every weight (training updates them in place; shapes must not change). A change to wte
+  /// changes the fingerprint: call refresh_fingerprint() after updating it.
+  const Gpt2Parameters<T, L>& parameters() const { return params_; }
+  Gpt2Parameters<T, L>& parameters() { return params_; }
+  void refresh_fingerprint() { fingerprint_.clear(); }
 
   /// "fnv1a64:..." of the token embedding; SideNet files record it to name their backbone.
   std::string fingerprint() const {
     if (fingerprint_.empty()) {
       if constexpr (std::is_same_v<L, Host>) {
-        fingerprint_ = detail::embedding_fingerprint<T>(wte_.view());
+        fingerprint_ = detail::embedding_fingerprint<T>(params_.wte.view());
       } else {
-        Tensor<T, Host> h(wte_.shape());
-        copy(wte_.view(), h.view());
+        Tensor<T, Host> h(params_.wte.shape());
+        copy(params_.wte.view(), h.view());
         fingerprint_ = detail::embedding_fingerprint<T>(h.view());
       }
     }
@@ -411,11 +478,11 @@ class Gpt2Backbone {
     stream_.resize({Tn, d});
 
     TensorView<T, L> h = stream_.view();  // residual stream h_j
-    ops::embedding(h, tokens, wte_, wpe_);
+    ops::embedding(h, tokens, params_.wte, params_.wpe);
     if (req.hidden_states) copy(cview(stream_), out.hidden[0]);
 
     for (int j = 0; j < nL; ++j) {
-      const auto& b = blocks_[static_cast<std::size_t>(j)];
+      const auto& b = params_.blocks[static_cast<std::size_t>(j)];
       ops::layer_norm(ln_.view(), h, b.ln_1_weight, b.ln_1_bias, config_.layer_norm_epsilon);
       attention(b, h);
       if (j == req.memory_layer) {
@@ -432,14 +499,14 @@ class Gpt2Backbone {
     }
     // B[L] = ln_f(h_L)
     TensorView<T, L> last = out.hidden[out.hidden.dim(0) - 1];
-    ops::layer_norm(last, h, ln_f_weight_, ln_f_bias_, config_.layer_norm_epsilon);
+    ops::layer_norm(last, h, params_.ln_f_weight, params_.ln_f_bias, config_.layer_norm_epsilon);
     if (req.memory_layer < 0) {
       out.mem_keys.resize({0, H, dh});
       out.mem_values.resize({0, H, dh});
     }
     if (req.logits) {
       out.logits.resize({Tn, config_.vocab_size});
-      ops::linear(out.logits.view(), cview(last), wte_, TensorView<const T, L>{});
+      ops::linear(out.logits.view(), cview(last), params_.wte, TensorView<const T, L>{});
     } else {
       out.logits.resize({0, config_.vocab_size});
     }
@@ -499,30 +566,17 @@ class Gpt2Backbone {
   }
 
   void check_shapes() const {
-    const index_t d = config_.n_embd, F = config_.n_inner;
-    expect_shape(wte_, {config_.vocab_size, d}, "wte");
-    if (config_.positions == PositionScheme::Learned) expect_shape(wpe_, {config_.n_positions, d}, "wpe");
-    if (blocks_.size() != static_cast<std::size_t>(config_.n_layer)) {
-      detail::fail<ShapeError>("backbone: ", blocks_.size(), " blocks given for n_layer = ", config_.n_layer);
+    if (config_.positions == PositionScheme::Alibi && !params_.wpe.empty()) {
+      detail::fail<ShapeError>("backbone: an ALiBi backbone has no position embedding, but wpe has shape ",
+                               params_.wpe.shape().str());
     }
-    for (const auto& b : blocks_) {
-      expect_shape(b.q_weight, {d, d}, "q weight");
-      expect_shape(b.k_weight, {d, d}, "k weight");
-      expect_shape(b.v_weight, {d, d}, "v weight");
-      expect_shape(b.out_weight, {d, d}, "out weight");
-      expect_shape(b.fc_in_weight, {F, d}, "fc_in weight");
-      expect_shape(b.fc_out_weight, {d, F}, "fc_out weight");
-      expect_shape(b.ln_1_weight, {d}, "ln_1 weight");
-    }
-    expect_shape(ln_f_weight_, {d}, "ln_f weight");
-    expect_shape(ln_f_bias_, {d}, "ln_f bias");
+    visit_gpt2_tensors(config_, params_, [](const std::string& name, const Tensor<T, L>& t, const Shape& shape) {
+      expect_shape(t, shape, name.c_str());
+    });
   }
 
   BackboneConfig config_;
-  Tensor<T, L> wte_;  // (V, d)
-  Tensor<T, L> wpe_;  // (P, d) or empty
-  std::vector<BlockWeights<T, L>> blocks_;
-  Tensor<T, L> ln_f_weight_, ln_f_bias_;  // (d)
+  Gpt2Parameters<T, L> params_;
   mutable std::string fingerprint_;
   // Scratch reused across forwards.
   mutable Tensor<T, L> stream_, ln_, q_, k_, v_, att_, mlp_;

@@ -43,6 +43,63 @@ struct SideNetLayerWeights {
   Tensor<T, L> fc2_bias;                                  // (d)
 };
 
+/// Every tensor of a SideNet: its layers and the final LayerNorm. The same structure holds
+/// weights, their gradients and optimizer moments (llm.c's ParameterTensors).
+template <class T, class L = Host>
+struct SideNetParameters {
+  std::vector<SideNetLayerWeights<T, L>> layers;  // n_layer
+  Tensor<T, L> ln_f_weight, ln_f_bias;            // (d)
+};
+
+/// Calls fn(name, tensor, shape) for every tensor a SideNet of `cfg` has, in file order, under
+/// the reference implementation's names (layers.N.ln_1.weight, layers.N.self_attn.q_proj.weight,
+/// ..., layers.i*.self_attn.memory_bias, layer_norm.weight). `shape` is what `cfg` requires;
+/// absent tensors (attention biases without attn_bias, gates off layer i*) are not visited.
+/// `params.layers` must already hold cfg.n_layer entries.
+template <class P, class Fn>
+void visit_side_net_tensors(const SideNetConfig& cfg, P& params, Fn&& fn) {
+  const index_t d = cfg.n_embd, F = cfg.n_inner, H = cfg.n_head;
+  const int i_star = cfg.memory_augmented_layer();
+  if (params.layers.size() != static_cast<std::size_t>(cfg.n_layer)) {
+    detail::fail<ShapeError>("SideNet: ", params.layers.size(), " layers given for n_layer = ", cfg.n_layer);
+  }
+  for (int i = 0; i < cfg.n_layer; ++i) {
+    auto& w = params.layers[static_cast<std::size_t>(i)];
+    const std::string p = "layers." + std::to_string(i) + ".";
+    fn(p + "ln_1.weight", w.ln_weight, Shape{d});
+    fn(p + "ln_1.bias", w.ln_bias, Shape{d});
+    fn(p + "self_attn.q_proj.weight", w.q_weight, Shape{d, d});
+    fn(p + "self_attn.k_proj.weight", w.k_weight, Shape{d, d});
+    fn(p + "self_attn.v_proj.weight", w.v_weight, Shape{d, d});
+    fn(p + "self_attn.out_proj.weight", w.out_weight, Shape{d, d});
+    if (cfg.attn_bias) {
+      fn(p + "self_attn.q_proj.bias", w.q_bias, Shape{d});
+      fn(p + "self_attn.k_proj.bias", w.k_bias, Shape{d});
+      fn(p + "self_attn.v_proj.bias", w.v_bias, Shape{d});
+      fn(p + "self_attn.out_proj.bias", w.out_bias, Shape{d});
+    }
+    if (i == i_star) fn(p + "self_attn.memory_bias", w.gate, Shape{H});
+    fn(p + "fc1.weight", w.fc1_weight, Shape{F, d});
+    fn(p + "fc1.bias", w.fc1_bias, Shape{F});
+    fn(p + "fc2.weight", w.fc2_weight, Shape{d, F});
+    fn(p + "fc2.bias", w.fc2_bias, Shape{d});
+  }
+  fn(std::string("layer_norm.weight"), params.ln_f_weight, Shape{d});
+  fn(std::string("layer_norm.bias"), params.ln_f_bias, Shape{d});
+}
+
+/// Zero-filled host tensors of every shape a SideNet of `cfg` has (gradients, optimizer moments).
+template <class T>
+SideNetParameters<T, Host> zero_side_net_parameters(const SideNetConfig& cfg) {
+  SideNetParameters<T, Host> p;
+  p.layers.resize(static_cast<std::size_t>(std::max(cfg.n_layer, 0)));
+  visit_side_net_tensors(cfg, p, [](const std::string&, Tensor<T, Host>& t, const Shape& s) {
+    t.resize(s);
+    fill(t.view(), T(0));
+  });
+  return p;
+}
+
 /// Reads a SideNet's hyper-parameters from its file's metadata.
 inline SideNetConfig side_net_config_from_metadata(const MetadataReader& md) {
   auto arch = md.get_string("architecture");
@@ -88,15 +145,15 @@ class SideNet {
   using value_type = T;
   using location = L;
 
-  SideNet(SideNetConfig config, std::vector<SideNetLayerWeights<T, L>> layers, Tensor<T, L> ln_f_weight,
-          Tensor<T, L> ln_f_bias, std::optional<MemoryConfig> recommended = std::nullopt)
-      : config_(std::move(config)),
-        layers_(std::move(layers)),
-        ln_f_weight_(std::move(ln_f_weight)),
-        ln_f_bias_(std::move(ln_f_bias)),
-        recommended_(recommended) {
+  SideNet(SideNetConfig config, SideNetParameters<T, L> params, std::optional<MemoryConfig> recommended = std::nullopt)
+      : config_(std::move(config)), params_(std::move(params)), recommended_(recommended) {
     check_shapes();
   }
+
+  SideNet(SideNetConfig config, std::vector<SideNetLayerWeights<T, L>> layers, Tensor<T, L> ln_f_weight,
+          Tensor<T, L> ln_f_bias, std::optional<MemoryConfig> recommended = std::nullopt)
+      : SideNet(std::move(config), SideNetParameters<T, L>{std::move(layers), std::move(ln_f_weight), std::move(ln_f_bias)},
+                recommended) {}
 
   /// Loads a SideNet file (reference names, hyper-parameters in __metadata__).
   static SideNet load(const std::filesystem::path& path) {
@@ -109,42 +166,21 @@ class SideNet {
     MetadataReader md(file.metadata(), file.name());
     SideNetConfig cfg = side_net_config_from_metadata(md);
     auto recommended = memory_config_from_metadata(md);
-    WeightReader r(file);
-    const index_t d = cfg.n_embd, F = cfg.n_inner, H = cfg.n_head;
     const int i_star = cfg.memory_augmented_layer();
     if (i_star >= cfg.n_layer) {
       detail::fail<ConfigError>(file.name(), ": memory_layer ", cfg.memory_layer, " with reduction_factor ",
                                 cfg.reduction_factor, " puts the memory in SideNet layer ", i_star, " but it has only ",
                                 cfg.n_layer, " layers");
     }
-    std::vector<SideNetLayerWeights<T, L>> layers;
-    for (int i = 0; i < cfg.n_layer; ++i) {
-      const std::string p = "layers." + std::to_string(i) + ".";
-      SideNetLayerWeights<T, Host> w;
-      w.ln_weight = r.read<T>(p + "ln_1.weight", {d});
-      w.ln_bias = r.read<T>(p + "ln_1.bias", {d});
-      w.q_weight = r.read<T>(p + "self_attn.q_proj.weight", {d, d});
-      w.k_weight = r.read<T>(p + "self_attn.k_proj.weight", {d, d});
-      w.v_weight = r.read<T>(p + "self_attn.v_proj.weight", {d, d});
-      w.out_weight = r.read<T>(p + "self_attn.out_proj.weight", {d, d});
-      if (cfg.attn_bias) {
-        w.q_bias = r.read<T>(p + "self_attn.q_proj.bias", {d});
-        w.k_bias = r.read<T>(p + "self_attn.k_proj.bias", {d});
-        w.v_bias = r.read<T>(p + "self_attn.v_proj.bias", {d});
-        w.out_bias = r.read<T>(p + "self_attn.out_proj.bias", {d});
-      }
-      if (i == i_star) w.gate = r.read<T>(p + "self_attn.memory_bias", {H});
-      w.fc1_weight = r.read<T>(p + "fc1.weight", {F, d});
-      w.fc1_bias = r.read<T>(p + "fc1.bias", {F});
-      w.fc2_weight = r.read<T>(p + "fc2.weight", {d, F});
-      w.fc2_bias = r.read<T>(p + "fc2.bias", {d});
-      layers.push_back(to_location_layer(std::move(w)));
-    }
-    auto ln_w = r.read<T>("layer_norm.weight", {d});
-    auto ln_b = r.read<T>("layer_norm.bias", {d});
+    detail::check_layer_count(file, "n_layer", cfg.n_layer, "layers.", ".ln_1.weight");
+    WeightReader r(file);
+    SideNetParameters<T, Host> params;
+    params.layers.resize(static_cast<std::size_t>(cfg.n_layer));
+    visit_side_net_tensors(cfg, params, [&](const std::string& name, Tensor<T, Host>& t, const Shape& shape) {
+      t = r.read<T>(name, shape);
+    });
     r.expect_all_used("SideNet");
-    return SideNet(cfg, std::move(layers), detail::to_location<T, L>(std::move(ln_w)),
-                   detail::to_location<T, L>(std::move(ln_b)), recommended);
+    return SideNet(cfg, to_location_parameters(std::move(params)), recommended);
   }
 
   /// The reference initialisation for memory-augmented adaptation: layer i copies
@@ -222,36 +258,19 @@ class SideNet {
       md["retrieved_tokens"] = std::to_string(recommended->retrieved_tokens);
     }
     w.set_metadata(md);
-    for (int i = 0; i < config_.n_layer; ++i) {
-      const auto& l = layers_[static_cast<std::size_t>(i)];
-      const std::string p = "layers." + std::to_string(i) + ".";
-      w.add<T>(p + "ln_1.weight", l.ln_weight.view());
-      w.add<T>(p + "ln_1.bias", l.ln_bias.view());
-      w.add<T>(p + "self_attn.q_proj.weight", l.q_weight.view());
-      w.add<T>(p + "self_attn.k_proj.weight", l.k_weight.view());
-      w.add<T>(p + "self_attn.v_proj.weight", l.v_weight.view());
-      w.add<T>(p + "self_attn.out_proj.weight", l.out_weight.view());
-      if (config_.attn_bias) {
-        w.add<T>(p + "self_attn.q_proj.bias", l.q_bias.view());
-        w.add<T>(p + "self_attn.k_proj.bias", l.k_bias.view());
-        w.add<T>(p + "self_attn.v_proj.bias", l.v_bias.view());
-        w.add<T>(p + "self_attn.out_proj.bias", l.out_bias.view());
-      }
-      if (!l.gate.empty()) w.add<T>(p + "self_attn.memory_bias", l.gate.view());
-      w.add<T>(p + "fc1.weight", l.fc1_weight.view());
-      w.add<T>(p + "fc1.bias", l.fc1_bias.view());
-      w.add<T>(p + "fc2.weight", l.fc2_weight.view());
-      w.add<T>(p + "fc2.bias", l.fc2_bias.view());
-    }
-    w.add<T>("layer_norm.weight", ln_f_weight_.view());
-    w.add<T>("layer_norm.bias", ln_f_bias_.view());
+    visit_side_net_tensors(config_, params_, [&](const std::string& name, const Tensor<T, L>& t, const Shape&) {
+      w.add<T>(name, t.view());
+    });
     w.write(path);
   }
 
   const SideNetConfig& config() const { return config_; }
   const std::optional<MemoryConfig>& recommended_memory() const { return recommended_; }
-  const SideNetLayerWeights<T, L>& layer(int i) const { return layers_.at(static_cast<std::size_t>(i)); }
-  SideNetLayerWeights<T, L>& layer(int i) { return layers_.at(static_cast<std::size_t>(i)); }
+  const SideNetLayerWeights<T, L>& layer(int i) const { return params_.layers.at(static_cast<std::size_t>(i)); }
+  SideNetLayerWeights<T, L>& layer(int i) { return params_.layers.at(static_cast<std::size_t>(i)); }
+  /// Every weight (training updates them in place; shapes must not change).
+  const SideNetParameters<T, L>& parameters() const { return params_; }
+  SideNetParameters<T, L>& parameters() { return params_; }
 
   /// One segment.
   ///   hidden  (L+1, T, d)  the backbone's hidden states B[0..L]
@@ -280,7 +299,7 @@ class SideNet {
     copy(hidden[0], x_.view());
     const Shape heads{Tn, H, dh};
     for (int i = 0; i < config_.n_layer; ++i) {
-      const auto& w = layers_[static_cast<std::size_t>(i)];
+      const auto& w = params_.layers[static_cast<std::size_t>(i)];
       ops::layer_norm(ln_.view(), x_, w.ln_weight, w.ln_bias, config_.layer_norm_epsilon);
       ops::add_difference(x_.view(), hidden[static_cast<index_t>(r) * (i + 1)], hidden[static_cast<index_t>(r) * i]);
       ops::linear(q_.view(), ln_, w.q_weight, w.q_bias);
@@ -300,50 +319,47 @@ class SideNet {
       ops::gelu(mlp_.view(), config_.activation);
       ops::linear(x_.view(), mlp_, w.fc2_weight, w.fc2_bias, Accumulate::Yes);
     }
-    ops::layer_norm(ln_.view(), x_, ln_f_weight_, ln_f_bias_, config_.layer_norm_epsilon);
+    ops::layer_norm(ln_.view(), x_, params_.ln_f_weight, params_.ln_f_bias, config_.layer_norm_epsilon);
     ops::linear(logits, ln_, wte, TensorView<const T, L>{});
   }
 
  private:
-  static SideNetLayerWeights<T, L> to_location_layer(SideNetLayerWeights<T, Host>&& w) {
+  static SideNetParameters<T, L> to_location_parameters(SideNetParameters<T, Host>&& p) {
     if constexpr (std::is_same_v<L, Host>) {
-      return std::move(w);
+      return std::move(p);
     } else {
-      SideNetLayerWeights<T, L> o;
-      auto mv = [](Tensor<T, Host>& s) { return detail::to_location<T, L>(std::move(s)); };
-      o.ln_weight = mv(w.ln_weight); o.ln_bias = mv(w.ln_bias);
-      o.q_weight = mv(w.q_weight); o.k_weight = mv(w.k_weight); o.v_weight = mv(w.v_weight); o.out_weight = mv(w.out_weight);
-      o.q_bias = mv(w.q_bias); o.k_bias = mv(w.k_bias); o.v_bias = mv(w.v_bias); o.out_bias = mv(w.out_bias);
-      o.gate = mv(w.gate);
-      o.fc1_weight = mv(w.fc1_weight); o.fc1_bias = mv(w.fc1_bias);
-      o.fc2_weight = mv(w.fc2_weight); o.fc2_bias = mv(w.fc2_bias);
+      SideNetParameters<T, L> o;
+      o.layers.resize(p.layers.size());
+      auto mv = [](Tensor<T, Host>& src) { return detail::to_location<T, L>(std::move(src)); };
+      for (std::size_t i = 0; i < p.layers.size(); ++i) {
+        auto& w = p.layers[i];
+        auto& d = o.layers[i];
+        d.ln_weight = mv(w.ln_weight); d.ln_bias = mv(w.ln_bias);
+        d.q_weight = mv(w.q_weight); d.k_weight = mv(w.k_weight); d.v_weight = mv(w.v_weight); d.out_weight = mv(w.out_weight);
+        d.q_bias = mv(w.q_bias); d.k_bias = mv(w.k_bias); d.v_bias = mv(w.v_bias); d.out_bias = mv(w.out_bias);
+        d.gate = mv(w.gate);
+        d.fc1_weight = mv(w.fc1_weight); d.fc1_bias = mv(w.fc1_bias);
+        d.fc2_weight = mv(w.fc2_weight); d.fc2_bias = mv(w.fc2_bias);
+      }
+      o.ln_f_weight = mv(p.ln_f_weight);
+      o.ln_f_bias = mv(p.ln_f_bias);
       return o;
     }
   }
 
   void check_shapes() const {
-    const index_t d = config_.n_embd, F = config_.n_inner, H = config_.n_head;
-    if (config_.n_layer <= 0 || config_.n_embd <= 0 || config_.n_head <= 0 || config_.n_embd % config_.n_head != 0) {
+    if (config_.n_layer <= 0 || config_.n_embd <= 0 || config_.n_head <= 0 || config_.n_embd % config_.n_head != 0 ||
+        config_.n_inner <= 0) {
       detail::fail<ConfigError>("SideNet: sizes n_layer=", config_.n_layer, " n_embd=", config_.n_embd,
-                                " n_head=", config_.n_head, " are invalid");
+                                " n_head=", config_.n_head, " n_inner=", config_.n_inner, " are invalid");
     }
-    if (layers_.size() != static_cast<std::size_t>(config_.n_layer)) {
-      detail::fail<ShapeError>("SideNet: ", layers_.size(), " layers given for n_layer = ", config_.n_layer);
-    }
-    for (int i = 0; i < config_.n_layer; ++i) {
-      const auto& w = layers_[static_cast<std::size_t>(i)];
-      expect_shape(w.q_weight, {d, d}, "SideNet q weight");
-      expect_shape(w.out_weight, {d, d}, "SideNet out weight");
-      expect_shape(w.fc1_weight, {F, d}, "SideNet fc1 weight");
-      expect_shape(w.fc2_weight, {d, F}, "SideNet fc2 weight");
-      if (i == config_.memory_augmented_layer()) expect_shape(w.gate, {H}, "SideNet memory gate");
-    }
-    expect_shape(ln_f_weight_, {d}, "SideNet final LayerNorm weight");
+    visit_side_net_tensors(config_, params_, [](const std::string& name, const Tensor<T, L>& t, const Shape& shape) {
+      expect_shape(t, shape, ("SideNet " + name).c_str());
+    });
   }
 
   SideNetConfig config_;
-  std::vector<SideNetLayerWeights<T, L>> layers_;
-  Tensor<T, L> ln_f_weight_, ln_f_bias_;  // (d)
+  SideNetParameters<T, L> params_;
   std::optional<MemoryConfig> recommended_;
   mutable Tensor<T, L> x_, ln_, q_, k_, v_, att_, mlp_;
 };

@@ -72,6 +72,35 @@ class WeightReader {
 
 namespace detail {
 
+/// Refuses a file whose metadata `key` states a layer count other than the number of layers
+/// whose tensors the file holds (names `prefix` N `suffix`, e.g. "h." N ".ln_1.weight"), before
+/// anything is sized from that count: a hostile count cannot make the loader allocate.
+inline void check_layer_count(const SafetensorsFile& file, const char* key, long long stated, const std::string& prefix,
+                              const std::string& suffix) {
+  long long present = 0;  // 1 + the largest N with prefix N suffix in the file
+  for (const auto& name : file.names()) {
+    const std::string_view n(name);
+    std::string_view rest;
+    if (n.substr(0, prefix.size()) == prefix) {
+      rest = n.substr(prefix.size());
+    } else if (n.substr(0, 12) == "transformer." && n.substr(12, prefix.size()) == prefix) {
+      rest = n.substr(12 + prefix.size());
+    } else {
+      continue;
+    }
+    const auto digits = rest.find_first_not_of("0123456789");
+    if (digits == 0 || digits == std::string_view::npos || digits > 9 || rest.substr(digits) != suffix) continue;
+    present = std::max(present, std::stoll(std::string(rest.substr(0, digits))) + 1);
+  }
+  if (stated == present) return;
+  if (present == 0) {
+    fail<ConfigError>(file.name(), ": metadata '", key, "' = ", stated, " but the file holds no ", prefix, "N", suffix,
+                      " tensors (0 layers)");
+  }
+  fail<ConfigError>(file.name(), ": metadata '", key, "' = ", stated, " but the file holds ", present,
+                    " layers (", prefix, "0", suffix, " .. ", prefix, present - 1, suffix, ")");
+}
+
 /// 64-bit FNV-1a over bytes, continuing from `h`.
 inline std::uint64_t fnv1a64(const void* data, std::size_t n, std::uint64_t h = 14695981039346656037ull) {
   const auto* p = static_cast<const unsigned char*>(data);
