@@ -11,6 +11,7 @@
 #include <concepts>
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "longmem/model_config.hpp"
 #include "longmem/tensor.hpp"
@@ -27,6 +28,7 @@ struct BackboneRequest {
 /// Everything one backbone forward produces, in buffers of the backbone's location.
 template <class T, class L = Host>
 struct BackboneOutput {
+  std::vector<index_t> offsets;  // row offsets of the segments (B+1 entries; {0, T} for one segment)
   Tensor<T, L> hidden;      // (L+1, T, d) or (1, T, d) when hidden_states is false
   Tensor<T, L> mem_keys;    // (T, H, dh), empty when no memory layer was requested
   Tensor<T, L> mem_values;  // (T, H, dh)

@@ -110,6 +110,43 @@ Gpt2Parameters<T, Host> zero_gpt2_parameters(const BackboneConfig& cfg) {
   return p;
 }
 
+/// What one block computes over N rows, kept for its backward (training) or reused as scratch.
+template <class T, class L = Host>
+struct Gpt2BlockActivations {
+  Tensor<T, L> ln_1;          // (N, d) ln_1(h)
+  Tensor<T, L> q, k, v;       // (N, d) = (N, H, dh)
+  Tensor<T, L> att;           // (N, d) attention output before the out projection
+  Tensor<T, L> mid;           // (N, d) sequential blocks: h after attention (kept for training only)
+  Tensor<T, L> ln_2;          // (N, d) sequential blocks: ln_2(mid)
+  Tensor<T, L> fc;            // (N, n_inner) fc_in output, before GELU
+  Tensor<T, L> act;           // (N, n_inner) gelu(fc)
+
+  void resize(const BackboneConfig& c, index_t N, bool keep_mid = true) {
+    const index_t d = c.n_embd;
+    for (Tensor<T, L>* t : {&ln_1, &q, &k, &v, &att}) t->resize({N, d});
+    if (c.block_style == BlockStyle::Sequential) {
+      if (keep_mid) mid.resize({N, d});
+      ln_2.resize({N, d});
+    }
+    fc.resize({N, c.n_inner});
+    act.resize({N, c.n_inner});
+  }
+};
+
+/// Everything a backbone backward needs besides the weights and the forward's hidden states
+/// (block j's input is hidden[j]).
+template <class T, class L = Host>
+struct Gpt2Activations {
+  std::vector<Gpt2BlockActivations<T, L>> blocks;  // n_layer
+  Tensor<T, L> final_stream;                       // (N, d) h_L, the input of ln_f
+
+  void resize(const BackboneConfig& c, index_t N) {
+    blocks.resize(static_cast<std::size_t>(c.n_layer));
+    for (auto& b : blocks) b.resize(c, N);
+    final_stream.resize({N, c.n_embd});
+  }
+};
+
 namespace detail {
 
 /// Reads hyper-parameters from a Hugging Face (or our own) config.json.
@@ -456,47 +493,88 @@ class Gpt2Backbone {
   /// vocabulary or a segment longer than n_positions; ConfigError for a memory layer
   /// outside [0, n_layer).
   void forward(std::span<const std::int32_t> tokens, const BackboneRequest& req, BackboneOutput<T, L>& out) const {
-    const index_t Tn = static_cast<index_t>(tokens.size());
-    const index_t d = config_.n_embd, H = config_.n_head, dh = config_.head_dim(), F = config_.n_inner;
+    const std::span<const std::int32_t> one[1] = {tokens};
+    forward(std::span<const std::span<const std::int32_t>>(one), req, out);
+  }
+
+  /// A batch of independent segments (one per stream, lengths may differ) as one pass: rows of
+  /// every (N, .) buffer are the segments one after another (out.offsets, N = the total), so
+  /// each GEMM sees all N rows; attention and positions stay within each segment.
+  ///   out.hidden (L+1, N, d), out.mem_keys / mem_values (N, H, dh), out.logits (N, V)
+  /// With `acts`, every block's intermediates are kept there for a backward pass (training);
+  /// the results are the same bits either way.
+  void forward(std::span<const std::span<const std::int32_t>> segments, const BackboneRequest& req,
+               BackboneOutput<T, L>& out, Gpt2Activations<T, L>* acts = nullptr) const {
+    const index_t d = config_.n_embd, H = config_.n_head, dh = config_.head_dim();
     const int nL = config_.n_layer;
-    if (Tn == 0) detail::fail<InputError>("backbone forward: the segment is empty");
-    if (Tn > config_.n_positions) {
-      detail::fail<InputError>("backbone forward: the segment has ", Tn, " tokens but the model accepts at most ",
-                               config_.n_positions, " (n_positions); split the input into shorter segments");
+    if (segments.empty()) detail::fail<InputError>("backbone forward: no segments given");
+    out.offsets.assign(1, 0);
+    for (std::size_t b = 0; b < segments.size(); ++b) {
+      const index_t Tn = static_cast<index_t>(segments[b].size());
+      const std::string which = segments.size() > 1 ? detail::concat(" of stream ", b) : std::string();
+      if (Tn == 0) detail::fail<InputError>("backbone forward: the segment", which, " is empty");
+      if (Tn > config_.n_positions) {
+        detail::fail<InputError>("backbone forward: the segment", which, " has ", Tn,
+                                 " tokens but the model accepts at most ", config_.n_positions,
+                                 " (n_positions); split the input into shorter segments");
+      }
+      out.offsets.push_back(out.offsets.back() + Tn);
     }
     if (req.memory_layer < -1 || req.memory_layer >= nL) {
       detail::fail<ConfigError>("backbone forward: memory_layer ", req.memory_layer, " is outside [0, ", nL, ")");
     }
-    // Scratch, (T, d) unless noted.
-    ln_.resize({Tn, d});
-    q_.resize({Tn, d});
-    k_.resize({Tn, d});
-    v_.resize({Tn, d});
-    att_.resize({Tn, d});
-    mlp_.resize({Tn, F});  // (T, n_inner)
-    out.hidden.resize(req.hidden_states ? Shape{nL + 1, Tn, d} : Shape{1, Tn, d});
-    stream_.resize({Tn, d});
+    if (acts && !req.hidden_states) {
+      detail::fail<InputError>("backbone forward: keeping activations for a backward needs hidden_states (block inputs)");
+    }
+    const index_t N = out.offsets.back();
+    const auto& offsets = out.offsets;
+    out.hidden.resize(req.hidden_states ? Shape{nL + 1, N, d} : Shape{1, N, d});
+    stream_.resize({N, d});
+    if (acts) acts->resize(config_, N);
+    scratch_.resize(config_, N, /*keep_mid=*/false);
 
-    TensorView<T, L> h = stream_.view();  // residual stream h_j
-    ops::embedding(h, tokens, params_.wte, params_.wpe);
+    TensorView<T, L> h = stream_.view();  // residual stream h_j (N, d)
+    for (std::size_t b = 0; b < segments.size(); ++b) {
+      ops::embedding(h.slice(offsets[b], offsets[b + 1]), segments[b], params_.wte, params_.wpe);
+    }
     if (req.hidden_states) copy(cview(stream_), out.hidden[0]);
 
+    const Shape heads{N, H, dh};
     for (int j = 0; j < nL; ++j) {
-      const auto& b = params_.blocks[static_cast<std::size_t>(j)];
-      ops::layer_norm(ln_.view(), h, b.ln_1_weight, b.ln_1_bias, config_.layer_norm_epsilon);
-      attention(b, h);
+      const auto& w = params_.blocks[static_cast<std::size_t>(j)];
+      Gpt2BlockActivations<T, L>& a = acts ? acts->blocks[static_cast<std::size_t>(j)] : scratch_;
+      // attention: h += Wo attn(ln_1 h)
+      ops::layer_norm(a.ln_1.view(), h, w.ln_1_weight, w.ln_1_bias, config_.layer_norm_epsilon);
+      ops::linear(a.q.view(), a.ln_1, w.q_weight, w.q_bias);
+      ops::linear(a.k.view(), a.ln_1, w.k_weight, w.k_bias);
+      ops::linear(a.v.view(), a.ln_1, w.v_weight, w.v_bias);
+      for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
+        const index_t o0 = offsets[b], o1 = offsets[b + 1];
+        const Shape seg{o1 - o0, H, dh};
+        ops::causal_attention(a.att.view().slice(o0, o1).reshape(seg), cview(a.q).slice(o0, o1).reshape(seg),
+                              cview(a.k).slice(o0, o1).reshape(seg), cview(a.v).slice(o0, o1).reshape(seg),
+                              config_.positions);
+      }
+      ops::linear(h, a.att, w.out_weight, w.out_bias, Accumulate::Yes);
       if (j == req.memory_layer) {
-        out.mem_keys.resize({Tn, H, dh});
-        out.mem_values.resize({Tn, H, dh});
-        copy(cview(k_), out.mem_keys.view().reshape({Tn, d}));
-        copy(cview(v_), out.mem_values.view().reshape({Tn, d}));
+        out.mem_keys.resize(heads);
+        out.mem_values.resize(heads);
+        copy(cview(a.k), out.mem_keys.view().reshape({N, d}));
+        copy(cview(a.v), out.mem_values.view().reshape({N, d}));
       }
+      // MLP: h += fc_out(gelu(fc_in(x))), x = ln_2 h (sequential) or ln_1's output (parallel)
+      TensorView<const T, L> mlp_in = a.ln_1.view();
       if (config_.block_style == BlockStyle::Sequential) {
-        ops::layer_norm(ln_.view(), h, b.ln_2_weight, b.ln_2_bias, config_.layer_norm_epsilon);
+        if (acts) copy(cview(stream_), a.mid.view());
+        ops::layer_norm(a.ln_2.view(), h, w.ln_2_weight, w.ln_2_bias, config_.layer_norm_epsilon);
+        mlp_in = a.ln_2.view();
       }
-      mlp(b, h);  // parallel blocks reuse ln_1's output still in ln_
+      ops::linear(a.fc.view(), mlp_in, w.fc_in_weight, w.fc_in_bias);
+      ops::gelu(a.act.view(), cview(a.fc), config_.activation);
+      ops::linear(h, a.act, w.fc_out_weight, w.fc_out_bias, Accumulate::Yes);
       if (req.hidden_states && j + 1 < nL) copy(cview(stream_), out.hidden[j + 1]);
     }
+    if (acts) copy(cview(stream_), acts->final_stream.view());
     // B[L] = ln_f(h_L)
     TensorView<T, L> last = out.hidden[out.hidden.dim(0) - 1];
     ops::layer_norm(last, h, params_.ln_f_weight, params_.ln_f_bias, config_.layer_norm_epsilon);
@@ -505,7 +583,7 @@ class Gpt2Backbone {
       out.mem_values.resize({0, H, dh});
     }
     if (req.logits) {
-      out.logits.resize({Tn, config_.vocab_size});
+      out.logits.resize({N, config_.vocab_size});
       ops::linear(out.logits.view(), cview(last), params_.wte, TensorView<const T, L>{});
     } else {
       out.logits.resize({0, config_.vocab_size});
@@ -513,25 +591,6 @@ class Gpt2Backbone {
   }
 
  private:
-  // h += Wo attn(ln_) ; leaves k_, v_ holding this layer's keys and values.
-  void attention(const BlockWeights<T, L>& b, TensorView<T, L> h) const {
-    ops::linear(q_.view(), ln_, b.q_weight, b.q_bias);
-    ops::linear(k_.view(), ln_, b.k_weight, b.k_bias);
-    ops::linear(v_.view(), ln_, b.v_weight, b.v_bias);
-    const index_t Tn = q_.dim(0), H = config_.n_head, dh = config_.head_dim();
-    const Shape heads{Tn, H, dh};
-    ops::causal_attention(att_.view().reshape(heads), cview(q_).reshape(heads), cview(k_).reshape(heads),
-                          cview(v_).reshape(heads), config_.positions);
-    ops::linear(h, att_, b.out_weight, b.out_bias, Accumulate::Yes);
-  }
-
-  // h += fc_out(gelu(fc_in(ln_)))
-  void mlp(const BlockWeights<T, L>& b, TensorView<T, L> h) const {
-    ops::linear(mlp_.view(), ln_, b.fc_in_weight, b.fc_in_bias);
-    ops::gelu(mlp_.view(), config_.activation);
-    ops::linear(h, mlp_, b.fc_out_weight, b.fc_out_bias, Accumulate::Yes);
-  }
-
   static BlockWeights<T, L> to_location_block(BlockWeights<T, Host>&& b) {
     if constexpr (std::is_same_v<L, Host>) {
       return std::move(b);
@@ -578,8 +637,9 @@ class Gpt2Backbone {
   BackboneConfig config_;
   Gpt2Parameters<T, L> params_;
   mutable std::string fingerprint_;
-  // Scratch reused across forwards.
-  mutable Tensor<T, L> stream_, ln_, q_, k_, v_, att_, mlp_;
+  // Scratch reused across forwards (one block's intermediates, shared by all blocks).
+  mutable Tensor<T, L> stream_;
+  mutable Gpt2BlockActivations<T, L> scratch_;
 };
 
 static_assert(Backbone<Gpt2Backbone<float>>);

@@ -15,6 +15,7 @@
 #include <map>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -99,6 +100,43 @@ SideNetParameters<T, Host> zero_side_net_parameters(const SideNetConfig& cfg) {
   });
   return p;
 }
+
+/// What one SideNet layer computes over N rows, kept for its backward (training) or reused as scratch.
+template <class T, class L = Host>
+struct SideNetLayerActivations {
+  Tensor<T, L> x;        // (N, d) the layer's input (residual stream), kept for training only
+  Tensor<T, L> ln;       // (N, d) ln_1(x)
+  Tensor<T, L> q, k, v;  // (N, d) = (N, H, dh)
+  Tensor<T, L> att;      // (N, d) attention output before out_proj
+  Tensor<T, L> fc;       // (N, n_inner) fc1 output, before GELU
+  Tensor<T, L> act;      // (N, n_inner) gelu(fc)
+
+  void resize(const SideNetConfig& c, index_t N, bool keep_input = true) {
+    const index_t d = c.n_embd;
+    if (keep_input) x.resize({N, d});
+    for (Tensor<T, L>* t : {&ln, &q, &k, &v, &att}) t->resize({N, d});
+    fc.resize({N, c.n_inner});
+    act.resize({N, c.n_inner});
+  }
+};
+
+/// Everything a SideNet backward needs besides the weights and the backbone's hidden states.
+/// `memory[b]` points at what stream b's memory layer attended (owned by the caller, which must
+/// keep it until the backward ran); null where the stream had no memory.
+template <class T, class L = Host>
+struct SideNetActivations {
+  std::vector<SideNetLayerActivations<T, L>> layers;  // n_layer
+  Tensor<T, L> final_stream;                          // (N, d) x after the last layer
+  Tensor<T, L> ln_f;                                  // (N, d) the final LayerNorm's output
+  std::vector<const Retrieved<T, L>*> memory;         // per stream
+
+  void resize(const SideNetConfig& c, index_t N) {
+    layers.resize(static_cast<std::size_t>(c.n_layer));
+    for (auto& l : layers) l.resize(c, N);
+    final_stream.resize({N, c.n_embd});
+    ln_f.resize({N, c.n_embd});
+  }
+};
 
 /// Reads a SideNet's hyper-parameters from its file's metadata.
 inline SideNetConfig side_net_config_from_metadata(const MetadataReader& md) {
@@ -281,46 +319,82 @@ class SideNet {
   template <Fusion F, class RetrieveFn>
   void forward(TensorView<const T, L> hidden, TensorView<const T, L> wte, RetrieveFn&& retrieve,
                TensorView<T, L> logits) const {
-    const index_t d = config_.n_embd, H = config_.n_head, dh = config_.head_dim(), F_ = config_.n_inner;
+    if (hidden.rank() != 3) {
+      detail::fail<ShapeError>("SideNet forward: hidden states must be (L+1, T, d), got ", hidden.shape().str());
+    }
+    const index_t offsets[2] = {0, hidden.dim(1)};
+    forward<F>(hidden, std::span<const index_t>(offsets), wte,
+               [&](std::size_t, TensorView<const T, L> q) { return retrieve(q); }, logits);
+  }
+
+  /// A batch of segments, one per stream, rows one after another (`offsets`, B+1 entries, as
+  /// BackboneOutput::offsets): every GEMM sees all N rows, attention and retrieval stay within a
+  /// segment.
+  ///   hidden  (L+1, N, d)  the backbone's hidden states of every segment
+  ///   retrieve             callable (std::size_t stream, TensorView<const T, L> queries (T_b, H, dh))
+  ///                        -> const Retrieved<T, L>*; nullptr (or 0 chunks) means no memory
+  ///   logits  (N, V)       output
+  /// With `acts`, every layer's intermediates (and the retrievals, which must outlive them) are
+  /// kept there for the backward pass; the results are the same bits either way.
+  template <Fusion F, class RetrieveFn>
+  void forward(TensorView<const T, L> hidden, std::span<const index_t> offsets, TensorView<const T, L> wte,
+               RetrieveFn&& retrieve, TensorView<T, L> logits, SideNetActivations<T, L>* acts = nullptr) const {
+    const index_t d = config_.n_embd, H = config_.n_head, dh = config_.head_dim();
     const int r = config_.reduction_factor;
     if (hidden.rank() != 3 || hidden.dim(0) != static_cast<index_t>(config_.n_layer) * r + 1 || hidden.dim(2) != d) {
       detail::fail<ShapeError>("SideNet forward: hidden states must be (", config_.n_layer * r + 1, ", T, ", d,
                                ") (all backbone hidden states), got ", hidden.shape().str());
     }
-    const index_t Tn = hidden.dim(1);
-    expect_shape(logits, {Tn, wte.dim(0)}, "SideNet forward: logits");
-    x_.resize({Tn, d});
-    ln_.resize({Tn, d});
-    q_.resize({Tn, d});
-    k_.resize({Tn, d});
-    v_.resize({Tn, d});
-    att_.resize({Tn, d});
-    mlp_.resize({Tn, F_});
-    copy(hidden[0], x_.view());
-    const Shape heads{Tn, H, dh};
+    const index_t N = hidden.dim(1);
+    if (offsets.size() < 2 || offsets.front() != 0 || offsets.back() != N ||
+        !std::is_sorted(offsets.begin(), offsets.end())) {
+      detail::fail<ShapeError>("SideNet forward: segment offsets must rise from 0 to the ", N,
+                               " rows of the hidden states");
+    }
+    expect_shape(logits, {N, wte.dim(0)}, "SideNet forward: logits");
+    const std::size_t streams = offsets.size() - 1;
+    stream_.resize({N, d});
+    scratch_.resize(config_, N, /*keep_input=*/false);
+    if (acts) {
+      acts->resize(config_, N);
+      acts->memory.assign(streams, nullptr);
+    }
+    TensorView<T, L> x = stream_.view();  // residual stream (N, d)
+    copy(hidden[0], x);
     for (int i = 0; i < config_.n_layer; ++i) {
       const auto& w = params_.layers[static_cast<std::size_t>(i)];
-      ops::layer_norm(ln_.view(), x_, w.ln_weight, w.ln_bias, config_.layer_norm_epsilon);
-      ops::add_difference(x_.view(), hidden[static_cast<index_t>(r) * (i + 1)], hidden[static_cast<index_t>(r) * i]);
-      ops::linear(q_.view(), ln_, w.q_weight, w.q_bias);
-      ops::linear(k_.view(), ln_, w.k_weight, w.k_bias);
-      ops::linear(v_.view(), ln_, w.v_weight, w.v_bias);
-      const Retrieved<T, L>* mem = nullptr;
-      if (i == config_.memory_augmented_layer()) mem = retrieve(cview(q_).reshape(heads));
-      if (mem && mem->chunks > 0) {
-        ops::memory_attention<F>(att_.view().reshape(heads), cview(q_).reshape(heads), cview(k_).reshape(heads),
-                                 cview(v_).reshape(heads), mem->keys, mem->values, w.gate, config_.positions);
-      } else {
-        ops::causal_attention(att_.view().reshape(heads), cview(q_).reshape(heads), cview(k_).reshape(heads),
-                              cview(v_).reshape(heads), config_.positions);
+      SideNetLayerActivations<T, L>& a = acts ? acts->layers[static_cast<std::size_t>(i)] : scratch_;
+      if (acts) copy(cview(stream_), a.x.view());
+      ops::layer_norm(a.ln.view(), x, w.ln_weight, w.ln_bias, config_.layer_norm_epsilon);
+      ops::add_difference(x, hidden[static_cast<index_t>(r) * (i + 1)], hidden[static_cast<index_t>(r) * i]);
+      ops::linear(a.q.view(), a.ln, w.q_weight, w.q_bias);
+      ops::linear(a.k.view(), a.ln, w.k_weight, w.k_bias);
+      ops::linear(a.v.view(), a.ln, w.v_weight, w.v_bias);
+      for (std::size_t b = 0; b < streams; ++b) {
+        const index_t o0 = offsets[b], o1 = offsets[b + 1];
+        const Shape heads{o1 - o0, H, dh};
+        auto q = cview(a.q).slice(o0, o1).reshape(heads);
+        auto k = cview(a.k).slice(o0, o1).reshape(heads);
+        auto v = cview(a.v).slice(o0, o1).reshape(heads);
+        auto att = a.att.view().slice(o0, o1).reshape(heads);
+        const Retrieved<T, L>* mem = nullptr;
+        if (i == config_.memory_augmented_layer()) mem = retrieve(b, q);
+        if (mem && mem->chunks > 0) {
+          ops::memory_attention<F>(att, q, k, v, mem->keys, mem->values, w.gate, config_.positions);
+          if (acts) acts->memory[b] = mem;
+        } else {
+          ops::causal_attention(att, q, k, v, config_.positions);
+        }
       }
-      ops::linear(x_.view(), att_, w.out_weight, w.out_bias, Accumulate::Yes);
-      ops::linear(mlp_.view(), ln_, w.fc1_weight, w.fc1_bias);
-      ops::gelu(mlp_.view(), config_.activation);
-      ops::linear(x_.view(), mlp_, w.fc2_weight, w.fc2_bias, Accumulate::Yes);
+      ops::linear(x, a.att, w.out_weight, w.out_bias, Accumulate::Yes);
+      ops::linear(a.fc.view(), a.ln, w.fc1_weight, w.fc1_bias);
+      ops::gelu(a.act.view(), cview(a.fc), config_.activation);
+      ops::linear(x, a.act, w.fc2_weight, w.fc2_bias, Accumulate::Yes);
     }
-    ops::layer_norm(ln_.view(), x_, params_.ln_f_weight, params_.ln_f_bias, config_.layer_norm_epsilon);
-    ops::linear(logits, ln_, wte, TensorView<const T, L>{});
+    TensorView<T, L> ln_f = acts ? acts->ln_f.view() : scratch_.ln.view();
+    if (acts) copy(cview(stream_), acts->final_stream.view());
+    ops::layer_norm(ln_f, x, params_.ln_f_weight, params_.ln_f_bias, config_.layer_norm_epsilon);
+    ops::linear(logits, cview(ln_f), wte, TensorView<const T, L>{});
   }
 
  private:
@@ -361,7 +435,9 @@ class SideNet {
   SideNetConfig config_;
   SideNetParameters<T, L> params_;
   std::optional<MemoryConfig> recommended_;
-  mutable Tensor<T, L> x_, ln_, q_, k_, v_, att_, mlp_;
+  // Scratch reused across forwards (one layer's intermediates, shared by all layers).
+  mutable Tensor<T, L> stream_;
+  mutable SideNetLayerActivations<T, L> scratch_;
 };
 
 }  // namespace longmem
