@@ -38,6 +38,12 @@ class InputError : public Error {
   using Error::Error;
 };
 
+/// Training cannot go on: a non-finite loss or gradient, or a checkpoint that does not fit the run.
+class TrainingError : public Error {
+ public:
+  using Error::Error;
+};
+
 /// A backend call failed (CUDA runtime, cuBLAS, allocation).
 class BackendError : public Error {
  public:

@@ -274,8 +274,18 @@ class SideNet {
   /// given (or carried from the loaded file), go into the metadata.
   void save(const std::filesystem::path& path, std::optional<MemoryConfig> recommended = std::nullopt) const {
     static_assert(std::is_same_v<L, Host>, "save a host SideNet");
-    if (!recommended) recommended = recommended_;
     SafetensorsWriter w;
+    w.set_metadata(metadata(recommended));
+    visit_side_net_tensors(config_, params_, [&](const std::string& name, const Tensor<T, L>& t, const Shape&) {
+      w.add<T>(name, t.view());
+    });
+    w.write(path);
+  }
+
+  /// The __metadata__ a SideNet file carries: sizes, position scheme, fingerprint of its
+  /// backbone, and the recommended memory settings (`recommended`, else those it was loaded with).
+  std::map<std::string, std::string> metadata(std::optional<MemoryConfig> recommended = std::nullopt) const {
+    if (!recommended) recommended = recommended_;
     std::map<std::string, std::string> md{
         {"architecture", "longmem-sidenet"},
         {"n_layer", std::to_string(config_.n_layer)},
@@ -295,12 +305,11 @@ class SideNet {
       md["chunk_size"] = std::to_string(recommended->chunk_size);
       md["retrieved_tokens"] = std::to_string(recommended->retrieved_tokens);
     }
-    w.set_metadata(md);
-    visit_side_net_tensors(config_, params_, [&](const std::string& name, const Tensor<T, L>& t, const Shape&) {
-      w.add<T>(name, t.view());
-    });
-    w.write(path);
+    return md;
   }
+
+  /// Sets the memory settings save() records when given none.
+  void set_recommended_memory(std::optional<MemoryConfig> m) { recommended_ = m; }
 
   const SideNetConfig& config() const { return config_; }
   const std::optional<MemoryConfig>& recommended_memory() const { return recommended_; }

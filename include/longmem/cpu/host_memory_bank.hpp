@@ -19,12 +19,14 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "longmem/dtype.hpp"
 #include "longmem/error.hpp"
 #include "longmem/memory_bank.hpp"
 #include "longmem/model_config.hpp"
+#include "longmem/safetensors.hpp"
 #include "longmem/tensor.hpp"
 
 namespace longmem {
@@ -125,6 +127,53 @@ class HostMemoryBank {
     }
   void append(const K& keys, const V& values) {
     append(cview(keys), cview(values));
+  }
+
+  /// Writes everything the bank holds under `prefix` (training checkpoints): the ring arrays
+  /// as stored (S), the chunk keys, the pending chunk (its key sum in double) and the counters,
+  /// so load_state() restores it bit for bit.
+  void save_state(SafetensorsWriter& w, const std::string& prefix) const {
+    w.add<S>(prefix + "keys", keys_.view());
+    w.add<S>(prefix + "values", values_.view());
+    w.add<float>(prefix + "chunk_keys", chunk_keys_.view());
+    w.add<S>(prefix + "pending_keys", pending_keys_.view());
+    w.add<S>(prefix + "pending_values", pending_values_.view());
+    w.add<double>(prefix + "pending_key_sum", pending_sum_.view());
+    Tensor<std::int64_t, Host> counters({2});
+    counters(0) = chunks_appended_;
+    counters(1) = pending_;
+    w.add<std::int64_t>(prefix + "counters", counters.view());
+  }
+
+  /// Restores what save_state() wrote for a bank of the same geometry and storage type;
+  /// FormatError / ShapeError naming the tensor otherwise (the bank is unchanged then).
+  void load_state(const SafetensorsFile& f, const std::string& prefix) {
+    const index_t H = geom_.n_head, C = geom_.capacity_chunks, csz = geom_.chunk_size, dh = geom_.head_dim;
+    for (const char* n : {"keys", "values", "pending_keys", "pending_values"}) {
+      if (f.info(prefix + n).dtype != dtype_of_v<S>) {
+        detail::fail<FormatError>(f.name(), ": ", prefix, n, " is stored as ", dtype_name(f.info(prefix + n).dtype),
+                                  ", this bank stores ", dtype_name(dtype_of_v<S>));
+      }
+    }
+    auto keys = f.read<S>(prefix + "keys", {H, C, csz, dh});
+    auto values = f.read<S>(prefix + "values", {H, C, csz, dh});
+    auto chunk_keys = f.read<float>(prefix + "chunk_keys", {H, C, dh});
+    auto pk = f.read<S>(prefix + "pending_keys", {H, csz, dh});
+    auto pv = f.read<S>(prefix + "pending_values", {H, csz, dh});
+    auto sum = f.read<double>(prefix + "pending_key_sum", {H, dh});
+    auto counters = f.read<std::int64_t>(prefix + "counters", {2});
+    if (counters(0) < 0 || counters(1) < 0 || counters(1) >= csz) {
+      detail::fail<FormatError>(f.name(), ": ", prefix, "counters (", counters(0), " chunks, ", counters(1),
+                                " pending tokens) do not describe a bank with chunks of ", csz);
+    }
+    keys_ = std::move(keys);
+    values_ = std::move(values);
+    chunk_keys_ = std::move(chunk_keys);
+    pending_keys_ = std::move(pk);
+    pending_values_ = std::move(pv);
+    pending_sum_ = std::move(sum);
+    chunks_appended_ = counters(0);
+    pending_ = counters(1);
   }
 
   /// Empties the bank; all counters go back to 0.
