@@ -469,6 +469,23 @@ class Gpt2Backbone {
   const BlockWeights<T, L>& block(int j) const { return params_.blocks.at(static_cast<std::size_t>(j)); }
   TensorView<const T, L> ln_f_weight() const { return params_.ln_f_weight.view(); }
   TensorView<const T, L> ln_f_bias() const { return params_.ln_f_bias.view(); }
+  /// An independent copy (a backbone is move-only because its tensors are).
+  Gpt2Backbone clone() const {
+    Gpt2Parameters<T, L> p;
+    p.blocks.resize(params_.blocks.size());
+    auto dst = [&] {
+      std::vector<Tensor<T, L>*> v;
+      visit_gpt2_tensors(config_, p, [&](const std::string&, Tensor<T, L>& t, const Shape&) { v.push_back(&t); });
+      return v;
+    }();
+    std::size_t i = 0;
+    visit_gpt2_tensors(config_, params_, [&](const std::string&, const Tensor<T, L>& t, const Shape&) {
+      dst[i]->resize(t.shape());
+      copy(cview(t), dst[i++]->view());
+    });
+    return Gpt2Backbone(config_, std::move(p));
+  }
+
   /// Every weight (training updates them in place; shapes must not change). A change to wte
   /// changes the fingerprint: call refresh_fingerprint() after updating it.
   const Gpt2Parameters<T, L>& parameters() const { return params_; }

@@ -315,6 +315,20 @@ class SideNet {
   const std::optional<MemoryConfig>& recommended_memory() const { return recommended_; }
   const SideNetLayerWeights<T, L>& layer(int i) const { return params_.layers.at(static_cast<std::size_t>(i)); }
   SideNetLayerWeights<T, L>& layer(int i) { return params_.layers.at(static_cast<std::size_t>(i)); }
+  /// An independent copy (a SideNet is move-only because its tensors are).
+  SideNet clone() const {
+    SideNetParameters<T, L> p;
+    p.layers.resize(params_.layers.size());
+    std::vector<Tensor<T, L>*> dst;
+    visit_side_net_tensors(config_, p, [&](const std::string&, Tensor<T, L>& t, const Shape&) { dst.push_back(&t); });
+    std::size_t i = 0;
+    visit_side_net_tensors(config_, params_, [&](const std::string&, const Tensor<T, L>& t, const Shape&) {
+      dst[i]->resize(t.shape());
+      copy(cview(t), dst[i++]->view());
+    });
+    return SideNet(config_, std::move(p), recommended_);
+  }
+
   /// Every weight (training updates them in place; shapes must not change).
   const SideNetParameters<T, L>& parameters() const { return params_; }
   SideNetParameters<T, L>& parameters() { return params_; }

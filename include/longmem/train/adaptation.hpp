@@ -13,6 +13,7 @@
 // Frozen: the backbone and the tied embedding/head. Trained: every SideNet tensor (the reference
 // tries to freeze the first half of its SideNet with `Module.requires_grad = False`, which only
 // sets an attribute; all its SideNet layers train, and so do ours).
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <filesystem>
@@ -37,15 +38,18 @@
 
 namespace longmem {
 
-/// A summed loss and the number of targets in it.
+/// A summed loss, the number of targets in it, and how many of them the model ranked first.
 struct LossSum {
   double sum = 0;
   std::int64_t count = 0;
+  std::int64_t correct = 0;  // targets that are the argmax of their logits (evaluation only)
 
   double mean() const { return count ? sum / static_cast<double>(count) : 0.0; }
+  double accuracy() const { return count ? static_cast<double>(correct) / static_cast<double>(count) : 0.0; }
   LossSum& operator+=(const LossSum& o) {
     sum += o.sum;
     count += o.count;
+    correct += o.correct;
     return *this;
   }
 };
@@ -73,17 +77,38 @@ inline void split_batch(std::span<const StreamSegment> batch, std::vector<std::s
   }
 }
 
-/// Cross-entropy of (T, V) logits with per-token losses appended to `out` (NaN where the target is -1).
+/// Targets of tokens[begin, begin + len): the next token, -1 past the end or where `scored` is 0.
+inline void next_token_targets(std::span<const std::int32_t> tokens, std::span<const std::uint8_t> scored,
+                               std::size_t begin, std::size_t len, std::vector<std::int32_t>& targets) {
+  if (!scored.empty() && scored.size() != tokens.size()) {
+    fail<InputError>("evaluate: ", tokens.size(), " tokens but a mask of ", scored.size());
+  }
+  targets.assign(len, -1);
+  for (std::size_t i = 0; i < len; ++i) {
+    const std::size_t j = begin + i + 1;
+    if (j < tokens.size() && (scored.empty() || scored[j] != 0)) targets[i] = tokens[j];
+  }
+}
+
+/// Cross-entropy of (T, V) logits, with the count of targets that are their row's argmax and
+/// per-token losses appended to `out` (NaN where the target is -1).
 template <class T>
 LossSum loss_with_tokens(TensorView<const T, Host> logits, std::span<const std::int32_t> targets,
                          Tensor<float, Host>& losses, std::vector<float>* out) {
   const auto [sum, count] = ops::cross_entropy(logits, targets, losses.view());
+  LossSum r{sum, count, 0};
+  const index_t V = logits.dim(1);
+  for (std::size_t i = 0; i < targets.size(); ++i) {
+    if (targets[i] == -1) continue;
+    const T* row = logits.data() + static_cast<index_t>(i) * V;
+    r.correct += std::max_element(row, row + V) - row == targets[i];
+  }
   if (out) {
     for (std::size_t i = 0; i < targets.size(); ++i) {
       out->push_back(targets[i] == -1 ? std::numeric_limits<float>::quiet_NaN() : losses.data()[i]);
     }
   }
-  return {sum, count};
+  return r;
 }
 }  // namespace detail
 
@@ -187,7 +212,8 @@ class SideNetAdaptation {
   /// Loss of one document read as one stream from a fresh memory (or none), segment by
   /// segment; per-token losses (in document order, one per input token, NaN where there is
   /// no target) are appended to `token_losses` when given.
-  LossSum evaluate(std::span<const std::int32_t> tokens, int segment_length, std::vector<float>* token_losses = nullptr) {
+  LossSum evaluate(std::span<const std::int32_t> tokens, int segment_length, std::span<const std::uint8_t> scored = {},
+                   std::vector<float>* token_losses = nullptr) {
     if (segment_length <= 0) detail::fail<ConfigError>("evaluate: the segment length must be positive");
     if (!eval_bank_) eval_bank_.emplace(geometry_);
     eval_bank_->reset();
@@ -197,10 +223,7 @@ class SideNetAdaptation {
     for (std::size_t begin = 0; begin < tokens.size(); begin += static_cast<std::size_t>(segment_length)) {
       const std::size_t len = std::min<std::size_t>(static_cast<std::size_t>(segment_length), tokens.size() - begin);
       const auto seg = tokens.subspan(begin, len);
-      targets_.assign(len, -1);
-      for (std::size_t i = 0; i < len; ++i) {
-        if (begin + i + 1 < tokens.size()) targets_[i] = tokens[begin + i + 1];
-      }
+      detail::next_token_targets(tokens, scored, begin, len, targets_);
       backbone_.forward(seg, req, bout_);
       logits_.resize({static_cast<index_t>(len), backbone_.config().vocab_size});
       auto retrieve = [&](TensorView<const T, Host> q) -> const Retrieved<T, Host>* {

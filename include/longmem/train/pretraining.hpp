@@ -96,16 +96,14 @@ class BackbonePretraining {
   }
 
   /// Loss of one document, segment by segment (segments are independent: no memory).
-  LossSum evaluate(std::span<const std::int32_t> tokens, int segment_length, std::vector<float>* token_losses = nullptr) {
+  LossSum evaluate(std::span<const std::int32_t> tokens, int segment_length, std::span<const std::uint8_t> scored = {},
+                   std::vector<float>* token_losses = nullptr) {
     if (segment_length <= 0) detail::fail<ConfigError>("evaluate: the segment length must be positive");
     LossSum total;
     BackboneRequest req = request_;
     for (std::size_t begin = 0; begin < tokens.size(); begin += static_cast<std::size_t>(segment_length)) {
       const std::size_t len = std::min<std::size_t>(static_cast<std::size_t>(segment_length), tokens.size() - begin);
-      targets_.assign(len, -1);
-      for (std::size_t i = 0; i < len; ++i) {
-        if (begin + i + 1 < tokens.size()) targets_[i] = tokens[begin + i + 1];
-      }
+      detail::next_token_targets(tokens, scored, begin, len, targets_);
       backbone_.forward(tokens.subspan(begin, len), req, out_);
       losses_.resize({static_cast<index_t>(len)});
       total += detail::loss_with_tokens(cview(out_.logits), targets_, losses_, token_losses);

@@ -41,7 +41,7 @@ concept TrainingTask = requires(K& k, const K& ck, std::span<const StreamSegment
   k.parameters_changed();
   k.reset_memory();
   { k.forward_backward(batch) } -> std::same_as<LossSum>;
-  { k.evaluate(doc, 1) } -> std::same_as<LossSum>;
+  { k.evaluate(doc, 1, std::span<const std::uint8_t>{}) } -> std::same_as<LossSum>;
   { ck.streams() } -> std::convertible_to<int>;
   { ck.vocab_size() } -> std::convertible_to<int>;
   { ck.model_metadata() } -> std::convertible_to<std::map<std::string, std::string>>;
@@ -170,10 +170,12 @@ class Trainer {
     LossSum total;
     for (const auto& d : valid_) {
       std::span<const std::int32_t> tokens(d.tokens);
+      std::span<const std::uint8_t> scored(d.scored);
       if (config_.eval_tokens > 0 && static_cast<std::int64_t>(tokens.size()) > config_.eval_tokens) {
         tokens = tokens.first(static_cast<std::size_t>(config_.eval_tokens));
+        if (!scored.empty()) scored = scored.first(tokens.size());
       }
-      total += task_.evaluate(tokens, config_.segment_length);
+      total += task_.evaluate(tokens, config_.segment_length, scored);
     }
     return total;
   }
