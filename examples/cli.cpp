@@ -22,29 +22,11 @@
 
 #include <longmem/longmem.hpp>
 
+#include "cli_support.hpp"
+
 namespace {
 
-constexpr const char* usage = R"(usage: longmem-run --backbone FILE --tokens FILE --out FILE [options]
-
-Runs a GPT-2 / GPT-2* checkpoint (safetensors; hyper-parameters from its metadata or a
-config.json beside it) over a token file and writes 'tokens' and 'logits' (N, V) to --out.
-
-options:
-  --format text|int32     token file format (default: int32 for *.i32/*.bin, else text)
-  --segment-length N      split the tokens into segments of N (default: the whole file
-                          for a backbone, n_positions for LongMem)
-  --hidden-states         also write 'hidden_states' (L+1, N, d) (backbone only)
-  --dtype f32|f64         compute precision (default f32)
-  --sidenet FILE          run LongMem: backbone + this SideNet with memory
-  --memory-tokens N       memory capacity in tokens per stream (default: the SideNet
-                          file's recommendation, else 65536)
-  --chunk-size N          tokens per memory chunk (default: file, else 4)
-  --retrieved-tokens N    tokens retrieved per query (default: file, else 64)
-  --fusion gated|joint    how memory and local attention mix (default gated, the reference)
-  --no-memory             LongMem without memory (the baseline)
-  --allow-other-backbone  accept a SideNet made for another backbone
-  --quiet                 print nothing but errors
-)";
+using longmem::cli::read_tokens;
 
 struct Options {
   std::string backbone, sidenet, tokens, out, format, dtype = "f32", fusion = "gated";
@@ -53,113 +35,43 @@ struct Options {
   std::optional<int> memory_tokens, chunk_size, retrieved_tokens;
 };
 
-[[noreturn]] void usage_error(const std::string& msg) {
-  std::cerr << "longmem-run: " << msg << "\n\n" << usage;
-  std::exit(64);
-}
-
-int parse_int(const std::string& flag, const std::string& v) {
-  try {
-    std::size_t pos = 0;
-    long long x = std::stoll(v, &pos);
-    if (pos == v.size() && x > 0 && x <= (1LL << 30)) return static_cast<int>(x);
-  } catch (const std::exception&) {
-  }
-  usage_error(flag + " needs a positive integer, got '" + v + "'");
-}
-
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) usage_error(a + " needs a value");
-      return argv[++i];
-    };
-    if (a == "--backbone") o.backbone = value();
-    else if (a == "--sidenet") o.sidenet = value();
-    else if (a == "--tokens") o.tokens = value();
-    else if (a == "--out") o.out = value();
-    else if (a == "--format") o.format = value();
-    else if (a == "--dtype") o.dtype = value();
-    else if (a == "--fusion") o.fusion = value();
-    else if (a == "--segment-length") o.segment_length = parse_int(a, value());
-    else if (a == "--memory-tokens") o.memory_tokens = parse_int(a, value());
-    else if (a == "--chunk-size") o.chunk_size = parse_int(a, value());
-    else if (a == "--retrieved-tokens") o.retrieved_tokens = parse_int(a, value());
-    else if (a == "--hidden-states") o.hidden_states = true;
-    else if (a == "--no-memory") o.no_memory = true;
-    else if (a == "--allow-other-backbone") o.allow_other = true;
-    else if (a == "--quiet") o.quiet = true;
-    else if (a == "-h" || a == "--help") {
-      std::cout << usage;
-      std::exit(0);
-    } else {
-      usage_error("unknown argument '" + a + "'");
-    }
-  }
-  if (o.backbone.empty() || o.tokens.empty() || o.out.empty()) usage_error("--backbone, --tokens and --out are required");
-  if (o.dtype != "f32" && o.dtype != "f64") usage_error("--dtype must be f32 or f64");
-  if (o.fusion != "gated" && o.fusion != "joint") usage_error("--fusion must be gated or joint");
+  CLI::App app{"Runs a GPT-2 / GPT-2* checkpoint (safetensors; hyper-parameters from its metadata or a\n"
+               "config.json beside it) over a token file and writes 'tokens' and 'logits' (N, V) to --out.\n"
+               "With --sidenet it runs LongMem segment by segment with memory.",
+               "longmem-run"};
+  app.add_option("--backbone", o.backbone, "backbone checkpoint (safetensors)")->required();
+  app.add_option("--tokens", o.tokens, "token file: text ids or raw int32")->required();
+  app.add_option("--out", o.out, "output safetensors file")->required();
+  app.add_option("--format", o.format, "token file format (default: int32 for *.i32/*.bin, else text)")
+      ->check(CLI::IsMember({"text", "int32"}));
+  app.add_option("--segment-length", o.segment_length,
+                 "split the tokens into segments of N (default: the whole file for a backbone, n_positions for LongMem)")
+      ->check(CLI::Range(1, 1 << 30));
+  app.add_flag("--hidden-states", o.hidden_states, "also write 'hidden_states' (L+1, N, d) (backbone only)");
+  app.add_option("--dtype", o.dtype, "compute precision")->check(CLI::IsMember({"f32", "f64"}))->capture_default_str();
+  app.add_option("--sidenet", o.sidenet, "run LongMem: backbone + this SideNet with memory");
+  app.add_option("--memory-tokens", o.memory_tokens, "memory capacity in tokens per stream (default: the SideNet file's, else 65536)")
+      ->check(CLI::Range(1, 1 << 30));
+  app.add_option("--chunk-size", o.chunk_size, "tokens per memory chunk (default: file, else 4)")->check(CLI::Range(1, 1 << 30));
+  app.add_option("--retrieved-tokens", o.retrieved_tokens, "tokens retrieved per query (default: file, else 64)")
+      ->check(CLI::Range(1, 1 << 30));
+  app.add_option("--fusion", o.fusion, "how memory and local attention mix (gated: the reference)")
+      ->check(CLI::IsMember({"gated", "joint"}))
+      ->capture_default_str();
+  app.add_flag("--no-memory", o.no_memory, "LongMem without memory (the baseline)");
+  app.add_flag("--allow-other-backbone", o.allow_other, "accept a SideNet made for another backbone");
+  app.add_flag("--quiet", o.quiet, "print nothing but errors");
+  longmem::cli::parse(app, "longmem-run", argc, argv);
   if (o.sidenet.empty() && (o.no_memory || o.memory_tokens || o.chunk_size || o.retrieved_tokens)) {
-    usage_error("memory options need --sidenet");
+    longmem::cli::usage_error(app, "longmem-run", "memory options need --sidenet");
   }
-  if (!o.sidenet.empty() && o.hidden_states) usage_error("--hidden-states is for backbone runs (without --sidenet)");
-  if (o.format.empty()) {
-    const bool binary = o.tokens.ends_with(".i32") || o.tokens.ends_with(".bin");
-    o.format = binary ? "int32" : "text";
+  if (!o.sidenet.empty() && o.hidden_states) {
+    longmem::cli::usage_error(app, "longmem-run", "--hidden-states is for backbone runs (without --sidenet)");
   }
-  if (o.format != "text" && o.format != "int32") usage_error("--format must be text or int32");
+  if (o.format.empty()) o.format = longmem::cli::token_format_for(o.tokens);
   return o;
-}
-
-std::vector<std::int32_t> read_tokens(const std::string& path, const std::string& format) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) longmem::detail::fail<longmem::FormatError>(path, ": cannot open the token file (", std::strerror(errno), ")");
-  std::vector<std::int32_t> ids;
-  if (format == "int32") {
-    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (bytes.size() % 4 != 0) {
-      longmem::detail::fail<longmem::FormatError>(path, ": ", bytes.size(),
-                                                  " bytes is not a whole number of int32 token ids");
-    }
-    ids.resize(bytes.size() / 4);
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-      const auto* b = reinterpret_cast<const unsigned char*>(bytes.data()) + 4 * i;
-      ids[i] = static_cast<std::int32_t>(static_cast<std::uint32_t>(b[0]) | static_cast<std::uint32_t>(b[1]) << 8 |
-                                         static_cast<std::uint32_t>(b[2]) << 16 | static_cast<std::uint32_t>(b[3]) << 24);
-    }
-  } else {
-    std::string word;
-    std::size_t line = 1;
-    char c;
-    auto flush = [&] {
-      if (word.empty()) return;
-      std::size_t pos = 0;
-      long long v = 0;
-      try {
-        v = std::stoll(word, &pos);
-      } catch (const std::exception&) {
-        pos = 0;
-      }
-      if (pos != word.size() || v < INT32_MIN || v > INT32_MAX) {
-        longmem::detail::fail<longmem::FormatError>(path, ":", line, ": '", word, "' is not a token id");
-      }
-      ids.push_back(static_cast<std::int32_t>(v));
-      word.clear();
-    };
-    while (in.get(c)) {
-      if (std::isspace(static_cast<unsigned char>(c))) {
-        flush();
-        if (c == '\n') ++line;
-      } else {
-        word.push_back(c);
-      }
-    }
-    flush();
-  }
-  if (ids.empty()) longmem::detail::fail<longmem::InputError>(path, ": the token file holds no tokens");
-  return ids;
 }
 
 template <class T>
@@ -274,14 +186,8 @@ int run(const Options& o, const std::vector<std::int32_t>& ids) {
 
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
-  try {
+  return longmem::cli::guarded("longmem-run", [&] {
     const auto ids = read_tokens(o.tokens, o.format);
     return o.dtype == "f64" ? run<double>(o, ids) : run<float>(o, ids);
-  } catch (const longmem::Error& e) {
-    std::cerr << "longmem-run: " << e.what() << "\n";
-    return 2;
-  } catch (const std::exception& e) {
-    std::cerr << "longmem-run: unexpected error: " << e.what() << "\n";
-    return 1;
-  }
+  });
 }

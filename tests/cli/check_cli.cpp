@@ -13,25 +13,12 @@
 
 #include <longmem/safetensors.hpp>
 
-namespace fs = std::filesystem;
+#include "cli_check_support.hpp"
+
 using namespace longmem;
+using namespace longmem::cli_check;
 
 namespace {
-
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-  std::cout << (ok ? "ok    " : "FAIL  ") << what << "\n";
-  failures += ok ? 0 : 1;
-}
-
-int run(const std::string& cmd) {
-  std::cout << "$ " << cmd << "\n";
-  const int status = std::system(cmd.c_str());
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
-std::string quote(const fs::path& p) { return "'" + p.string() + "'"; }
 
 // max |a - b| / max |b| over all elements (b = reference).
 double relative_error(const float* a, const float* b, index_t n) {
