@@ -337,7 +337,7 @@ TEST_CASE("model: loss and perplexity agree with the logits", "[model]") {
   CHECK(std::isfinite(r.perplexity()));
 }
 
-TEST_CASE("side net: save and load round-trip; initialisation copies the backbone", "[sidenet]") {
+TEST_CASE("side net: save and load round-trip, and the initialisation copies the backbone", "[sidenet]") {
   TempDir dir;
   auto p = random_parts(81, 3);
   const auto& sn = p.side_net;

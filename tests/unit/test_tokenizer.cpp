@@ -21,7 +21,7 @@ TEST_CASE("tokenizer: bytes round-trip, including UTF-8 and NUL", "[tokenizer]")
   CHECK(ByteTokenizer::encode("").empty());
 }
 
-TEST_CASE("tokenizer: ids outside [0, 256) are refused", "[tokenizer][errors]") {
+TEST_CASE("tokenizer: ids outside 0..255 are refused", "[tokenizer][errors]") {
   CHECK_THROWS_WITH(ByteTokenizer::decode({65, 256}), Catch::Contains("256") && Catch::Contains("position 1"));
   CHECK_THROWS_AS(ByteTokenizer::decode({-1}), longmem::InputError);
 }

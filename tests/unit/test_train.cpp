@@ -519,7 +519,7 @@ TEST_CASE("train: bad settings and corpora are refused with a sentence", "[train
   CHECK_THROWS_WITH(BackbonePretraining<float>(small_model<float>(16).first, 0), Catch::Contains("streams"));
 }
 
-TEST_CASE("train: a SideNet learns to recall a table from memory; without memory it cannot", "[train][memory][slow]") {
+TEST_CASE("train: a SideNet learns to recall a table from memory, which without memory it cannot", "[train][memory][slow]") {
   // The backbone (tests/fixtures/recall_backbone, made by make_recall_backbone.cpp) recalls a
   // key-value table inside its 32-token window. Here the table lies two segments before the
   // queries, beyond every window: only the memory can hold it. The same SideNet is adapted for
