@@ -209,6 +209,24 @@ class SideNetAdaptation {
     return {sum, count};
   }
 
+  /// Appends each stream's segment to its memory without training (the backbone only): fills
+  /// the banks before timing a steady state, or stores a prefix the model should remember.
+  void memorize(std::span<const StreamSegment> batch) {
+    if (batch.size() != banks_.size()) {
+      detail::fail<InputError>("SideNetAdaptation: got ", batch.size(), " segments for ", banks_.size(), " streams");
+    }
+    detail::split_batch(batch, segments_, targets_);
+    BackboneRequest req = request_;
+    req.hidden_states = false;
+    backbone_.forward(std::span<const std::span<const std::int32_t>>(segments_), req, bout_);
+    const auto& offsets = bout_.offsets;
+    for (std::size_t b = 0; b < batch.size(); ++b) {
+      if (batch[b].starts_document) banks_[b].reset();
+      banks_[b].append(cview(bout_.mem_keys).slice(offsets[b], offsets[b + 1]),
+                       cview(bout_.mem_values).slice(offsets[b], offsets[b + 1]));
+    }
+  }
+
   /// Loss of one document read as one stream from a fresh memory (or none), segment by
   /// segment; per-token losses (in document order, one per input token, NaN where there is
   /// no target) are appended to `token_losses` when given.

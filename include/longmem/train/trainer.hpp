@@ -125,6 +125,9 @@ class Trainer {
   const TrainConfig& config() const { return config_; }
   std::int64_t step_count() const { return optimizer_.steps(); }
   const DocumentStreams& data() const { return data_; }
+  /// Continues the streams from a position (DocumentStreams::state()), e.g. after filling the
+  /// memory with the documents' first segments.
+  void restore_data(const nlohmann::json& position) { data_.restore(position); }
   std::mt19937_64& rng() { return rng_; }
 
   /// One update. Throws TrainingError (leaving the weights as they were) when the loss or the
