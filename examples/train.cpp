@@ -58,6 +58,8 @@ struct Options {
   std::vector<std::string> train, valid;
   std::string corpus;
   int batch = 8;
+  int recall_practice = 0;
+  RecallPractice practice;
   // run
   TrainConfig run;
   std::string decay = "polynomial";
@@ -103,6 +105,12 @@ Options parse(int argc, char** argv) {
   data->add_option("--train", o.train, "training documents: text files, *.i32 token files");
   data->add_option("--valid", o.valid, "validation documents (held out)");
   data->add_option("--corpus", o.corpus, "a corpus folder from examples/corpus/prepare.sh (train and valid splits)");
+  data->add_option("--recall-practice", o.recall_practice,
+                   "add N recall-practice documents (facts stated, real training text, then asked) to the training data")
+      ->check(CLI::Range(0, 1 << 24));
+  data->add_option("--recall-facts", o.practice.facts, "facts per recall-practice document")->capture_default_str();
+  data->add_option("--recall-min-gap", o.practice.min_gap, "bytes of text between facts and questions, at least")->capture_default_str();
+  data->add_option("--recall-max-gap", o.practice.max_gap, "and at most")->capture_default_str();
   data->add_option("--batch", o.batch, "streams (B)")->check(CLI::Range(1, 1 << 16))->capture_default_str();
   data->add_option("--segment-length", o.run.segment_length, "tokens per segment (T)")->check(CLI::Range(1, 1 << 20))->capture_default_str();
 
@@ -211,6 +219,10 @@ int train(const Options& o, Task& task, const std::string& model_file, const std
     train_docs = read_documents(o.train);
   }
   if (!o.valid.empty()) valid_docs = read_documents(o.valid);
+  if (o.recall_practice > 0) {
+    auto practice = recall_practice_documents(train_docs, o.recall_practice, o.practice, o.run.seed);
+    train_docs = interleave(std::move(train_docs), std::move(practice));
+  }
   Trainer<Task> trainer(task, train_docs, valid_docs, o.run);
   fs::create_directories(o.out);
   const fs::path ckpt = fs::path(o.out) / "checkpoint.safetensors", model = fs::path(o.out) / model_file;
@@ -221,7 +233,8 @@ int train(const Options& o, Task& task, const std::string& model_file, const std
       const std::string before = trainer.config().to_json().dump();
       trainer.resume(from);
       if (!o.quiet) std::cout << "resumed from " << from.string() << " at update " << trainer.step_count() << "\n";
-      const auto& saved = SafetensorsFile::open(from).metadata();
+      const SafetensorsFile file = SafetensorsFile::open(from);
+      const auto& saved = file.metadata();
       if (auto it = saved.find("config"); it != saved.end() && it->second != before && !o.quiet) {
         std::cout << "note     the run's settings differ from the checkpoint's; it continues with the new ones\n"
                   << "         checkpoint: " << it->second << "\n         this run:   " << before << "\n";

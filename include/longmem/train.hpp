@@ -14,4 +14,5 @@
 #include "longmem/train/optimizer.hpp"
 #include "longmem/train/pretraining.hpp"
 #include "longmem/train/side_net_backward.hpp"
+#include "longmem/train/synthetic.hpp"
 #include "longmem/train/trainer.hpp"

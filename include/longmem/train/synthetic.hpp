@@ -1,0 +1,104 @@
+#pragma once
+// Recall practice for memory-augmented adaptation: byte-level documents that state facts early
+// and ask for them far later, with real text in between, so that a SideNet learns to use its
+// memory for what its window cannot see (the paper's adaptation data is plain long text; small
+// models and short runs need this nudge).
+//
+//   Fact 1: the code word of amber falcon is 48213.\n  ... (`facts` lines)
+//   <filler: a slice of a training document, between min_gap and max_gap bytes>
+//   \nQuestion: what is the code word of amber falcon? Answer: 48213.\n  ... (every fact, shuffled)
+//
+// Names are two words from fixed lists, numbers are random 5-digit strings. Everything comes from
+// the caller's training text and RNG: nothing of an evaluation (its template, filler or keys).
+#include <algorithm>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "longmem/error.hpp"
+#include "longmem/tokenizer.hpp"
+#include "longmem/train/data.hpp"
+
+namespace longmem {
+
+struct RecallPractice {
+  int facts = 3;
+  std::int64_t min_gap = 1024;   ///< filler bytes between the facts and the questions, at least
+  std::int64_t max_gap = 16384;  ///< and at most
+};
+
+/// `count` recall-practice documents whose filler comes from `text` (training documents).
+inline std::vector<Document> recall_practice_documents(const std::vector<Document>& text, int count,
+                                                       const RecallPractice& spec, std::uint64_t seed) {
+  static const char* const first[] = {"amber", "silver", "quiet", "northern", "crimson", "hollow", "golden", "bitter",
+                                      "ancient", "gentle", "frozen", "hidden", "wild", "narrow", "distant", "iron"};
+  static const char* const second[] = {"falcon", "river", "lantern", "meadow", "harbor", "compass", "orchard", "tower",
+                                       "violin", "garden", "anchor", "mirror", "valley", "candle", "bridge", "forest"};
+  if (count <= 0) return {};
+  if (spec.facts <= 0 || spec.min_gap < 0 || spec.max_gap < spec.min_gap) {
+    detail::fail<ConfigError>("recall practice: need facts > 0 and 0 <= min_gap <= max_gap, got ", spec.facts, ", ",
+                              spec.min_gap, ", ", spec.max_gap);
+  }
+  std::int64_t longest = 0;
+  for (const auto& d : text) longest = std::max<std::int64_t>(longest, static_cast<std::int64_t>(d.tokens.size()));
+  if (longest < spec.max_gap) {
+    detail::fail<InputError>("recall practice: the longest training document has ", longest,
+                             " tokens, fewer than the largest gap of ", spec.max_gap);
+  }
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> word(0, 15), digit(0, 9);
+  std::uniform_int_distribution<std::int64_t> gap(spec.min_gap, spec.max_gap);
+  std::vector<const Document*> long_enough;
+  for (const auto& d : text) {
+    if (static_cast<std::int64_t>(d.tokens.size()) >= spec.max_gap) long_enough.push_back(&d);
+  }
+  std::uniform_int_distribution<std::size_t> pick(0, long_enough.size() - 1);
+  std::vector<Document> out;
+  for (int n = 0; n < count; ++n) {
+    std::vector<std::pair<std::string, std::string>> facts;
+    while (static_cast<int>(facts.size()) < spec.facts) {
+      std::string name = std::string(first[word(rng)]) + " " + second[word(rng)];
+      if (std::any_of(facts.begin(), facts.end(), [&](const auto& f) { return f.first == name; })) continue;
+      std::string number;
+      for (int i = 0; i < 5; ++i) number.push_back(static_cast<char>('0' + digit(rng)));
+      facts.emplace_back(std::move(name), std::move(number));
+    }
+    std::string head;
+    for (std::size_t i = 0; i < facts.size(); ++i) {
+      head += "Fact " + std::to_string(i + 1) + ": the code word of " + facts[i].first + " is " + facts[i].second + ".\n";
+    }
+    const Document& src = *long_enough[pick(rng)];
+    const std::int64_t len = gap(rng);
+    std::uniform_int_distribution<std::int64_t> start(0, static_cast<std::int64_t>(src.tokens.size()) - len);
+    const std::int64_t s0 = start(rng);
+    std::shuffle(facts.begin(), facts.end(), rng);
+    std::string tail;
+    for (const auto& f : facts) tail += "\nQuestion: what is the code word of " + f.first + "? Answer: " + f.second + ".";
+    tail += "\n";
+    Document d;
+    d.name = "recall practice " + std::to_string(n);
+    d.tokens = ByteTokenizer::encode(head);
+    d.tokens.insert(d.tokens.end(), src.tokens.begin() + s0, src.tokens.begin() + s0 + len);
+    const auto t = ByteTokenizer::encode(tail);
+    d.tokens.insert(d.tokens.end(), t.begin(), t.end());
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+/// `practice` interleaved into `docs` at even intervals (deterministic).
+inline std::vector<Document> interleave(std::vector<Document> docs, std::vector<Document> practice) {
+  if (practice.empty()) return docs;
+  std::vector<Document> out;
+  out.reserve(docs.size() + practice.size());
+  const double every = static_cast<double>(docs.size() + practice.size()) / static_cast<double>(practice.size());
+  std::size_t a = 0, b = 0;
+  for (std::size_t i = 0; i < docs.size() + practice.size(); ++i) {
+    const bool take_practice = b < practice.size() && (a == docs.size() || static_cast<double>(i + 1) >= every * static_cast<double>(b + 1));
+    out.push_back(std::move(take_practice ? practice[b++] : docs[a++]));
+  }
+  return out;
+}
+
+}  // namespace longmem
