@@ -160,7 +160,12 @@ class AdamW {
       const T* gw = g.data();
       T* m = m_[i].data();
       T* v = v_[i].data();
-      for (index_t j = 0; j < p.numel(); ++j) {
+      const index_t n = p.numel();
+      // Element by element: threads cannot change the result.
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (n >= (index_t{1} << 15))
+#endif
+      for (index_t j = 0; j < n; ++j) {
         const double gj = static_cast<double>(gw[j]);
         const double mj = b1 * static_cast<double>(m[j]) + (1.0 - b1) * gj;
         const double vj = b2 * static_cast<double>(v[j]) + (1.0 - b2) * gj * gj;

@@ -104,16 +104,19 @@ void layer_norm_backward(TensorView<T, Host> d_in, TensorView<T, Host> d_weight,
     }
   });
   if (!want_w && !want_b) return;
-  parallel_for(C, 4 * N, [&](index_t c) {
-    double sw = 0, sb = 0;
-    for (index_t n = 0; n < N; ++n) {
-      const double g = static_cast<double>(d_out.data()[n * C + c]);
-      sw += g * (static_cast<double>(in.data()[n * C + c]) - mean[static_cast<std::size_t>(n)]) * inv[static_cast<std::size_t>(n)];
-      sb += g;
-    }
-    if (want_w) d_weight.data()[c] += static_cast<T>(sw);
-    if (want_b) d_bias.data()[c] += static_cast<T>(sb);
-  });
+  // Rows added one after another in double (vectorised across the C columns): independent of threads.
+  Eigen::Array<double, Eigen::Dynamic, 1> sw = Eigen::Array<double, Eigen::Dynamic, 1>::Zero(C), sb = sw;
+  for (index_t n = 0; n < N; ++n) {
+    const auto g = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(d_out.data() + n * C, C).template cast<double>();
+    const auto x = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(in.data() + n * C, C).template cast<double>();
+    const double m = mean[static_cast<std::size_t>(n)], r = inv[static_cast<std::size_t>(n)];
+    sw += g * ((x - m) * r);
+    sb += g;
+  }
+  for (index_t c = 0; c < C; ++c) {
+    if (want_w) d_weight.data()[c] += static_cast<T>(sw[c]);
+    if (want_b) d_bias.data()[c] += static_cast<T>(sb[c]);
+  }
 }
 
 }  // namespace longmem::detail::cpu

@@ -84,12 +84,9 @@ void linear_backward(TensorView<T, Host> d_in, TensorView<T, Host> d_weight, Ten
     DW.noalias() += G.transpose() * X;
   }
   if (want_b) {
-    // Column sums in row order, threaded over columns: independent of the thread count.
-    parallel_for(O, 2 * N, [&](index_t o) {
-      T s = 0;
-      for (index_t n = 0; n < N; ++n) s += d_out.data()[n * O + o];
-      d_bias.data()[o] += s;
-    });
+    // Rows added one after another (vectorised across the O columns): independent of threads.
+    Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> db(d_bias.data(), O);
+    for (index_t n = 0; n < N; ++n) db += G.row(n);
   }
 }
 
