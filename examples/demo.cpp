@@ -1,17 +1,18 @@
-// longmem demo: LongMem on the CPU with the embedded default model and data.
+// longmem demo: long-term memory at work, on the CPU, with the embedded models.
 //
-// 1. Builds the default model: a byte-level GPT-2* backbone (4 layers, d 128, 4 heads,
-//    ALiBi) and a SideNet initialised from it as the paper does (layer i <- block 2i+1,
-//    gates 0), writes both as safetensors checkpoints and loads them back.
-// 2. Streams SST-2 demonstrations ("Review: ... Sentiment: positive") through the model
-//    segment by segment: each segment retrieves from the memory of earlier ones, then
-//    joins the memory (FIFO over chunks once full).
-// 3. Asks held-out reviews with the demonstrations in memory (read-only), with and
-//    without memory, and shows what the memory returned for one query.
+// The embedded models (examples/models/, made by examples/models/train.sh with longmem-train): a
+// byte-level GPT-2* backbone trained from scratch with a 256-token window, and its SideNet trained by
+// memory-augmented adaptation. The demo reads held-out public-domain books (examples/data/heldout/,
+// never seen in training) and shows:
 //
-// The default model's weights are random (training comes later), so its predictions are
-// chance: this demo shows the mechanics (storage, retrieval, fusion, eviction, speed),
-// not accuracy.
+//   1. perplexity on a held-out long document: the backbone alone, the SideNet without memory, and
+//      LongMem with 4 Ki, 16 Ki and 64 Ki tokens of memory (tokens/s of each);
+//   2. a passkey test: a random 5-digit key stated once, N tokens of held-out text, then "What is the
+//      pass key?"; accuracy over 50 trials at N = 1 Ki .. 64 Ki, for the backbone and for LongMem;
+//   3. loss against position in the document, with and without memory, as a PNG (gnuplot).
+//
+// The filler's memory entries depend only on its tokens (DESIGN.md section 2), so they are computed
+// once and appended to every trial's fresh memory after that trial's key.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -19,170 +20,341 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include <longmem/longmem.hpp>
+#include <unistd.h>
 
-#ifndef LONGMEM_EXAMPLES_DATA_DIR
-#define LONGMEM_EXAMPLES_DATA_DIR "examples/data"
+#include <longmem/longmem.hpp>
+#include <longmem/train/data.hpp>
+
+#include "cli_support.hpp"
+
+#ifndef LONGMEM_EXAMPLES_DIR
+#define LONGMEM_EXAMPLES_DIR "examples"
 #endif
 
 namespace {
 
+namespace fs = std::filesystem;
+using namespace longmem;
 using Clock = std::chrono::steady_clock;
-using DemoModel = longmem::Model<longmem::Gpt2Backbone<float>, longmem::HostMemoryBank<float>, longmem::ExactChunkRetriever>;
+using LongMem = Model<Gpt2Backbone<float>, HostMemoryBank<float>, ExactChunkRetriever>;
 
-struct Example {
-  std::string sentence;
-  int label = 0;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+/// One line that rewrites itself on a terminal: "[#####.....] what".
+class Progress {
+ public:
+  explicit Progress(bool quiet) : tty_(!quiet && isatty(fileno(stderr)) != 0), quiet_(quiet) {}
+  void show(double fraction, const std::string& what) {
+    if (quiet_) return;
+    const int width = 24, filled = static_cast<int>(std::clamp(fraction, 0.0, 1.0) * width);
+    if (!tty_) return;
+    std::cerr << "\r[" << std::string(static_cast<std::size_t>(filled), '#') << std::string(static_cast<std::size_t>(width - filled), '.')
+              << "] " << what << "        " << std::flush;
+  }
+  void done() {
+    if (tty_) std::cerr << "\r" << std::string(100, ' ') << "\r" << std::flush;
+  }
+
+ private:
+  bool tty_, quiet_;
 };
 
-// SST-2 TSV: header "sentence<TAB>label", then one example per line.
-std::vector<Example> read_sst2(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) longmem::detail::fail<longmem::FormatError>(path.string(), ": cannot open the demo data");
-  std::vector<Example> out;
-  std::string line;
-  std::getline(in, line);  // header
-  while (std::getline(in, line)) {
-    const auto tab = line.rfind('\t');
-    if (tab == std::string::npos) continue;
-    out.push_back({line.substr(0, tab), line[tab + 1] == '1' ? 1 : 0});
+struct Options {
+  fs::path models = fs::path(LONGMEM_EXAMPLES_DIR) / "models";
+  fs::path data = fs::path(LONGMEM_EXAMPLES_DIR) / "data" / "heldout";
+  fs::path out = fs::temp_directory_path() / "longmem-demo";
+  std::int64_t eval_tokens = 98304;  // of the held-out document
+  int trials = 50;
+  std::uint64_t seed = 2023;
+  bool quiet = false;
+};
+
+Options parse(int argc, char** argv) {
+  Options o;
+  CLI::App app{"The LongMem demo: perplexity with and without memory on a held-out long book, and a passkey test, "
+               "with the embedded models.", "longmem_demo"};
+  app.add_option("--models", o.models, "folder with backbone.safetensors and sidenet.safetensors")->capture_default_str();
+  app.add_option("--data", o.data, "folder with the held-out texts")->capture_default_str();
+  app.add_option("--out", o.out, "where the plot and its data go")->capture_default_str();
+  app.add_option("--eval-tokens", o.eval_tokens, "tokens of the held-out document to score")
+      ->check(CLI::Range(std::int64_t{1024}, std::int64_t{1} << 30))
+      ->capture_default_str();
+  app.add_option("--trials", o.trials, "passkey trials per distance")->check(CLI::Range(1, 100000))->capture_default_str();
+  app.add_option("--seed", o.seed, "seed of the passkeys")->capture_default_str();
+  app.add_flag("--quiet", o.quiet, "no progress bar");
+  cli::parse(app, "longmem_demo", argc, argv);
+  return o;
+}
+
+std::vector<std::int32_t> read_text(const fs::path& p) { return read_text_document(p).tokens; }
+
+/// Mean loss per position bucket of `bucket` tokens (NaN where nothing was scored).
+std::vector<double> bucket_means(const std::vector<float>& losses, std::size_t bucket) {
+  std::vector<double> out;
+  for (std::size_t b = 0; b < losses.size(); b += bucket) {
+    double s = 0;
+    int n = 0;
+    for (std::size_t i = b; i < std::min(losses.size(), b + bucket); ++i) {
+      if (losses[i] == losses[i]) {
+        s += losses[i];
+        ++n;
+      }
+    }
+    out.push_back(n ? s / n : NAN);
   }
-  if (out.empty()) longmem::detail::fail<longmem::FormatError>(path.string(), ": no examples");
   return out;
 }
 
-std::string printable(const std::vector<std::int32_t>& ids, longmem::index_t begin, longmem::index_t end) {
-  std::string s;
-  for (auto i = std::max<longmem::index_t>(begin, 0); i < std::min<longmem::index_t>(end, static_cast<longmem::index_t>(ids.size())); ++i) {
-    const char c = static_cast<char>(ids[static_cast<std::size_t>(i)]);
-    s += c == '\n' ? std::string("\\n") : std::string(1, c);
+struct Scored {
+  double nll = 0;
+  double tokens_per_second = 0;
+  std::vector<float> token_losses;
+};
+
+/// The backbone alone, segment by segment (each segment on its own: its window).
+Scored score_backbone(const Gpt2Backbone<float>& backbone, std::span<const std::int32_t> tokens, int segment, Progress& bar,
+                      const std::string& what) {
+  Scored r;
+  BackboneOutput<float> out;
+  Tensor<float, Host> losses;
+  std::vector<std::int32_t> targets;
+  double sum = 0;
+  std::int64_t count = 0;
+  const auto t0 = Clock::now();
+  for (std::size_t b = 0; b < tokens.size(); b += static_cast<std::size_t>(segment)) {
+    const std::size_t len = std::min<std::size_t>(static_cast<std::size_t>(segment), tokens.size() - b);
+    targets.assign(len, -1);
+    for (std::size_t i = 0; i < len; ++i) {
+      if (b + i + 1 < tokens.size()) targets[i] = tokens[b + i + 1];
+    }
+    backbone.forward(tokens.subspan(b, len), BackboneRequest{true, false, -1}, out);
+    losses.resize({static_cast<index_t>(len)});
+    const auto [s, c] = ops::cross_entropy(cview(out.logits), targets, losses.view());
+    sum += s;
+    count += c;
+    for (std::size_t i = 0; i < len; ++i) r.token_losses.push_back(targets[i] == -1 ? NAN : losses.data()[i]);
+    bar.show(static_cast<double>(b + len) / static_cast<double>(tokens.size()), what);
   }
-  return s;
+  r.nll = sum / static_cast<double>(count);
+  r.tokens_per_second = static_cast<double>(tokens.size()) / seconds_since(t0);
+  return r;
 }
 
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+/// LongMem (or the SideNet with memory off) over the document as one stream.
+Scored score_longmem(LongMem& model, std::span<const std::int32_t> tokens, int segment, Progress& bar, const std::string& what) {
+  Scored r;
+  model.reset();
+  std::vector<std::int32_t> targets;
+  double sum = 0;
+  std::int64_t count = 0;
+  const auto t0 = Clock::now();
+  for (std::size_t b = 0; b < tokens.size(); b += static_cast<std::size_t>(segment)) {
+    const std::size_t len = std::min<std::size_t>(static_cast<std::size_t>(segment), tokens.size() - b);
+    targets.assign(len, -1);
+    for (std::size_t i = 0; i < len; ++i) {
+      if (b + i + 1 < tokens.size()) targets[i] = tokens[b + i + 1];
+    }
+    const auto& out = model.forward(tokens.subspan(b, len), targets);
+    Tensor<float, Host> losses({static_cast<index_t>(len)});
+    ops::cross_entropy(cview(out.logits[0]), targets, losses.view());
+    sum += out.loss_sum;
+    count += out.loss_tokens;
+    for (std::size_t i = 0; i < len; ++i) r.token_losses.push_back(targets[i] == -1 ? NAN : losses.data()[i]);
+    bar.show(static_cast<double>(b + len) / static_cast<double>(tokens.size()), what);
+  }
+  r.nll = sum / static_cast<double>(count);
+  r.tokens_per_second = static_cast<double>(tokens.size()) / seconds_since(t0);
+  return r;
+}
+
+/// Greedy continuation of `prompt` by `n` tokens: the backbone alone (memory == nullptr) or LongMem
+/// with its memory read-only.
+std::string continue_greedy(const Gpt2Backbone<float>* backbone, LongMem* model, std::vector<std::int32_t> prompt, int n) {
+  std::string out;
+  BackboneOutput<float> bo;
+  for (int i = 0; i < n; ++i) {
+    const TensorView<const float, Host> logits = [&] {
+      if (model) return cview(model->forward(prompt).logits[0]);
+      backbone->forward(prompt, BackboneRequest{true, false, -1}, bo);
+      return cview(bo.logits);
+    }();
+    const index_t V = logits.dim(1), last = logits.dim(0) - 1;
+    const float* row = logits.data() + last * V;
+    const auto next = static_cast<std::int32_t>(std::max_element(row, row + V) - row);
+    out.push_back(static_cast<char>(next));
+    prompt.push_back(next);
+  }
+  return out;
+}
+
+void plot(const fs::path& dir, const std::vector<std::pair<std::string, std::vector<double>>>& series, std::size_t bucket,
+          const std::string& title, bool quiet) {
+  const fs::path dat = dir / "loss_by_position.tsv", png = dir / "loss_by_position.png";
+  {
+    std::ofstream f(dat);
+    f << "position";
+    for (const auto& s : series) f << '\t' << s.first;
+    f << '\n';
+    for (std::size_t i = 0; i < series[0].second.size(); ++i) {
+      f << (i + 1) * bucket;
+      for (const auto& s : series) f << '\t' << s.second[i];
+      f << '\n';
+    }
+  }
+  if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) {
+    if (!quiet) std::cout << "(gnuplot not found: the plot's data is in " << dat.string() << ")\n";
+    return;
+  }
+  const fs::path gp = dir / "loss_by_position.gp";
+  {
+    std::ofstream g(gp);
+    g << "set terminal pngcairo size 900,540 font ',10'\nset output '" << png.string() << "'\n"
+      << "set title '" << title << "'\nset xlabel 'position in the document (bytes)'\n"
+      << "set ylabel 'loss (nats per byte), mean over " << bucket << " bytes'\nset grid\nset key top right\n"
+      << "set datafile missing 'nan'\nplot ";
+    const char* colors[] = {"#7f7f7f", "#1f77b4", "#c0392b"};
+    for (std::size_t i = 0; i < series.size(); ++i) {
+      g << (i ? ", " : "") << "'" << dat.string() << "' using 1:" << i + 2 << " every ::1 with linespoints lw 2 pt 7 ps 0.6 lc rgb '"
+        << colors[i % 3] << "' title '" << series[i].first << "'";
+    }
+    g << "\n";
+  }
+  const std::string cmd = "gnuplot '" + gp.string() + "' >/dev/null 2>&1";
+  if (std::system(cmd.c_str()) == 0) {
+    if (!quiet) std::cout << "plot     " << png.string() << "\n";
+  } else if (!quiet) {
+    std::cout << "(gnuplot failed; see " << gp.string() << ")\n";
+  }
+}
+
+int run(const Options& o) {
+  const auto t_start = Clock::now();
+  const fs::path bb_path = o.models / "backbone.safetensors", sn_path = o.models / "sidenet.safetensors";
+  for (const auto& p : {bb_path, sn_path}) {
+    if (!fs::exists(p)) {
+      detail::fail<FormatError>(p.string(), ": the embedded model is missing (examples/models/train.sh makes it)");
+    }
+  }
+  auto backbone = Gpt2Backbone<float>::load(bb_path);
+  auto side_net = SideNet<float>::load(sn_path);
+  const auto& bc = backbone.config();
+  const auto& sc = side_net.config();
+  const int segment = bc.n_positions;
+  const MemoryConfig trained = side_net.recommended_memory().value_or(MemoryConfig{});
+  std::cout << "longmem " << version_string << " demo: long-term memory on the CPU\n\n"
+            << "model    backbone GPT-2* (" << bc.n_layer << " layers, d " << bc.n_embd << ", " << bc.n_head << " heads, ALiBi, bytes), window "
+            << segment << " tokens, trained from scratch by longmem-train\n"
+            << "         SideNet " << sc.n_layer << " layers, memory in layer " << sc.memory_augmented_layer() << " (backbone layer "
+            << sc.memory_layer << "), adapted with " << trained.memory_tokens << " tokens of memory, chunks of " << trained.chunk_size
+            << ", " << trained.retrieved_tokens << " retrieved per query\n"
+            << "         " << bb_path.string() << ", " << sn_path.string() << "\n";
+
+  // 1. Perplexity on a held-out book.
+  const fs::path book = o.data / "kjv-19-jeremiah-lamentations.txt";
+  auto doc = read_text(book);
+  if (static_cast<std::int64_t>(doc.size()) < 2 * segment) {
+    detail::fail<InputError>(book.string(), ": ", doc.size(), " tokens, shorter than two segments of ", segment);
+  }
+  if (static_cast<std::int64_t>(doc.size()) > o.eval_tokens) doc.resize(static_cast<std::size_t>(o.eval_tokens));
+  std::cout << "\nheld-out " << book.filename().string() << " (King James Bible, public domain; never seen in training): first "
+            << doc.size() << " bytes, segments of " << segment << "\n\n";
+  Progress bar(o.quiet);
+  std::vector<std::pair<std::string, Scored>> rows;
+  rows.emplace_back("backbone alone (its 256-token window)", score_backbone(backbone, doc, segment, bar, "backbone"));
+  const int sizes[] = {4096, 16384, 65536};
+  {
+    MemoryConfig off = trained;
+    off.enabled = false;
+    LongMem model(backbone.clone(), side_net.clone(), off, 1);
+    rows.emplace_back("SideNet, memory off", score_longmem(model, doc, segment, bar, "SideNet without memory"));
+  }
+  for (int m : sizes) {
+    MemoryConfig mem = trained;
+    mem.memory_tokens = m;
+    LongMem model(backbone.clone(), side_net.clone(), mem, 1);
+    rows.emplace_back("LongMem, " + std::to_string(m / 1024) + " Ki tokens of memory",
+                      score_longmem(model, doc, segment, bar, "LongMem " + std::to_string(m / 1024) + " Ki"));
+  }
+  bar.done();
+  std::printf("%-42s %10s %10s %10s\n", "", "loss", "perplexity", "tokens/s");
+  for (const auto& [name, r] : rows) {
+    std::printf("%-42s %10.4f %10.3f %10.0f\n", name.c_str(), r.nll, std::exp(r.nll), r.tokens_per_second);
+  }
+
+  // 3. Loss by position (memory matters more the further into the document).
+  const std::size_t bucket = 8192;
+  fs::create_directories(o.out);
+  plot(o.out,
+       {{"backbone alone", bucket_means(rows[0].second.token_losses, bucket)},
+        {"SideNet, memory off", bucket_means(rows[1].second.token_losses, bucket)},
+        {"LongMem, 64 Ki memory", bucket_means(rows.back().second.token_losses, bucket)}},
+       bucket, "Held-out Jeremiah + Lamentations: loss by position, with and without memory", o.quiet);
+
+  // 2. Passkey.
+  const fs::path filler_path = o.data / "devils-dictionary.txt";
+  const auto filler_all = read_text(filler_path);
+  const std::int64_t max_n = 65536;
+  if (static_cast<std::int64_t>(filler_all.size()) < max_n) {
+    detail::fail<InputError>(filler_path.string(), ": ", filler_all.size(), " tokens, fewer than the ", max_n, " of filler needed");
+  }
+  const std::vector<std::int32_t> filler(filler_all.begin() + 4096, filler_all.begin() + 4096 + max_n);  // past the title page
+  // The filler's memory entries, once: segments of the window, as the model would stream them.
+  BackboneOutput<float> bo;
+  const BackboneRequest capture{false, false, sc.memory_layer};
+  Tensor<float, Host> filler_k({max_n, bc.n_head, bc.head_dim()}), filler_v({max_n, bc.n_head, bc.head_dim()});
+  for (std::int64_t b = 0; b < max_n; b += segment) {
+    backbone.forward(std::span<const std::int32_t>(filler).subspan(static_cast<std::size_t>(b), static_cast<std::size_t>(segment)),
+                     capture, bo);
+    copy(cview(bo.mem_keys), filler_k.view().slice(b, b + segment));
+    copy(cview(bo.mem_values), filler_v.view().slice(b, b + segment));
+    bar.show(static_cast<double>(b + segment) / static_cast<double>(max_n), "passkey filler into memory entries");
+  }
+  MemoryConfig pk = trained;
+  pk.memory_tokens = static_cast<int>(max_n + 2 * segment);  // the key and all the filler fit
+  LongMem model(backbone.clone(), side_net.clone(), pk, 1);
+  model.set_remember(false);  // the question does not join the memory
+  const auto question = ByteTokenizer::encode("\nWhat is the pass key? The pass key is ");
+  std::mt19937_64 rng(o.seed);
+  std::uniform_int_distribution<int> key_dist(0, 99999);
+  const std::int64_t distances[] = {1024, 4096, 16384, 65536};
+  std::printf("\npasskey  \"The pass key is NNNNN. Remember it. NNNNN is the pass key.\", then N bytes of held-out text\n"
+              "         (The Devil's Dictionary), then \"What is the pass key? The pass key is\"; greedy, all 5 digits must match;\n"
+              "         %d trials per N, chance 1 in 100000\n\n", o.trials);
+  std::printf("%-10s %22s %22s\n", "N", "backbone alone", "LongMem");
+  const int total = o.trials * 4;
+  int done = 0;
+  for (std::int64_t n : distances) {
+    int right_backbone = 0, right_longmem = 0;
+    for (int t = 0; t < o.trials; ++t) {
+      char key[6];
+      std::snprintf(key, sizeof key, "%05d", key_dist(rng));
+      const std::string statement = std::string("The pass key is ") + key + ". Remember it. " + key + " is the pass key.\n";
+      model.reset();
+      model.set_remember(true);
+      model.forward(ByteTokenizer::encode(statement));  // the key becomes memory
+      model.bank(0).append(cview(filler_k).slice(0, n), cview(filler_v).slice(0, n));
+      model.set_remember(false);
+      right_longmem += continue_greedy(nullptr, &model, question, 5) == key;
+      right_backbone += continue_greedy(&backbone, nullptr, question, 5) == key;
+      bar.show(static_cast<double>(++done) / total, "passkey trials");
+    }
+    bar.done();
+    std::printf("%-10s %15d / %-4d %15d / %-4d\n", (std::to_string(n / 1024) + " Ki").c_str(), right_backbone, o.trials, right_longmem,
+                o.trials);
+  }
+  std::printf("\ndone in %.0f s\n", seconds_since(t_start));
+  return 0;
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  using namespace longmem;
-  std::filesystem::path data_dir = LONGMEM_EXAMPLES_DATA_DIR;
-  std::filesystem::path model_dir = std::filesystem::temp_directory_path() / "longmem-demo-model";
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--data" && i + 1 < argc) data_dir = argv[++i];
-    else if (a == "--model-dir" && i + 1 < argc) model_dir = argv[++i];
-    else {
-      std::cerr << "usage: longmem_demo [--data DIR] [--model-dir DIR]\n";
-      return 64;
-    }
-  }
-  try {
-    std::cout << "longmem " << version_string << " demo: LongMem on the CPU\n\n";
-
-    // 1. The default model, through its checkpoint files.
-    const auto bcfg = BackboneConfig::gpt2_star(/*n_layer=*/4, /*n_embd=*/128, /*n_head=*/4,
-                                                /*vocab_size=*/ByteTokenizer::vocab_size, /*n_positions=*/512);
-    std::filesystem::create_directories(model_dir);
-    const auto backbone_path = model_dir / "backbone.safetensors", side_net_path = model_dir / "sidenet.safetensors";
-    MemoryConfig memory;
-    memory.memory_tokens = 16384;  // per stream
-    memory.chunk_size = 2;         // the paper's in-context-learning setting
-    memory.retrieved_tokens = 32;  // 16 chunks per query and head
-    {
-      auto backbone = Gpt2Backbone<float>::random(bcfg, /*seed=*/2023);
-      SideNet<float>::from_backbone(backbone, /*memory_layer=*/2).save(side_net_path, memory);
-      backbone.save(backbone_path);
-    }
-    DemoModel model(Gpt2Backbone<float>::load(backbone_path), SideNet<float>::load(side_net_path),
-                    *SideNet<float>::load(side_net_path).recommended_memory());
-    const auto& sn = model.side_net().config();
-    std::cout << "model    GPT-2* backbone: " << bcfg.n_layer << " layers, d " << bcfg.n_embd << ", " << bcfg.n_head
-              << " heads, ALiBi, byte vocabulary; SideNet: " << sn.n_layer << " layers, memory at layer "
-              << sn.memory_augmented_layer() << " (backbone layer m = " << sn.memory_layer << ")\n"
-              << "         checkpoints: " << backbone_path.string() << ", " << side_net_path.string() << "\n"
-              << "         weights are random (untrained): predictions are chance; the mechanics are real\n"
-              << "memory   " << memory.memory_tokens << " tokens per stream, chunks of " << memory.chunk_size << ", "
-              << memory.retrieved_tokens << " tokens (" << memory.retrieved_chunks() << " chunks) retrieved per query and head\n\n";
-
-    // 2. Demonstrations into memory.
-    const auto train = read_sst2(data_dir / "sst2_sample.tsv");
-    const auto dev = read_sst2(data_dir / "sst2_dev_sample.tsv");
-    std::string demos;
-    for (const auto& e : train) demos += "Review: " + e.sentence + "\nSentiment: " + (e.label ? "positive" : "negative") + "\n\n";
-    const auto stream = ByteTokenizer::encode(demos);
-    const int segment = 256;
-    auto t0 = Clock::now();
-    double nll = 0;
-    std::int64_t counted = 0;
-    for (std::size_t b = 0; b + 1 < stream.size(); b += segment) {
-      const std::size_t len = std::min<std::size_t>(segment, stream.size() - 1 - b);
-      const auto& out = model.forward(std::span(stream).subspan(b, len), std::span(stream).subspan(b + 1, len));
-      nll += out.loss_sum;
-      counted += out.loss_tokens;
-    }
-    const double secs = seconds_since(t0);
-    const auto& bank = model.bank(0);
-    std::printf("stream   %zu SST-2 demonstrations, %zu bytes, segments of %d: %.0f tokens/s, perplexity %.2f\n",
-                train.size(), stream.size(), segment, static_cast<double>(stream.size()) / secs,
-                std::exp(nll / static_cast<double>(counted)));
-    std::printf("bank     %lld chunks of %d tokens (%lld tokens, %.1f MiB), %lld chunks evicted, %lld tokens pending\n\n",
-                static_cast<long long>(bank.num_chunks()), memory.chunk_size, static_cast<long long>(bank.size_tokens()),
-                static_cast<double>(bank.bytes_used()) / (1 << 20),
-                static_cast<long long>(bank.chunks_appended() - bank.num_chunks()), static_cast<long long>(bank.pending_tokens()));
-
-    // 3. Held-out reviews, demonstrations in memory (read-only), with and without memory.
-    model.set_remember(false);
-    int correct_mem = 0, correct_plain = 0, changed = 0;
-    double margin_shift = 0;  // mean |change of the logit margin 'p' - 'n'| due to memory
-    const int p_id = 'p', n_id = 'n';
-    for (const auto& e : dev) {
-      const auto prompt = ByteTokenizer::encode("Review: " + e.sentence + "\nSentiment: ");
-      int pred[2];
-      double margin[2];
-      for (int use_memory = 1; use_memory >= 0; --use_memory) {
-        model.set_memory_enabled(use_memory != 0);
-        const auto& out = model.forward(prompt);
-        const auto last = static_cast<index_t>(prompt.size()) - 1;
-        margin[use_memory] = static_cast<double>(out.logits[0](last, p_id)) - out.logits[0](last, n_id);
-        pred[use_memory] = margin[use_memory] > 0 ? 1 : 0;
-      }
-      correct_mem += pred[1] == e.label;
-      correct_plain += pred[0] == e.label;
-      changed += pred[0] != pred[1];
-      margin_shift += std::abs(margin[1] - margin[0]) / static_cast<double>(dev.size());
-    }
-    model.set_memory_enabled(true);
-    std::printf("queries  %zu held-out reviews: accuracy %.1f%% with memory, %.1f%% without (chance: random weights);\n"
-                "         memory moved the positive-vs-negative logit margin by %.4f on average and changed %d answers\n\n",
-                dev.size(), 100.0 * correct_mem / static_cast<double>(dev.size()),
-                100.0 * correct_plain / static_cast<double>(dev.size()), margin_shift, changed);
-
-    // What the memory returned for the last token of one query (head 0, best first).
-    const auto prompt = ByteTokenizer::encode("Review: " + dev[0].sentence + "\nSentiment: ");
-    model.forward(prompt);
-    const auto& r = model.last_retrieval();
-    const auto last = static_cast<index_t>(prompt.size()) - 1;
-    std::cout << "retrieval for the last token of \"" << printable(prompt, 0, static_cast<index_t>(prompt.size()))
-              << "\" (head 0):\n";
-    for (int c = 0; c < std::min(r.chunks, 5); ++c) {
-      const index_t slot = r.slots(last, 0, c);
-      const index_t pos = bank.chunk_position(slot);
-      std::printf("  score %7.3f  chunk at byte %6lld: \"%s\" in \"...%s...\"\n", static_cast<double>(r.scores(last, 0, c)),
-                  static_cast<long long>(pos), printable(stream, pos, pos + memory.chunk_size).c_str(),
-                  printable(stream, pos - 12, pos + memory.chunk_size + 12).c_str());
-    }
-    const auto cli = std::filesystem::path(argv[0]).parent_path() / "longmem-run";
-    std::cout << "\nNext: run these checkpoints (or any other) over a token file with the command-line tool:\n  "
-              << cli.string() << " --backbone " << backbone_path.string() << " --sidenet " << side_net_path.string()
-              << " --tokens ids.txt --out out.safetensors\n";
-    return 0;
-  } catch (const longmem::Error& e) {
-    std::cerr << "longmem_demo: " << e.what() << "\n";
-    return 2;
-  }
+  const Options o = parse(argc, argv);
+  return cli::guarded("longmem_demo", [&] { return run(o); });
 }

@@ -4,9 +4,12 @@
 // memory for what its window cannot see (the paper's adaptation data is plain long text; small
 // models and short runs need this nudge).
 //
-//   Fact 1: the code word of amber falcon is 48213.\n  ... (`facts` lines)
+//   Remember: the number for amber falcon is 48213.\n  ... (`facts` lines)
 //   <filler: a slice of a training document, between min_gap and max_gap bytes>
-//   \nQuestion: what is the code word of amber falcon? Answer: 48213.\n  ... (every fact, shuffled)
+//   \nRecall: the number for amber falcon is 48213.  ... (every fact, shuffled)
+//
+// The recall repeats the fact's words, so the digits follow the same context as where they were
+// stated: what a model learns is to continue a context from memory (an induction step over memory).
 //
 // Names are two words from fixed lists, numbers are random 5-digit strings. Everything comes from
 // the caller's training text and RNG: nothing of an evaluation (its template, filler or keys).
@@ -66,7 +69,7 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
     }
     std::string head;
     for (std::size_t i = 0; i < facts.size(); ++i) {
-      head += "Fact " + std::to_string(i + 1) + ": the code word of " + facts[i].first + " is " + facts[i].second + ".\n";
+      head += "Remember: the number for " + facts[i].first + " is " + facts[i].second + ".\n";
     }
     const Document& src = *long_enough[pick(rng)];
     const std::int64_t len = gap(rng);
@@ -74,7 +77,7 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
     const std::int64_t s0 = start(rng);
     std::shuffle(facts.begin(), facts.end(), rng);
     std::string tail;
-    for (const auto& f : facts) tail += "\nQuestion: what is the code word of " + f.first + "? Answer: " + f.second + ".";
+    for (const auto& f : facts) tail += "\nRecall: the number for " + f.first + " is " + f.second + ".";
     tail += "\n";
     Document d;
     d.name = "recall practice " + std::to_string(n);
