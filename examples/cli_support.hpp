@@ -3,7 +3,8 @@
 // convention, token files, and the error handling around main().
 //
 // Exit codes: 0 done; 64 usage (a bad or missing flag, printed with the help); 2 a file or an
-// argument the library refused (its message names what and where); 3 training stopped (a non-finite
+// argument the library refused (its message names what and where), a path that cannot be created or
+// read, or a run that does not fit this machine's memory; 3 training stopped (a non-finite
 // loss; the last checkpoint is kept); 130 interrupted (Ctrl-C, after saving); 1 a bug (the exception's
 // type and message: "unexpected").
 #include <cerrno>
@@ -11,6 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -56,6 +58,10 @@ inline int guarded(const std::string& tool, const std::function<int()>& body) {
     std::cerr << tool << ": " << e.what() << "\n";
     return exit_training_stopped;
   } catch (const Error& e) {
+    std::cerr << tool << ": " << e.what() << "\n";
+    return exit_refused;
+  } catch (const std::filesystem::filesystem_error& e) {
+    // a path given on the command line that cannot be created, read or listed
     std::cerr << tool << ": " << e.what() << "\n";
     return exit_refused;
   } catch (const std::bad_alloc&) {

@@ -38,7 +38,8 @@ class InputError : public Error {
   using Error::Error;
 };
 
-/// Training cannot go on: a non-finite loss or gradient, or a checkpoint that does not fit the run.
+/// Training cannot go on: a non-finite loss or gradient. (A checkpoint that is damaged or does not
+/// fit the run is a FormatError or ConfigError: it is refused before training starts.)
 class TrainingError : public Error {
  public:
   using Error::Error;

@@ -165,7 +165,9 @@ inline BackboneConfig backbone_config_from_json(const std::filesystem::path& pat
   auto num = [&](const char* key) {
     if (!j.contains(key) || j[key].is_null()) return;
     const auto& v = j[key];
-    if (v.is_number_integer()) {
+    if (v.is_number_unsigned()) {
+      md[key] = std::to_string(v.get<unsigned long long>());
+    } else if (v.is_number_integer()) {
       md[key] = std::to_string(v.get<long long>());
     } else if (v.is_number()) {
       md[key] = format_double(v.get<double>());
@@ -181,11 +183,11 @@ inline BackboneConfig backbone_config_from_json(const std::filesystem::path& pat
   }
   if (j.contains("architecture") && j["architecture"].is_string()) {
     md["architecture"] = j["architecture"].get<std::string>();
-  } else if (j.value("model_type", std::string()) == "gpt2") {
+  } else if (j.contains("model_type") && j["model_type"].is_string() && j["model_type"].get<std::string>() == "gpt2") {
     md["architecture"] = "gpt2";
   } else {
-    fail<ConfigError>(path.string(), ": model_type '", j.value("model_type", std::string("<missing>")),
-                      "' is not supported (expected gpt2)");
+    fail<ConfigError>(path.string(), ": model_type ", j.contains("model_type") ? describe(j["model_type"]) : "<missing>",
+                      " is not supported (expected the string 'gpt2')");
   }
   auto refuse = [&](const char* key, bool bad_value, const char* why) {
     if (j.contains(key) && !j[key].is_null() && j[key].is_boolean() && j[key].get<bool>() == bad_value) {
@@ -286,10 +288,26 @@ class Gpt2Backbone {
       detail::fail<ConfigError>(file.name(), ": no hyper-parameters: the file's __metadata__ has no 'architecture' and there is "
                                 "no config.json beside it");
     }
-    detail::check_layer_count(file, "n_layer", cfg.n_layer, "h.", ".ln_1.weight");
-    WeightReader r(file, {"", "transformer."});
-    const index_t d = cfg.n_embd, V = cfg.vocab_size, F = cfg.n_inner;
+    // Every size is checked against the tensors the file holds before anything is sized from it.
+    const char* src = md.has("architecture") ? "metadata" : "config.json";
+    detail::check_layer_count(file, "n_layer", cfg.n_layer, "h.", ".ln_1.weight", src);
+    const std::vector<std::string> prefixes{"", "transformer."};
+    WeightReader r(file, prefixes);
     const bool hf_names = r.has("h.0.attn.c_attn.weight");
+    {
+      auto extent = [&](const char* key, long long v, const char* tensor, int axis, const char* what) {
+        detail::check_extent(file, prefixes, src, key, v, tensor, axis, what);
+      };
+      extent("vocab_size", cfg.vocab_size, "wte.weight", 0, "rows");
+      extent("n_embd", cfg.n_embd, "wte.weight", 1, "columns");
+      if (cfg.positions == PositionScheme::Learned) extent("n_positions", cfg.n_positions, "wpe.weight", 0, "rows");
+      if (hf_names) {
+        extent("n_inner", cfg.n_inner, "h.0.mlp.c_fc.weight", 1, "columns");  // Conv1D [in, out]
+      } else {
+        extent("n_inner", cfg.n_inner, "h.0.mlp.fc_in.weight", 0, "rows");
+      }
+    }
+    const index_t d = cfg.n_embd, V = cfg.vocab_size, F = cfg.n_inner;
     auto wte = r.read<T>("wte.weight", {V, d});
     Tensor<T, Host> wpe;
     if (cfg.positions == PositionScheme::Learned) wpe = r.read<T>("wpe.weight", {cfg.n_positions, d});

@@ -19,6 +19,7 @@
 
 #include "longmem/backbone.hpp"
 #include "longmem/chunk_retriever.hpp"
+#include "longmem/detail/host_memory.hpp"
 #include "longmem/fusion.hpp"
 #include "longmem/memory_bank.hpp"
 #include "longmem/model_config.hpp"
@@ -86,6 +87,14 @@ class Model {
     memory_.validate();
     if (streams <= 0) detail::fail<ConfigError>("Model: streams must be positive, got ", streams);
     geometry_ = MemoryGeometry{bc.n_head, bc.head_dim(), memory_.chunk_size, memory_.capacity_chunks()};
+    if constexpr (requires { M::bytes_for(geometry_); }) {
+      // All banks at once, before the first is built (each bank also claims its own share).
+      const auto one = M::bytes_for(geometry_);
+      detail::require_host_memory(one ? detail::checked_bytes(*one, {streams}) : std::nullopt,
+                                  detail::concat("Model: ", streams, " memory bank", streams > 1 ? "s" : "", " of ",
+                                                 memory_.memory_tokens, " tokens (", bc.n_head, " heads of ",
+                                                 bc.head_dim(), ")"));
+    }
     banks_.reserve(static_cast<std::size_t>(streams));
     for (int s = 0; s < streams; ++s) banks_.emplace_back(geometry_);
     request_.logits = false;

@@ -9,17 +9,36 @@
 //   SideNet only: reduction_factor memory_layer position_embedding ("learned"|"alibi")
 //                 attn_bias ("true"|"false") backbone_fingerprint
 //                 memory_tokens chunk_size retrieved_tokens (recommended memory settings)
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <map>
 #include <optional>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 
 #include "longmem/error.hpp"
 
 namespace longmem {
+
+/// Bounds on sizes that no tensor of a file can confirm, checked before anything is sized from
+/// them. Everything else a file states (layer counts, widths, vocabularies, MLP widths, heads
+/// with a gate) is checked against the tensors it holds.
+namespace limits {
+/// Longest segment a backbone may declare (n_positions): 2^24 tokens. Positions and ALiBi
+/// distances are computed in the compute type, and float holds every integer only up to 2^24;
+/// past it neighbouring positions get the same bias. (A learned-position file must also hold
+/// that many wpe rows.)
+inline constexpr int max_positions = 1 << 24;
+/// Largest memory_tokens (and so chunk_size and retrieved_tokens, which may not exceed it): 2^30,
+/// the range longmem-run and longmem-train accept on their command lines, so a file cannot
+/// recommend what a user could not ask for; it is 16,384 times the paper's 65,536-token memory.
+/// Whether the banks fit this machine is checked when they are built.
+inline constexpr int max_memory_tokens = 1 << 30;
+}  // namespace limits
 
 /// How a block combines attention and MLP.
 enum class BlockStyle : std::uint8_t {
@@ -67,7 +86,7 @@ struct BackboneConfig {
     c.n_layer = n_layer;
     c.n_embd = n_embd;
     c.n_head = n_head;
-    c.n_inner = 4 * n_embd;
+    c.n_inner = static_cast<int>(std::min<long long>(4LL * n_embd, INT_MAX));  // (a width that large fits no file)
     c.vocab_size = vocab_size;
     c.n_positions = n_positions;
     return c;
@@ -95,6 +114,10 @@ struct BackboneConfig {
     positive("n_inner", n_inner);
     positive("vocab_size", vocab_size);
     positive("n_positions", n_positions);
+    if (n_positions > limits::max_positions) {
+      detail::fail<ConfigError>("backbone config: n_positions = ", n_positions, " exceeds the ", limits::max_positions,
+                                " (2^24) positions float computes exactly");
+    }
     if (n_embd % n_head != 0) {
       detail::fail<ConfigError>("backbone config: n_embd (", n_embd, ") must be divisible by n_head (", n_head, ")");
     }
@@ -131,6 +154,10 @@ struct MemoryConfig {
     if (memory_tokens % chunk_size != 0) {
       detail::fail<ConfigError>("memory config: memory_tokens (", memory_tokens, ") must be a multiple of chunk_size (",
                                 chunk_size, ")");
+    }
+    if (memory_tokens > limits::max_memory_tokens) {
+      detail::fail<ConfigError>("memory config: memory_tokens = ", memory_tokens, " exceeds the limit of ",
+                                limits::max_memory_tokens, " (2^30) tokens per stream");
     }
     if (retrieved_tokens > memory_tokens) {
       detail::fail<ConfigError>("memory config: retrieved_tokens (", retrieved_tokens,
@@ -229,11 +256,13 @@ class MetadataReader {
     long long v = 0;
     try {
       v = std::stoll(*s, &pos);
+    } catch (const std::out_of_range&) {
+      detail::fail<ConfigError>(source_, ": metadata '", key, "' = ", shown(*s), " does not fit a 64-bit integer");
     } catch (const std::exception&) {
       pos = std::string::npos;
     }
     if (pos != s->size()) {
-      detail::fail<ConfigError>(source_, ": metadata '", key, "' must be an integer, got '", *s, "'");
+      detail::fail<ConfigError>(source_, ": metadata '", key, "' must be an integer, got '", shown(*s), "'");
     }
     return v;
   }
@@ -249,7 +278,7 @@ class MetadataReader {
       pos = std::string::npos;
     }
     if (pos != s->size()) {
-      detail::fail<ConfigError>(source_, ": metadata '", key, "' must be a number, got '", *s, "'");
+      detail::fail<ConfigError>(source_, ": metadata '", key, "' must be a number, got '", shown(*s), "'");
     }
     return v;
   }
@@ -259,7 +288,7 @@ class MetadataReader {
     if (!s) return std::nullopt;
     if (*s == "true" || *s == "1") return true;
     if (*s == "false" || *s == "0") return false;
-    detail::fail<ConfigError>(source_, ": metadata '", key, "' must be true or false, got '", *s, "'");
+    detail::fail<ConfigError>(source_, ": metadata '", key, "' must be true or false, got '", shown(*s), "'");
   }
 
   /// An int that must be present and fit in int.
@@ -274,9 +303,25 @@ class MetadataReader {
     return v ? checked_int(key, *v) : fallback;
   }
 
+  /// n_inner, or 4 * n_embd when absent (computed without overflow; a width that does not fit
+  /// an int is refused naming both keys).
+  int inner_width(int n_embd) const {
+    if (has("n_inner")) return require_int("n_inner");
+    const long long f = 4LL * n_embd;
+    if (f > INT_MAX) {
+      detail::fail<ConfigError>(source_, ": metadata has no 'n_inner' and 4 * n_embd = ", f, " does not fit a 32-bit int");
+    }
+    return static_cast<int>(f);
+  }
+
   const std::string& source() const { return source_; }
 
  private:
+  /// A metadata value for a message, cut to a readable length.
+  static std::string shown(const std::string& v) {
+    return v.size() <= 40 ? v : v.substr(0, 40) + "... (" + std::to_string(v.size()) + " bytes)";
+  }
+
   int checked_int(const std::string& key, long long v) const {
     if (v < -2147483647LL || v > 2147483647LL) {
       detail::fail<ConfigError>(source_, ": metadata '", key, "' = ", v, " does not fit a 32-bit int");
@@ -325,10 +370,14 @@ inline BackboneConfig backbone_config_from_metadata(const MetadataReader& md) {
   } else {
     detail::fail<ConfigError>(md.source(), ": architecture '", *arch, "' is not a backbone (expected gpt2 or gpt2-star)");
   }
-  c.n_inner = md.int_or("n_inner", 4 * d);
+  c.n_inner = md.inner_width(d);
   if (auto eps = md.get_double("layer_norm_epsilon")) c.layer_norm_epsilon = *eps;
   if (auto act = md.get_string("activation_function")) c.activation = detail::parse_activation(*act, md.source());
-  c.validate();
+  try {
+    c.validate();
+  } catch (const ConfigError& e) {
+    detail::fail<ConfigError>(md.source(), ": ", e.what());
+  }
   return c;
 }
 

@@ -10,6 +10,8 @@
 // Files use the reference implementation's names: layers.N.ln_1, layers.N.self_attn.
 // {q,k,v,out}_proj, layers.N.self_attn.memory_bias (the gate, only on layer i*),
 // layers.N.fc1, layers.N.fc2, layer_norm; hyper-parameters in __metadata__.
+#include <climits>
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -149,7 +151,7 @@ inline SideNetConfig side_net_config_from_metadata(const MetadataReader& md) {
   c.n_layer = md.require_int("n_layer");
   c.n_embd = md.require_int("n_embd");
   c.n_head = md.require_int("n_head");
-  c.n_inner = md.int_or("n_inner", 4 * c.n_embd);
+  c.n_inner = md.inner_width(c.n_embd);
   c.reduction_factor = md.require_int("reduction_factor");
   c.memory_layer = md.require_int("memory_layer");
   if (auto eps = md.get_double("layer_norm_epsilon")) c.layer_norm_epsilon = *eps;
@@ -160,6 +162,26 @@ inline SideNetConfig side_net_config_from_metadata(const MetadataReader& md) {
   if (c.n_layer <= 0 || c.n_embd <= 0 || c.n_head <= 0 || c.n_embd % c.n_head != 0) {
     detail::fail<ConfigError>(md.source(), ": SideNet sizes n_layer=", c.n_layer, " n_embd=", c.n_embd, " n_head=", c.n_head,
                               " are invalid (all positive, n_embd divisible by n_head)");
+  }
+  if (c.n_inner <= 0) detail::fail<ConfigError>(md.source(), ": metadata 'n_inner' must be positive, got ", c.n_inner);
+  // The backbone it belongs to has n_layer * reduction_factor layers (an int), and the memory
+  // layer is one of them; i* = memory_layer / reduction_factor is then a SideNet layer.
+  if (c.reduction_factor <= 0) {
+    detail::fail<ConfigError>(md.source(), ": metadata 'reduction_factor' must be positive, got ", c.reduction_factor);
+  }
+  const long long backbone_layers = static_cast<long long>(c.n_layer) * c.reduction_factor;
+  if (backbone_layers > INT_MAX) {
+    detail::fail<ConfigError>(md.source(), ": metadata 'reduction_factor' = ", c.reduction_factor, " with n_layer = ",
+                              c.n_layer, " describes a backbone of ", backbone_layers, " layers, more than an int counts");
+  }
+  if (c.memory_layer < 0 || c.memory_layer >= backbone_layers) {
+    detail::fail<ConfigError>(md.source(), ": metadata 'memory_layer' = ", c.memory_layer, " is not a layer of the ",
+                              backbone_layers, "-layer backbone that n_layer = ", c.n_layer, " and reduction_factor = ",
+                              c.reduction_factor, " describe");
+  }
+  if (!(c.layer_norm_epsilon > 0) || !std::isfinite(c.layer_norm_epsilon)) {
+    detail::fail<ConfigError>(md.source(), ": metadata 'layer_norm_epsilon' must be a positive finite number, got ",
+                              c.layer_norm_epsilon);
   }
   return c;
 }
@@ -172,6 +194,14 @@ inline std::optional<MemoryConfig> memory_config_from_metadata(const MetadataRea
   m.memory_tokens = md.require_int("memory_tokens");
   m.chunk_size = md.require_int("chunk_size");
   m.retrieved_tokens = md.require_int("retrieved_tokens");
+  // Positive, dividing, and memory_tokens <= limits::max_memory_tokens (2^30; see there).
+  try {
+    m.validate();
+  } catch (const ConfigError& e) {
+    detail::fail<ConfigError>(md.source(), ": the recommended memory settings in its metadata (memory_tokens = ",
+                              m.memory_tokens, ", chunk_size = ", m.chunk_size, ", retrieved_tokens = ", m.retrieved_tokens,
+                              ") are refused: ", e.what());
+  }
   return m;
 }
 
@@ -202,6 +232,10 @@ class SideNet {
 
   static SideNet from_file(const SafetensorsFile& file) {
     MetadataReader md(file.metadata(), file.name());
+    // The layer count first: every other check below may use it.
+    if (md.get_string("architecture") == "longmem-sidenet" && md.has("n_layer")) {
+      detail::check_layer_count(file, "n_layer", *md.get_int("n_layer"), "layers.", ".ln_1.weight");
+    }
     SideNetConfig cfg = side_net_config_from_metadata(md);
     auto recommended = memory_config_from_metadata(md);
     const int i_star = cfg.memory_augmented_layer();
@@ -210,7 +244,13 @@ class SideNet {
                                 cfg.reduction_factor, " puts the memory in SideNet layer ", i_star, " but it has only ",
                                 cfg.n_layer, " layers");
     }
-    detail::check_layer_count(file, "n_layer", cfg.n_layer, "layers.", ".ln_1.weight");
+    // Every size is checked against the tensors the file holds before anything is sized from it.
+    const std::vector<std::string> prefixes{""};
+    detail::check_extent(file, prefixes, "metadata", "n_embd", cfg.n_embd, "layer_norm.weight", 0, "elements");
+    detail::check_extent(file, prefixes, "metadata", "n_embd", cfg.n_embd, "layers.0.ln_1.weight", 0, "elements");
+    detail::check_extent(file, prefixes, "metadata", "n_inner", cfg.n_inner, "layers.0.fc1.weight", 0, "rows");
+    detail::check_extent(file, prefixes, "metadata", "n_head", cfg.n_head,
+                         "layers." + std::to_string(i_star) + ".self_attn.memory_bias", 0, "gates, one per head");
     WeightReader r(file);
     SideNetParameters<T, Host> params;
     params.layers.resize(static_cast<std::size_t>(cfg.n_layer));

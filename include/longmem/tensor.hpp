@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "longmem/detail/host_memory.hpp"
 #include "longmem/error.hpp"
 
 namespace longmem {
@@ -196,7 +197,7 @@ struct Allocator<Host> {
     if (bytes == 0) return nullptr;
     const std::size_t rounded = (bytes + alignment - 1) / alignment * alignment;
     void* p = std::aligned_alloc(alignment, rounded);
-    if (!p) fail<BackendError>("out of host memory allocating ", bytes, " bytes");
+    if (!p) fail<BackendError>("out of host memory allocating ", describe_bytes(bytes));
     return p;
   }
   static void deallocate(void* p) noexcept { std::free(p); }
@@ -244,6 +245,15 @@ class Tensor {
     if (n > capacity_) {
       if (static_cast<std::size_t>(n) > std::numeric_limits<std::size_t>::max() / sizeof(T)) {
         detail::fail<BackendError>("a tensor of shape ", shape.str(), " is too large to allocate");
+      }
+      if constexpr (std::is_same_v<L, Host>) {
+        // Refused up front rather than left to overcommit (pages that cannot be backed kill the
+        // process when touched) or to a failure deep inside a forward.
+        const std::uint64_t need = static_cast<std::uint64_t>(n) * sizeof(T), have = detail::physical_memory_bytes();
+        if (have > 0 && need > have) {
+          detail::fail<BackendError>("a host tensor of shape ", shape.str(), " needs ", detail::describe_bytes(need),
+                                     " but this machine has ", detail::describe_bytes(have), " of memory");
+        }
       }
       release();
       data_ = static_cast<T*>(detail::Allocator<L>::allocate(static_cast<std::size_t>(n) * sizeof(T)));

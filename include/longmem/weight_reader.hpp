@@ -73,11 +73,13 @@ class WeightReader {
 namespace detail {
 
 /// Refuses a file whose metadata `key` states a layer count other than the number of layers
-/// whose tensors the file holds (names `prefix` N `suffix`, e.g. "h." N ".ln_1.weight"), before
-/// anything is sized from that count: a hostile count cannot make the loader allocate.
+/// whose tensors the file holds (names `prefix` N `suffix`, e.g. "h." N ".ln_1.weight", with or
+/// without a "transformer." prefix), before anything is sized from that count: a hostile count
+/// cannot make the loader allocate. The N present must be exactly 0 .. count-1, so the count is
+/// at most the number of tensors in the file (a lone "h.999999999.ln_1.weight" is refused too).
 inline void check_layer_count(const SafetensorsFile& file, const char* key, long long stated, const std::string& prefix,
-                              const std::string& suffix) {
-  long long present = 0;  // 1 + the largest N with prefix N suffix in the file
+                              const std::string& suffix, const char* source = "metadata") {
+  std::set<long long> present;  // every N with prefix N suffix in the file
   for (const auto& name : file.names()) {
     const std::string_view n(name);
     std::string_view rest;
@@ -90,15 +92,40 @@ inline void check_layer_count(const SafetensorsFile& file, const char* key, long
     }
     const auto digits = rest.find_first_not_of("0123456789");
     if (digits == 0 || digits == std::string_view::npos || digits > 9 || rest.substr(digits) != suffix) continue;
-    present = std::max(present, std::stoll(std::string(rest.substr(0, digits))) + 1);
+    if (digits > 1 && rest[0] == '0') continue;  // "h.01." names no layer the loader reads
+    present.insert(std::stoll(std::string(rest.substr(0, digits))));
   }
-  if (stated == present) return;
-  if (present == 0) {
-    fail<ConfigError>(file.name(), ": metadata '", key, "' = ", stated, " but the file holds no ", prefix, "N", suffix,
+  const auto count = static_cast<long long>(present.size());
+  if (present.empty()) {
+    fail<ConfigError>(file.name(), ": ", source, " '", key, "' = ", stated, " but the file holds no ", prefix, "N", suffix,
                       " tensors (0 layers)");
   }
-  fail<ConfigError>(file.name(), ": metadata '", key, "' = ", stated, " but the file holds ", present,
-                    " layers (", prefix, "0", suffix, " .. ", prefix, present - 1, suffix, ")");
+  if (*present.rbegin() != count - 1) {
+    long long gap = 0;
+    while (present.count(gap)) ++gap;
+    fail<ConfigError>(file.name(), ": ", source, " '", key, "' = ", stated, " but the file holds ", count, " ", prefix, "N",
+                      suffix, " tensors numbered up to ", *present.rbegin(), ", without ", prefix, gap, suffix,
+                      " (layers must be numbered 0 .. n-1)");
+  }
+  if (stated == count) return;
+  fail<ConfigError>(file.name(), ": ", source, " '", key, "' = ", stated, " but the file holds ", count, " layers (", prefix,
+                    "0", suffix, " .. ", prefix, count - 1, suffix, ")");
+}
+
+/// Refuses a file whose hyper-parameter `key` = `stated` (from `source`: "metadata" or
+/// "config.json") differs from extent `axis` of tensor `tensor` (looked up with each of
+/// `prefixes`), naming the key, the value and the tensor's shape; before anything is read or
+/// sized from it. An absent tensor passes (the loader reports it as missing).
+inline void check_extent(const SafetensorsFile& file, const std::vector<std::string>& prefixes, const char* source,
+                         const char* key, long long stated, const std::string& tensor, int axis, const char* what) {
+  for (const auto& p : prefixes) {
+    if (!file.contains(p + tensor)) continue;
+    const Shape& s = file.info(p + tensor).shape;
+    if (axis < s.rank() && s[axis] == stated) return;
+    fail<ConfigError>(file.name(), ": ", source, " '", key, "' = ", stated, " but ", p + tensor, " has shape ", s.str(),
+                      axis < s.rank() ? detail::concat(" (", s[axis], " ", what, ")") : std::string(" (rank ") +
+                                                                                       std::to_string(s.rank()) + ")");
+  }
 }
 
 /// 64-bit FNV-1a over bytes, continuing from `h`.

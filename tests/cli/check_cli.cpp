@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -113,6 +115,64 @@ int main(int argc, char** argv) {
       check(run(quote(tool) + " --backbone " + quote(hf / "model.safetensors") + " --tokens " + quote(scratch / "hf_tokens.txt") +
                 " --out " + quote(bad_out) + " --chunk-size 4") == 64,
             "memory options without --sidenet are a usage error (64)");
+    }
+
+    // 4. Hostile checkpoints (issue 10): truncated, garbled or with huge sizes in their metadata,
+    //    each refused with its own message and exit 2, never "unexpected".
+    {
+      auto rewritten = [&](const fs::path& src, const fs::path& dst, const std::map<std::string, std::string>& edits) {
+        const auto f = SafetensorsFile::open(src);
+        auto meta = f.metadata();
+        for (const auto& [k, v] : edits) meta[k] = v;
+        SafetensorsWriter w;
+        w.set_metadata(meta);
+        for (const auto& n : f.names()) w.add_raw(n, f.info(n).dtype, f.info(n).shape, f.raw(n));
+        w.write(dst);
+      };
+      auto bytes_of = [](const fs::path& p) {
+        std::ifstream in(p, std::ios::binary);
+        return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      };
+      const fs::path bb = lm / "backbone.safetensors", sn = lm / "sidenet.safetensors", h = scratch / "hostile";
+      fs::create_directories(h);
+      rewritten(bb, h / "n_layer.safetensors", {{"n_layer", "2147483647"}});
+      rewritten(bb, h / "vocab.safetensors", {{"vocab_size", "2000000000"}});
+      rewritten(bb, h / "positions.safetensors", {{"n_positions", "1000000000"}});
+      rewritten(sn, h / "sn_reduction.safetensors", {{"reduction_factor", "0"}});
+      rewritten(sn, h / "sn_memory.safetensors", {{"memory_tokens", "2147483646"}, {"chunk_size", "2"}, {"retrieved_tokens", "64"}});
+      rewritten(sn, h / "sn_layers.safetensors", {{"n_layer", "-1"}});
+      {
+        std::string b = bytes_of(bb);
+        std::ofstream(h / "truncated.safetensors", std::ios::binary) << b.substr(0, b.size() / 2);
+        for (std::size_t i = 8; i < 200 && i < b.size(); i += 7) b[i] = static_cast<char>(b[i] ^ 0x5a);
+        std::ofstream(h / "garbled.safetensors", std::ios::binary) << b;
+      }
+      const fs::path out = scratch / "hostile_out.safetensors", err = scratch / "hostile.err";
+      auto refused = [&](const std::string& args, const std::string& expect, const std::string& what) {
+        const int rc = run(quote(tool) + args + " --tokens " + quote(scratch / "lm_tokens.txt") + " --out " + quote(out) +
+                           " 2> " + quote(err));
+        const std::string text = bytes_of(err);
+        std::cout << text;
+        check(rc == 2 && text.find("unexpected") == std::string::npos && text.find(expect) != std::string::npos,
+              what + ": exit 2 with a message naming " + expect);
+      };
+      for (const char* name : {"n_layer", "vocab", "positions", "truncated", "garbled"}) {
+        const std::string file = std::string(name) + ".safetensors";
+        const std::string expect = std::string(name) == "vocab"       ? "vocab_size"
+                                   : std::string(name) == "positions" ? "n_positions"
+                                                                      : file;
+        refused(" --backbone " + quote(h / file), expect, std::string("backbone ") + name);
+        refused(" --backbone " + quote(h / file) + " --sidenet " + quote(sn), expect, std::string("LongMem with backbone ") + name);
+      }
+      refused(" --backbone " + quote(bb) + " --sidenet " + quote(h / "sn_reduction.safetensors"), "reduction_factor",
+              "a SideNet with reduction_factor 0");
+      refused(" --backbone " + quote(bb) + " --sidenet " + quote(h / "sn_memory.safetensors"), "memory_tokens",
+              "a SideNet recommending 2^31 - 2 memory tokens");
+      refused(" --backbone " + quote(bb) + " --sidenet " + quote(h / "sn_layers.safetensors"), "n_layer",
+              "a SideNet with n_layer -1");
+      // A memory the machine cannot hold, asked for on the command line: refused before allocating.
+      refused(" --backbone " + quote(bb) + " --sidenet " + quote(sn) + " --memory-tokens 1073741824 --chunk-size 1",
+              "this machine has", "a 2^30-token memory");
     }
   } catch (const std::exception& e) {
     std::cout << "FAIL  unexpected exception: " << e.what() << "\n";

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -199,6 +200,34 @@ int main(int argc, char** argv) {
                        quote(scratch / "err3"));
     check(rc == 2 && slurp(scratch / "err3").find("unexpected") == std::string::npos,
           "a truncated checkpoint is refused with a message (2)");
+    // Hostile checkpoints (issue 10): refused as files (2) naming what is wrong, never as a stopped
+    // run (3) or "unexpected" (1).
+    {
+      const auto good = SafetensorsFile::open(scratch / "run" / "checkpoint.safetensors");
+      int n = 0;
+      auto hostile = [&](const std::map<std::string, std::string>& edits, const std::string& expect, const std::string& what) {
+        auto meta = good.metadata();
+        for (const auto& [k, v] : edits) meta[k] = v;
+        SafetensorsWriter w;
+        w.set_metadata(meta);
+        for (const auto& name : good.names()) w.add_raw(name, good.info(name).dtype, good.info(name).shape, good.raw(name));
+        const fs::path dir = scratch / ("hostile" + std::to_string(n++));
+        fs::create_directories(dir);
+        w.write(dir / "checkpoint.safetensors");
+        const fs::path err = dir / "err";
+        const int code = run(tool + " pretrain" + small + " --steps 20 --resume auto --out " + quote(dir) + " 2> " + quote(err));
+        const std::string text = slurp(err);
+        std::cout << text;
+        check(code == 2 && text.find("unexpected") == std::string::npos && text.find(expect) != std::string::npos,
+              what + " is refused (2) naming " + expect);
+      };
+      hostile({{"step", "99999999999999999999"}}, "step", "a checkpoint with a step beyond int64");
+      hostile({{"step", "-3"}}, "step", "a checkpoint with a negative step");
+      hostile({{"data", R"({"next_document": 0, "epoch": 1e300, "streams": [[0, 0], [0, 0], [0, 0]]})"}}, "data position",
+              "a checkpoint with a non-integer epoch");
+      hostile({{"model", R"({"n_layer": "2147483647"})"}}, "another model", "a checkpoint of another model");
+      hostile({{"format", "x"}}, "not a training checkpoint", "a file that is not a checkpoint");
+    }
     check(run(tool + " adapt --backbone " + quote(scratch / "run" / "backbone.safetensors") +
               " --memory-tokens 256 --chunk-size 3 --retrieved-tokens 16 --train " + quote(scratch / "train.txt") +
               " --out " + quote(scratch / "x") + " 2> " + quote(scratch / "err4")) == 2 &&

@@ -168,7 +168,9 @@ TEST_CASE("backbone: broken checkpoints are refused naming the file and tensor",
   SECTION("inconsistent hyper-parameters") {
     const auto p = dir / "inconsistent.safetensors";
     rewrite(good, p, [](auto&) {}, {{"n_embd", "32"}});
-    REQUIRE_THROWS_AS(Gpt2Backbone<float>::load(p), ShapeError);
+    // refused from the metadata against the tensors' shapes, before any tensor is read
+    REQUIRE_THROWS_AS(Gpt2Backbone<float>::load(p), ConfigError);
+    REQUIRE_THROWS_WITH(Gpt2Backbone<float>::load(p), Catch::Contains("'n_embd' = 32 but wte.weight has shape (30, 16)"));
   }
   SECTION("metadata and config.json disagree") {
     TempDir sub;

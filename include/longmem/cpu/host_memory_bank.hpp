@@ -19,9 +19,11 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
 
+#include "longmem/detail/host_memory.hpp"
 #include "longmem/dtype.hpp"
 #include "longmem/error.hpp"
 #include "longmem/memory_bank.hpp"
@@ -37,8 +39,10 @@ class HostMemoryBank {
   using value_type = S;
   using location = Host;
 
-  /// All buffers are allocated here; append() never allocates.
-  explicit HostMemoryBank(MemoryGeometry g) : geom_(checked(g)) {
+  /// All buffers are allocated here; append() never allocates. A bank that needs more memory
+  /// than the machine has (physical memory, less what the other banks of this process hold) is
+  /// refused with a ConfigError giving both numbers, before anything is allocated.
+  explicit HostMemoryBank(MemoryGeometry g) : geom_(checked(g)), claim_(bytes_for(geom_), describe(geom_)) {
     const index_t H = geom_.n_head, C = geom_.capacity_chunks, csz = geom_.chunk_size, dh = geom_.head_dim;
     keys_.resize({H, C, csz, dh});
     values_.resize({H, C, csz, dh});
@@ -51,6 +55,16 @@ class HostMemoryBank {
 
   /// A bank of m.memory_tokens / m.chunk_size chunks for n_head heads of head_dim.
   HostMemoryBank(int n_head, int head_dim, const MemoryConfig& m) : HostMemoryBank(geometry_of(n_head, head_dim, m)) {}
+
+  /// Bytes a bank of geometry `g` allocates (keys and values in S, chunk keys in float, the pending
+  /// chunk and its key sum in double); nullopt when that does not fit in 64 bits.
+  static std::optional<std::uint64_t> bytes_for(const MemoryGeometry& g) {
+    const std::int64_t H = g.n_head, C = g.capacity_chunks, csz = g.chunk_size, dh = g.head_dim;
+    auto total = detail::checked_bytes(2 * sizeof(S), {H, C, csz, dh});                 // keys, values
+    total = detail::checked_sum(total, detail::checked_bytes(sizeof(float), {H, C, dh}));  // chunk keys
+    total = detail::checked_sum(total, detail::checked_bytes(2 * sizeof(S), {H, csz, dh}));
+    return detail::checked_sum(total, detail::checked_bytes(sizeof(double), {H, dh}));
+  }
 
   const MemoryGeometry& geometry() const { return geom_; }
   /// Complete chunks stored (<= capacity).
@@ -166,6 +180,12 @@ class HostMemoryBank {
       detail::fail<FormatError>(f.name(), ": ", prefix, "counters (", counters(0), " chunks, ", counters(1),
                                 " pending tokens) do not describe a bank with chunks of ", csz);
     }
+    // Stream positions (chunks * csz + pending) stay below 2^53: exact as doubles, and far from
+    // overflowing the int64 arithmetic of positions and eviction order.
+    if (counters(0) > max_stream_tokens / csz) {
+      detail::fail<FormatError>(f.name(), ": ", prefix, "counters claim ", counters(0), " chunks of ", csz,
+                                " tokens appended, beyond the 2^53 tokens a stream can hold");
+    }
     keys_ = std::move(keys);
     values_ = std::move(values);
     chunk_keys_ = std::move(chunk_keys);
@@ -184,12 +204,24 @@ class HostMemoryBank {
   }
 
  private:
+  static constexpr index_t max_stream_tokens = index_t{1} << 53;
+
   static MemoryGeometry checked(MemoryGeometry g) {
     if (g.n_head <= 0 || g.head_dim <= 0 || g.chunk_size <= 0 || g.capacity_chunks <= 0) {
       detail::fail<ConfigError>("HostMemoryBank: n_head, head_dim, chunk_size and capacity_chunks must be positive, got ",
                                 g.n_head, ", ", g.head_dim, ", ", g.chunk_size, ", ", g.capacity_chunks);
     }
+    if (g.capacity_chunks > max_stream_tokens / g.chunk_size) {
+      detail::fail<ConfigError>("HostMemoryBank: ", g.capacity_chunks, " chunks of ", g.chunk_size,
+                                " tokens exceed the 2^53 tokens a stream can hold");
+    }
     return g;
+  }
+
+  static std::string describe(const MemoryGeometry& g) {
+    return detail::concat("HostMemoryBank: a bank of ", g.capacity_chunks, " chunks of ", g.chunk_size, " tokens (",
+                          g.capacity_tokens(), " tokens, ", g.n_head, " heads of ", g.head_dim, ", stored as ",
+                          dtype_name(dtype_of_v<S>), ")");
   }
 
   static MemoryGeometry geometry_of(int n_head, int head_dim, const MemoryConfig& m) {
@@ -259,6 +291,7 @@ class HostMemoryBank {
   }
 
   MemoryGeometry geom_;
+  detail::HostMemoryClaim claim_;    // this bank's share of the machine, claimed before allocating
   Tensor<S, Host> keys_;             // (H, C, csz, dh)
   Tensor<S, Host> values_;           // (H, C, csz, dh)
   Tensor<float, Host> chunk_keys_;   // (H, C, dh)

@@ -208,38 +208,46 @@ class Trainer {
     w.write(path);
   }
 
-  /// Restores a checkpoint written by save_checkpoint() for the same task, model, data and
-  /// batch; TrainingError naming the first difference otherwise (nothing is changed then).
+  /// Restores a checkpoint written by save_checkpoint() for the same task, model, data and batch.
+  /// A file that is not such a checkpoint or is damaged is refused with a FormatError (or the
+  /// ShapeError of a tensor), one from another run (task, dtype, model, memory, batch, corpus) with
+  /// a ConfigError naming the first difference; nothing is changed then. Everything the file
+  /// states is checked before it is used: tensors against this run's names, dtypes and shapes,
+  /// weights and AdamW moments for finite values (second moments >= 0), the step and the data
+  /// position against bounds (at most 2^53: counts that stay exact as doubles), the memory banks'
+  /// counters against their geometry.
   void resume(const std::filesystem::path& path) {
     SafetensorsFile f = SafetensorsFile::open(path);
+    const std::string file = path.string();
     const auto& md = f.metadata();
     auto get = [&](const std::string& key) -> const std::string& {
       auto it = md.find(key);
-      if (it == md.end()) detail::fail<TrainingError>(path.string(), ": not a training checkpoint (metadata '", key, "' is missing)");
+      if (it == md.end()) detail::fail<FormatError>(file, ": not a training checkpoint (metadata '", key, "' is missing)");
       return it->second;
     };
     if (get("format") != "longmem-train-checkpoint") {
-      detail::fail<TrainingError>(path.string(), ": not a training checkpoint (format '", get("format"), "')");
+      detail::fail<FormatError>(file, ": not a training checkpoint (format ", detail::quote_text(get("format"), 40), ")");
     }
     if (get("task") != Task::task_name) {
-      detail::fail<TrainingError>(path.string(), ": a checkpoint of the ", get("task"), " task, this run is ", Task::task_name);
+      detail::fail<ConfigError>(file, ": a checkpoint of the ", get("task").substr(0, 40), " task, this run is ",
+                                Task::task_name);
     }
     const std::string dtype = std::is_same_v<T, float> ? "float32" : "float64";
     if (get("compute_dtype") != dtype) {
-      detail::fail<TrainingError>(path.string(), ": computed in ", get("compute_dtype"), ", this run in ", dtype);
+      detail::fail<ConfigError>(file, ": computed in ", detail::quote_text(get("compute_dtype"), 40), ", this run in ", dtype);
     }
     std::map<std::string, std::string> model;
     try {
       model = nlohmann::json::parse(get("model")).template get<std::map<std::string, std::string>>();
     } catch (const nlohmann::json::exception& e) {
-      detail::fail<TrainingError>(path.string(), ": its 'model' metadata is not valid (", e.what(), ")");
+      detail::fail<FormatError>(file, ": its 'model' metadata is not valid (", e.what(), ")");
     }
     for (const auto& [k, v] : task_.model_metadata()) {
       auto it = model.find(k);
       if (it == model.end() || it->second != v) {
-        detail::fail<TrainingError>(path.string(), ": the checkpoint's model has ", k, " = ",
-                                    it == model.end() ? std::string("<missing>") : it->second, ", this run's is ", v,
-                                    " (a checkpoint from another model, backbone or memory setting)");
+        detail::fail<ConfigError>(file, ": the checkpoint's model has ", k, " = ",
+                                  it == model.end() ? std::string("<missing>") : detail::quote_text(it->second, 40),
+                                  ", this run's is ", v, " (a checkpoint from another model, backbone or memory setting)");
       }
     }
     // Read everything first, so a bad file changes nothing.
@@ -247,35 +255,50 @@ class Trainer {
     for (const auto& np : params_) {
       for (const char* kind : {"param.", "adam_m.", "adam_v."}) {
         const std::string name = kind + np.name;
-        if (!f.contains(name)) detail::fail<TrainingError>(path.string(), ": tensor ", name, " is missing");
+        if (!f.contains(name)) detail::fail<FormatError>(file, ": tensor ", name, " is missing");
         if (f.info(name).dtype != dtype_of_v<T>) {
-          detail::fail<TrainingError>(path.string(), ": tensor ", name, " is ", dtype_name(f.info(name).dtype), ", expected ",
-                                      dtype_name(dtype_of_v<T>));
+          detail::fail<FormatError>(file, ": tensor ", name, " is ", dtype_name(f.info(name).dtype), ", expected ",
+                                    dtype_name(dtype_of_v<T>));
         }
       }
       p.push_back(f.read<T>("param." + np.name, np_shape(np)));
       m.push_back(f.read<T>("adam_m." + np.name, np_shape(np)));
       v.push_back(f.read<T>("adam_v." + np.name, np_shape(np)));
+      check_values(file, "param." + np.name, p.back(), false);
+      check_values(file, "adam_m." + np.name, m.back(), false);
+      check_values(file, "adam_v." + np.name, v.back(), true);
     }
     DocumentStreams data = data_;
+    nlohmann::json position;
     try {
-      data.restore(nlohmann::json::parse(get("data")));
+      position = nlohmann::json::parse(get("data"));
     } catch (const nlohmann::json::exception& e) {
-      detail::fail<TrainingError>(path.string(), ": its data position is not valid JSON (", e.what(), ")");
+      detail::fail<FormatError>(file, ": its data position is not valid JSON (", e.what(), ")");
+    }
+    check_data_position(file, position);
+    try {
+      data.restore(position);
+    } catch (const ConfigError& e) {
+      detail::fail<ConfigError>(file, ": ", e.what());
     } catch (const Error& e) {
-      detail::fail<TrainingError>(path.string(), ": ", e.what());
+      detail::fail<FormatError>(file, ": ", e.what());
     }
     std::mt19937_64 rng;
     std::istringstream rs(get("rng"));
     rs >> rng;
-    if (!rs) detail::fail<TrainingError>(path.string(), ": its RNG state is not valid");
-    long long step = 0;
+    if (!rs) detail::fail<FormatError>(file, ": its RNG state is not valid");
+    const std::string& step_text = get("step");
+    long long step = -1;
+    std::size_t used = 0;
     try {
-      step = std::stoll(get("step"));
+      step = std::stoll(step_text, &used);
     } catch (const std::exception&) {
       step = -1;
     }
-    if (step < 0) detail::fail<TrainingError>(path.string(), ": its step '", get("step"), "' is not a count");
+    if (used != step_text.size() || step < 0 || step > max_count) {
+      detail::fail<FormatError>(file, ": its step ", detail::quote_text(step_text, 40),
+                                " is not a count of updates (0 .. 2^53)");
+    }
     task_.load_state(f);  // memory banks: validated tensor by tensor before any is replaced
     for (std::size_t i = 0; i < params_.size(); ++i) {
       copy(cview(p[i]), params_[i].tensor->view());
@@ -289,7 +312,49 @@ class Trainer {
   }
 
  private:
+  /// Largest step, epoch or document index a checkpoint may state: 2^53, where int64 counts stop
+  /// being exact as doubles (the schedule and AdamW's bias correction compute in double).
+  static constexpr std::int64_t max_count = std::int64_t{1} << 53;
+
   static const Shape& np_shape(const NamedTensor<T, Host>& n) { return n.tensor->shape(); }
+
+  /// FormatError at the first non-finite value (or negative one, for second moments).
+  static void check_values(const std::string& file, const std::string& name, const Tensor<T, Host>& t, bool non_negative) {
+    for (index_t i = 0; i < t.numel(); ++i) {
+      const T x = t.data()[i];
+      if (!std::isfinite(x) || (non_negative && x < 0)) {
+        detail::fail<FormatError>(file, ": tensor ", name, " holds ", x, " at element ", i, " (",
+                                  non_negative ? "second moments are finite and >= 0" : "weights and moments are finite", ")");
+      }
+    }
+  }
+
+  /// The shape DocumentStreams::state() writes, every number an integer in [-1, 2^53], before
+  /// DocumentStreams::restore() converts any of them.
+  static void check_data_position(const std::string& file, const nlohmann::json& j) {
+    auto count = [&](const nlohmann::json& x, const char* what) {
+      if (!x.is_number_integer() || (x.is_number_unsigned() ? x.get<std::uint64_t>() > std::uint64_t(max_count)
+                                                             : x.get<std::int64_t>() < -1 || x.get<std::int64_t>() > max_count)) {
+        detail::fail<FormatError>(file, ": its data position has ", detail::describe(x), " as ", what,
+                                  " (an integer from -1 to 2^53)");
+      }
+    };
+    if (!j.is_object() || !j.contains("streams") || !j["streams"].is_array() || !j.contains("next_document") ||
+        !j.contains("epoch")) {
+      detail::fail<FormatError>(file, ": its data position is not one DocumentStreams wrote (expected "
+                                      "{\"next_document\", \"epoch\", \"streams\": [[document, offset], ...]})");
+    }
+    count(j["next_document"], "next document");
+    count(j["epoch"], "epoch");
+    if (j["epoch"].get<std::int64_t>() < 0) detail::fail<FormatError>(file, ": its data position has a negative epoch");
+    for (const auto& s : j["streams"]) {
+      if (!s.is_array() || s.size() != 2) {
+        detail::fail<FormatError>(file, ": its data position has ", detail::describe(s), " as a stream (expected [document, offset])");
+      }
+      count(s[0], "a stream's document");
+      count(s[1], "a stream's offset");
+    }
+  }
 
   Task& task_;
   const std::vector<Document>& valid_;
