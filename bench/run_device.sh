@@ -1,57 +1,114 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine (H100/H200, 16 CPU cores, torch + transformers installed):
-#   1. regenerates the fixtures with that machine's torch/transformers and compares them with
-#      the committed ones,
-#   2. builds everything with the cuda preset (sm_90) and runs all tests (GPU tests included),
-#      then re-runs the fixture tests against the freshly generated fixtures,
-#   3. times the backbone and memory-attention CPU benchmarks beside their PyTorch peers on
-#      that machine's CPU.
-# usage (repo root, after `bash .devdeps/install.sh`): bash bench/run_device.sh
-# Logs and the fixture archive go to $OUT (or /tmp/device-out).
+# The runs on the lent GPU machine (H200, 16 CPU cores, CUDA, torch + transformers installed), in
+# stages so that each call stays within the machine's per-command limit:
+#
+#   build       configure and build everything with the cuda preset (sm_90), all cores
+#   test        all tests (GPU tests included) against the committed fixtures
+#   sanitize    compute-sanitizer memcheck, racecheck and initcheck over every GPU test
+#   bench-gpu   the CUDA benchmarks (CUDA events) and their PyTorch peers on the GPU
+#   bench-cpu   the CPU benchmarks beside their PyTorch peers on this machine's cores (training
+#               step, backbone forward, memory-augmented attention)
+#   fixtures    regenerate the fixtures with this machine's torch/transformers, compare them with
+#               the committed ones and re-run the fixture tests against the fresh ones
+#
+# usage (repo root, after `bash .devdeps/install.sh`): bash bench/run_device.sh STAGE...
+#       (no stage: build test sanitize bench-gpu bench-cpu)
+# Logs go to $OUT (or /tmp/device-out), one file per stage plus machine.txt.
 set -u
 out=${OUT:-/tmp/device-out}
 mkdir -p "$out"
-step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%T)"; }
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+cd "$root"
 cores=$(nproc)
+build=build/cuda
+step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%T)"; }
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(build test sanitize bench-gpu bench-cpu)
 
-step "machine"
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  lscpu | sed -n 's/^Model name: *//p'
-  echo "cores: $cores"
-  python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "mkl", torch.backends.mkl.is_available())'
-  cmake --version | head -1; nvcc --version | tail -1
-} 2>&1 | tee "$out/machine.txt"
+machine() {
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    lscpu | sed -n 's/^Model name: *//p'
+    echo "cores: $cores"
+    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "mkl", torch.backends.mkl.is_available())'
+    cmake --version | head -1; nvcc --version | tail -1
+    date -u +%F
+  } 2>&1 | tee "$out/machine.txt"
+}
 
-step "fixtures"
-rm -rf /tmp/fx
-timeout 240 bash tests/fixtures/generate_all.sh /tmp/fx >"$out/fixtures.log" 2>&1; echo "generate_all rc=$?"
-cp /tmp/fx/fixtures.tar.gz "$out/" 2>/dev/null
-python3 tests/fixtures/compare_fixtures.py tests/fixtures /tmp/fx >>"$out/fixtures.log" 2>&1; echo "compare rc=$?"
-tail -5 "$out/fixtures.log"
+stage_build() {
+  cmake --preset cuda -DCMAKE_CUDA_COMPILER="$(command -v nvcc)" >"$out/build.log" 2>&1 &&
+    cmake --build --preset cuda -j "$cores" >>"$out/build.log" 2>&1
+  local rc=$?
+  echo "build rc=$rc"; grep -E "error|FAILED" "$out/build.log" | head -20; tail -2 "$out/build.log"
+  return $rc
+}
 
-step "build (cuda preset)"
-cmake --preset cuda -DCMAKE_CUDA_COMPILER="$(command -v nvcc)" >"$out/build.log" 2>&1 &&
-  cmake --build --preset cuda -j "$cores" >>"$out/build.log" 2>&1
-echo "build rc=$?"; tail -3 "$out/build.log"
+stage_test() {
+  (cd $build && ctest -j "$cores" --output-on-failure --timeout 400) >"$out/ctest.log" 2>&1
+  echo "ctest rc=$?"; grep -E "tests passed|tests failed|Not Run|\*\*\*Failed|\(Failed\)|Skipped|gpu\." "$out/ctest.log" | tail -20
+  for t in $build/tests/gpu/longmem_gpu_*; do
+    [ -x "$t" ] || continue
+    "$t" >"$out/$(basename "$t").log" 2>&1; echo "$(basename "$t") rc=$?"; tail -4 "$out/$(basename "$t").log"
+  done
+}
 
-step "tests (all labels, committed fixtures)"
-(cd build/cuda && ctest -j "$cores" --output-on-failure --timeout 300) >"$out/ctest.log" 2>&1
-echo "ctest rc=$?"; grep -E "tests passed|tests failed|Skipped|\*\*\*Failed|gpu" "$out/ctest.log" | tail -12
+stage_sanitize() {
+  local cs
+  cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for t in $build/tests/gpu/longmem_gpu_*; do
+    [ -x "$t" ] || continue
+    for tool in memcheck racecheck initcheck; do
+      timeout 200 "$cs" --tool $tool --error-exitcode 9 "$t" >"$out/sanitize-$tool-$(basename "$t").log" 2>&1
+      echo "$tool $(basename "$t") rc=$?  $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize-$tool-$(basename "$t").log" | tail -1)"
+    done
+  done
+}
 
-step "fixture tests against this machine's fresh fixtures"
-if [ -d /tmp/fx/hf_gpt2_small ]; then
-  for f in hf_gpt2_small hf_gpt2_medium longmem_gpt2star longmem_gpt2; do rm -rf "tests/fixtures/$f"; cp -r "/tmp/fx/$f" tests/fixtures/; done
-  build/cuda/tests/longmem_tests "[hf],[reference]" 2>&1 | tail -3
-  (cd build/cuda && ctest -R cli --output-on-failure) 2>&1 | grep -E "tests passed|failed"
-fi
+stage_bench_gpu() {
+  for b in $build/bench/longmem_bench_*_gpu; do
+    [ -x "$b" ] || continue
+    timeout 200 "$b" --benchmark_min_time=0.5 --benchmark_counters_tabular=true \
+      --benchmark_out="$out/$(basename "$b").json" --benchmark_out_format=json 2>&1 | tee "$out/$(basename "$b").txt" | tail -25
+  done
+  for p in bench/peers/*_torch_gpu.py bench/peers/retrieval_torch.py; do
+    [ -f "$p" ] || continue
+    timeout 200 python3 "$p" 2>&1 | tee "$out/$(basename "$p" .py).jsonl" | tail -12
+  done
+}
 
-step "benchmarks on this machine's CPU: longmem vs PyTorch fp32"
-OMP_NUM_THREADS=$cores timeout 150 build/cuda/bench/longmem_bench_backbone --benchmark_min_time=1 \
-  --benchmark_out="$out/bench_backbone.json" --benchmark_out_format=json --benchmark_counters_tabular=true 2>&1 | tail -6
-timeout 150 python3 bench/peers/backbone_torch.py --threads "$cores" --repeats 20 2>&1 | tee "$out/torch_backbone.jsonl"
-OMP_NUM_THREADS=$cores timeout 120 build/cuda/bench/longmem_bench_memory_attention --benchmark_min_time=0.5 \
-  --benchmark_filter='1024' --benchmark_out="$out/bench_memory_attention.json" --benchmark_out_format=json 2>&1 | tail -12
-timeout 120 python3 bench/peers/memory_attention_torch.py --help >/dev/null 2>&1 &&
-  timeout 120 python3 bench/peers/memory_attention_torch.py --threads "$cores" --T 1024 2>&1 | tee "$out/torch_memory_attention.txt" | tail -8
+stage_bench_cpu() {
+  LONGMEM_BENCH_THREADS=$cores PYTHON=python3 timeout 240 bash bench/run_train_vs_torch.sh $build 2>&1 | tee "$out/train_vs_torch.txt" | grep -vE '^-|^Benchmark'
+  OMP_NUM_THREADS=$cores timeout 150 $build/bench/longmem_bench_backbone --benchmark_min_time=1 \
+    --benchmark_out="$out/bench_backbone.json" --benchmark_out_format=json --benchmark_counters_tabular=true 2>&1 | tail -12
+  timeout 150 python3 bench/peers/backbone_torch.py --threads "$cores" --repeats 20 2>&1 | tee "$out/torch_backbone.jsonl" | tail -12
+}
+
+stage_fixtures() {
+  rm -rf /tmp/fx
+  timeout 240 bash tests/fixtures/generate_all.sh /tmp/fx >"$out/fixtures.log" 2>&1; echo "generate_all rc=$?"
+  cp /tmp/fx/fixtures.tar.gz "$out/" 2>/dev/null
+  python3 tests/fixtures/compare_fixtures.py tests/fixtures /tmp/fx >>"$out/fixtures.log" 2>&1; echo "compare rc=$?"
+  tail -5 "$out/fixtures.log"
+  if [ -d /tmp/fx/hf_gpt2_small ]; then
+    for f in hf_gpt2_small hf_gpt2_medium longmem_gpt2star longmem_gpt2; do rm -rf "tests/fixtures/$f"; cp -r "/tmp/fx/$f" tests/fixtures/; done
+    $build/tests/longmem_tests "[hf],[reference]" 2>&1 | tail -3
+    git checkout -- tests/fixtures 2>/dev/null || true
+  fi
+}
+
+step "machine"; machine
+for s in "${stages[@]}"; do
+  step "$s"
+  case "$s" in
+    build) stage_build ;;
+    test) stage_test ;;
+    sanitize) stage_sanitize ;;
+    bench-gpu) stage_bench_gpu ;;
+    bench-cpu) stage_bench_cpu ;;
+    fixtures) stage_fixtures ;;
+    *) echo "unknown stage $s (build test sanitize bench-gpu bench-cpu fixtures)"; exit 64 ;;
+  esac
+done
 step "done"

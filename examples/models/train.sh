@@ -5,7 +5,7 @@
 #   1. the corpus: long documents from Debian packages (examples/corpus/prepare.sh)
 #   2. a byte-level GPT-2* backbone from scratch: 4 layers, d 256, 8 heads, ALiBi, a 256-token window
 #   3. its SideNet by memory-augmented adaptation on the training books mixed with recall practice
-#      (facts stated, 256 B - 12 KiB of training text, then recalled), 16 Ki tokens of memory per stream
+#      (facts stated, 256 B - 8 KiB of training text, then recalled), 16 Ki tokens of memory per stream
 # then copies both models to examples/models/ and the logs and loss plots to examples/models/logs/.
 # On the 2-core dev machine this took about 1 h 10 min (pretraining) + 25 min (adaptation).
 set -euo pipefail
@@ -22,10 +22,10 @@ train=build/cpu/examples/longmem-train
   --segment-length 256 --batch 8 --steps 10000 --lr 1e-3 --warmup 500 --decay cosine --end-lr 5e-5 \
   --eval-every 1000 --eval-tokens 16384 --checkpoint-every 250 --log-every 50 --resume auto --out "$work/backbone"
 
-"$train" adapt --backbone "$work/backbone/backbone.safetensors" --memory-layer @MEMORY_LAYER@ --corpus "$work/corpus" \
-  --recall-practice @PRACTICE@ --recall-facts 8 --recall-min-gap 256 --recall-max-gap 12288 \
+"$train" adapt --backbone "$work/backbone/backbone.safetensors" --memory-layer 3 --corpus "$work/corpus" \
+  --recall-practice 3000 --recall-facts 8 --recall-min-gap 256 --recall-max-gap 8192 \
   --memory-tokens 16384 --chunk-size 4 --retrieved-tokens 64 --segment-length 256 --batch 8 \
-  --steps @ADAPT_STEPS@ --lr @ADAPT_LR@ --warmup 200 --decay cosine --eval-every 500 --eval-tokens 16384 \
+  --steps 4000 --lr 1e-3 --warmup 200 --decay cosine --eval-every 500 --eval-tokens 16384 \
   --checkpoint-every 250 --log-every 50 --resume auto --out "$work/sidenet"
 
 mkdir -p examples/models/logs
