@@ -1,0 +1,316 @@
+#pragma once
+// FusedChunkRetriever: exact top-k chunk search over DeviceMemoryBanks on the GPU.
+//
+//   retrieve(bank, queries (T, H, dh), k, out)           scores, top-k and gather (chunk_retriever.hpp)
+//   select(bank, queries, k, slots, scores)              scores and top-k only, no gather
+//   retrieve_batched(banks, queries, k, outs[, stream])  several streams' banks in one launch
+//
+// Two kernels on the bank's CUDA stream (detail/retrieval_kernels.cuh):
+//   1. select: one pass over the chunk keys; per block a (128 queries, 64 chunks) score tile in
+//      registers and shared memory, merged at once into per-query running top-k' lists. The chunk
+//      range is split S ways so that small T still fills the GPU; each split leaves k' candidates
+//      per (query, head) in a workspace, (H, T, S, k') 64-bit keys. The (T, n) score matrix is
+//      never written anywhere.
+//   2. merge: one warp per (query, head) merges the S candidate lists, writes slots and scores,
+//      and gathers the chosen chunks' token keys and values (converted to float).
+// Every head of every bank (and every query) is in the same two launches.
+//
+// Scores are fp32 FMA (no tensor cores; see the kernels' header for why), so the selection is
+// exact: it is the brute-force top-k of the fp32 scores. Ordering is the library's: higher score
+// first, equal scores older chunk (smaller chunk_sequence) first, also on a wrapped ring; a NaN
+// score counts as -infinity and is reported as -infinity.
+//
+// Limits, refused with ConfigError: k' <= 128 chunks, and the tiles of head_dim must fit the
+// device's shared memory (head_dim up to about 200 with k' = 16 on an H100/H200).
+// The retriever keeps its workspace between calls: one retriever serves one caller at a time.
+// Outputs are resized (cudaMalloc when they grow, which synchronises); kernels are queued and the
+// call returns without waiting for them.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <ostream>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "longmem/chunk_retriever.hpp"
+#include "longmem/cuda/detail/retrieval_kernels.cuh"
+#include "longmem/cuda/device_memory_bank.cuh"
+#include "longmem/cuda/storage.hpp"
+#include "longmem/error.hpp"
+#include "longmem/memory_bank.hpp"
+#include "longmem/tensor.hpp"
+
+namespace longmem {
+
+/// Knobs of the fused retriever.
+struct FusedRetrieverTuning {
+  int splits = 0;  ///< chunk-range splits per (query tile, head); 0: chosen from the device's SM count
+
+  friend bool operator==(const FusedRetrieverTuning&, const FusedRetrieverTuning&) = default;
+  friend std::ostream& operator<<(std::ostream& os, const FusedRetrieverTuning& t) {
+    return os << "FusedRetrieverTuning{splits=" << t.splits << "}";
+  }
+};
+
+/// Exact top-k chunk retrieval over device banks (see the header comment).
+class FusedChunkRetriever {
+ public:
+  using location = Device;
+  static constexpr int max_chunks = detail::RetrievalTile::max_kept;  ///< the largest k' served
+  static constexpr int max_banks_per_launch = detail::retrieval_max_banks;
+
+  FusedChunkRetriever() = default;
+  explicit FusedChunkRetriever(FusedRetrieverTuning t) : tuning_(t) {
+    if (t.splits < 0 || t.splits > max_splits) {
+      detail::fail<ConfigError>("FusedChunkRetriever: splits must be in [0, ", max_splits, "] (0 = automatic), got ",
+                                t.splits);
+    }
+  }
+
+  const FusedRetrieverTuning& tuning() const { return tuning_; }
+
+  /// out.slots, out.scores (T, H, k'), out.keys, out.values (T, H, k' * csz, dh), k' = min(k, n).
+  template <DeviceStorageType S>
+  void retrieve(const DeviceMemoryBank<S>& bank, TensorView<const float, Device> queries, int k,
+                Retrieved<float, Device>& out) {
+    const DeviceMemoryBank<S>* banks[1] = {&bank};
+    const TensorView<const float, Device> qs[1] = {queries};
+    Retrieved<float, Device>* outs[1] = {&out};
+    run<true>(std::span<const DeviceMemoryBank<S>* const>(banks), std::span<const TensorView<const float, Device>>(qs),
+              k, std::span<Retrieved<float, Device>* const>(outs), bank.stream(), "FusedChunkRetriever::retrieve");
+  }
+
+  /// Convenience: queries from an owning device tensor or a mutable view.
+  template <DeviceStorageType S, class Q>
+    requires requires(const Q& q) {
+      { cview(q) } -> std::convertible_to<TensorView<const float, Device>>;
+    }
+  void retrieve(const DeviceMemoryBank<S>& bank, const Q& queries, int k, Retrieved<float, Device>& out) {
+    retrieve(bank, cview(queries), k, out);
+  }
+
+  /// Only the top-k slots and scores (T, H, k'), no gather; returns k'.
+  template <DeviceStorageType S>
+  int select(const DeviceMemoryBank<S>& bank, TensorView<const float, Device> queries, int k,
+             Tensor<std::int32_t, Device>& slots, Tensor<float, Device>& scores) {
+    Retrieved<float, Device> r;
+    r.slots = std::move(slots);
+    r.scores = std::move(scores);
+    const DeviceMemoryBank<S>* banks[1] = {&bank};
+    const TensorView<const float, Device> qs[1] = {queries};
+    Retrieved<float, Device>* outs[1] = {&r};
+    try {
+      run<false>(std::span<const DeviceMemoryBank<S>* const>(banks), std::span<const TensorView<const float, Device>>(qs),
+                 k, std::span<Retrieved<float, Device>* const>(outs), bank.stream(), "FusedChunkRetriever::select");
+    } catch (...) {
+      slots = std::move(r.slots);
+      scores = std::move(r.scores);
+      throw;
+    }
+    slots = std::move(r.slots);
+    scores = std::move(r.scores);
+    return r.chunks;
+  }
+
+  /// One retrieval per bank (each with its own queries (T_b, H, dh) and k'_b = min(k, n_b)), all
+  /// in the same launches on `stream`. Banks must share H, dh and csz; up to 32 banks go in one
+  /// launch (more take several). The caller orders every bank's appends before `stream`.
+  template <DeviceStorageType S>
+  void retrieve_batched(std::span<const DeviceMemoryBank<S>* const> banks,
+                        std::span<const TensorView<const float, Device>> queries, int k,
+                        std::span<Retrieved<float, Device>* const> outs, cudaStream_t stream) {
+    run<true>(banks, queries, k, outs, stream, "FusedChunkRetriever::retrieve_batched");
+  }
+  /// The same on the first bank's stream.
+  template <DeviceStorageType S>
+  void retrieve_batched(std::span<const DeviceMemoryBank<S>* const> banks,
+                        std::span<const TensorView<const float, Device>> queries, int k,
+                        std::span<Retrieved<float, Device>* const> outs) {
+    run<true>(banks, queries, k, outs, banks.empty() ? cudaStream_t{} : banks.front()->stream(),
+              "FusedChunkRetriever::retrieve_batched");
+  }
+
+  /// The splits the next call would use for `pairs` (query tile, head) blocks and at most
+  /// `max_chunks_of_a_bank` chunks (for benchmarks and tests).
+  int splits_for(index_t pairs, index_t max_chunks_of_a_bank) {
+    if (tuning_.splits > 0) return tuning_.splits;
+    const index_t target = 4 * static_cast<index_t>(multiprocessors());
+    index_t s = (target + std::max<index_t>(pairs, 1) - 1) / std::max<index_t>(pairs, 1);
+    // Each split keeps at least two chunk tiles, so the merge stays small next to the scoring.
+    s = std::min(s, std::max<index_t>(1, max_chunks_of_a_bank / (2 * detail::RetrievalTile::chunks)));
+    return static_cast<int>(std::clamp<index_t>(s, 1, max_splits));
+  }
+
+ private:
+  static constexpr int max_splits = 64;
+
+  int multiprocessors() {
+    if (sm_count_ == 0) {
+      int dev = 0;
+      detail::cuda_check(cudaGetDevice(&dev), "cudaGetDevice (FusedChunkRetriever)", 0);
+      detail::cuda_check(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, dev),
+                         "cudaDeviceGetAttribute (multiprocessors)", 0);
+      detail::cuda_check(cudaDeviceGetAttribute(&smem_optin_, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                         "cudaDeviceGetAttribute (shared memory per block)", 0);
+    }
+    return sm_count_;
+  }
+
+  template <bool Gather, class S>
+  void run(std::span<const DeviceMemoryBank<S>* const> banks, std::span<const TensorView<const float, Device>> queries,
+           int k, std::span<Retrieved<float, Device>* const> outs, cudaStream_t stream, const char* who) {
+    // Every argument is checked before anything is resized or launched.
+    if (k < 1) detail::fail<ConfigError>(who, ": k must be >= 1, got ", k);
+    if (queries.size() != banks.size() || outs.size() != banks.size()) {
+      detail::fail<ShapeError>(who, ": ", banks.size(), " banks need as many query tensors and outputs, got ",
+                               queries.size(), " and ", outs.size());
+    }
+    if (banks.empty()) return;
+    const MemoryGeometry g0 = banks[0]->geometry();
+    for (std::size_t b = 0; b < banks.size(); ++b) {
+      const MemoryGeometry g = banks[b]->geometry();
+      if (g.n_head != g0.n_head || g.head_dim != g0.head_dim || g.chunk_size != g0.chunk_size) {
+        detail::fail<ShapeError>(who, ": bank ", b, " has ", g.n_head, " heads of ", g.head_dim, " in chunks of ",
+                                 g.chunk_size, ", bank 0 has ", g0.n_head, " of ", g0.head_dim, " in chunks of ",
+                                 g0.chunk_size, "; banks retrieved together must share them");
+      }
+      const TensorView<const float, Device>& q = queries[b];
+      if (q.rank() != 3 || q.dim(1) != g.n_head || q.dim(2) != g.head_dim) {
+        detail::fail<ShapeError>(who, ": queries", banks.size() > 1 ? detail::concat(" of bank ", b) : std::string(),
+                                 " must be (T, H, dh) = (T, ", g.n_head, ", ", g.head_dim, ") to match the bank, got ",
+                                 q.shape().str());
+      }
+      if (q.dim(0) > max_queries) {
+        detail::fail<ShapeError>(who, ": ", q.dim(0), " queries exceed the ", max_queries, " one call takes");
+      }
+      if (q.dim(0) > 0 && q.data() == nullptr) detail::fail<ShapeError>(who, ": queries have no data");
+      if (outs[b] == nullptr) detail::fail<ShapeError>(who, ": output ", b, " is null");
+      const index_t kk = std::min<index_t>(k, banks[b]->num_chunks());
+      if (kk > max_chunks) {
+        detail::fail<ConfigError>(who, ": k' = min(k, stored chunks) = ", kk, " exceeds the ", max_chunks,
+                                  " chunks FusedChunkRetriever selects per query; retrieve fewer chunks");
+      }
+    }
+
+    const index_t H = g0.n_head, dh = g0.head_dim, csz = g0.chunk_size;
+    for (std::size_t b = 0; b < banks.size(); ++b) {
+      const index_t Tq = queries[b].dim(0), kk = std::min<index_t>(k, banks[b]->num_chunks());
+      Retrieved<float, Device>& out = *outs[b];
+      out.chunks = static_cast<int>(kk);
+      out.slots.resize({Tq, H, kk});
+      out.scores.resize({Tq, H, kk});
+      if constexpr (Gather) {
+        out.keys.resize({Tq, H, kk * csz, dh});
+        out.values.resize({Tq, H, kk * csz, dh});
+      }
+    }
+
+    for (std::size_t first = 0; first < banks.size(); first += max_banks_per_launch) {
+      const std::size_t count = std::min<std::size_t>(max_banks_per_launch, banks.size() - first);
+      launch<Gather>(banks.subspan(first, count), queries.subspan(first, count), k, outs.subspan(first, count), stream, who);
+    }
+  }
+
+  template <bool Gather, class S>
+  void launch(std::span<const DeviceMemoryBank<S>* const> banks, std::span<const TensorView<const float, Device>> queries,
+              int k, std::span<Retrieved<float, Device>* const> outs, cudaStream_t stream, const char* who) {
+    using Tl = detail::RetrievalTile;
+    const MemoryGeometry g0 = banks[0]->geometry();
+    const int H = g0.n_head, dh = g0.head_dim;
+    index_t pairs = 0, max_T = 0, max_n = 0;
+    int max_kk = 0;
+    for (std::size_t b = 0; b < banks.size(); ++b) {
+      const index_t Tq = queries[b].dim(0), kk = std::min<index_t>(k, banks[b]->num_chunks());
+      if (Tq == 0 || kk == 0) continue;
+      pairs += H * ((Tq + Tl::queries - 1) / Tl::queries);
+      max_T = std::max(max_T, Tq);
+      max_n = std::max(max_n, banks[b]->num_chunks());
+      max_kk = std::max(max_kk, static_cast<int>(kk));
+    }
+    if (pairs == 0) return;  // nothing stored or no queries: k' = 0 or T = 0 everywhere
+
+    multiprocessors();
+    const std::size_t smem = detail::retrieval_select_smem(dh, max_kk);
+    if (smem > static_cast<std::size_t>(smem_optin_)) {
+      detail::fail<ConfigError>(who, ": head_dim ", dh, " with k' = ", max_kk, " needs ", smem,
+                                " bytes of shared memory per block, the device allows ", smem_optin_,
+                                "; use fewer retrieved chunks or a smaller head dimension");
+    }
+    const int splits = splits_for(pairs, max_n);
+
+    detail::RetrievalLaunch<S> L;
+    L.n_banks = static_cast<int>(banks.size());
+    L.n_head = H;
+    L.head_dim = dh;
+    L.chunk_size = g0.chunk_size;
+    L.splits = splits;
+    index_t workspace = 0;
+    for (std::size_t b = 0; b < banks.size(); ++b) {
+      workspace += H * queries[b].dim(0) * splits * std::min<index_t>(k, banks[b]->num_chunks());
+    }
+    partial_.resize({workspace});
+    index_t offset = 0;
+    for (std::size_t b = 0; b < banks.size(); ++b) {
+      const DeviceMemoryBank<S>& bank = *banks[b];
+      Retrieved<float, Device>& out = *outs[b];
+      const index_t Tq = queries[b].dim(0), kk = std::min<index_t>(k, bank.num_chunks());
+      detail::RetrievalBank<S>& d = L.bank[b];
+      d.chunk_keys = bank.chunk_keys().data();
+      d.keys = bank.keys().data();
+      d.values = bank.values().data();
+      d.queries = queries[b].data();
+      d.partial = partial_.data() + offset;
+      d.slots = out.slots.data();
+      d.scores = out.scores.data();
+      d.out_keys = Gather ? out.keys.data() : nullptr;
+      d.out_values = Gather ? out.values.data() : nullptr;
+      d.capacity = bank.geometry().capacity_chunks;
+      d.chunks = bank.num_chunks();
+      d.oldest = bank.oldest_slot();
+      d.n_queries = static_cast<int>(Tq);
+      d.kept = Tq == 0 ? 0 : static_cast<int>(kk);  // 0: the bank takes no part in this launch
+      offset += H * Tq * splits * kk;
+    }
+
+    auto select = detail::retrieval_select_kernel<S>;
+    // Beyond 48 KiB a kernel needs a raised limit (per kernel instantiation and device; a cheap host call).
+    if (smem > 48 * 1024) {
+      detail::cuda_check(cudaFuncSetAttribute(select, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                         "cudaFuncSetAttribute (retrieval shared memory)", smem);
+    }
+    const dim3 select_grid(static_cast<unsigned>(splits), static_cast<unsigned>((max_T + Tl::queries - 1) / Tl::queries),
+                           static_cast<unsigned>(H * L.n_banks));
+    select<<<select_grid, Tl::threads, smem, stream>>>(L);
+    check_launch(who, "select");
+    constexpr int merge_threads = 256;
+    const index_t warps = max_T * H;
+    const dim3 merge_grid(static_cast<unsigned>((warps + merge_threads / 32 - 1) / (merge_threads / 32)),
+                          static_cast<unsigned>(L.n_banks));
+    detail::retrieval_merge_kernel<S><<<merge_grid, merge_threads, 0, stream>>>(L);
+    check_launch(who, "merge");
+  }
+
+  static void check_launch(const char* who, const char* kernel) {
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) {
+      detail::fail<BackendError>(who, ": the ", kernel, " kernel failed to launch: ", cudaGetErrorString(err), " (",
+                                 cudaGetErrorName(err), ")");
+    }
+  }
+
+  // Grid y counts query tiles (at most 65535).
+  static constexpr index_t max_queries = index_t{65535} * detail::RetrievalTile::queries;
+
+  FusedRetrieverTuning tuning_{};
+  int sm_count_ = 0;
+  int smem_optin_ = 0;
+  Tensor<std::uint64_t, Device> partial_;  // (sum over banks of H * T * splits * k') candidate keys
+};
+
+static_assert(ChunkRetrieverFor<FusedChunkRetriever, DeviceMemoryBank<float>>);
+static_assert(ChunkRetrieverFor<FusedChunkRetriever, DeviceMemoryBank<__half>>);
+static_assert(ChunkRetrieverFor<FusedChunkRetriever, DeviceMemoryBank<__nv_bfloat16>>);
+
+}  // namespace longmem

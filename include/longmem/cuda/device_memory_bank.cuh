@@ -1,0 +1,404 @@
+#pragma once
+// DeviceMemoryBank<S>: one stream's memory in GPU memory, the device twin of HostMemoryBank
+// (cpu/host_memory_bank.hpp): same ring of chunk slots, same FIFO eviction, same pending chunk,
+// same counters. Keys and values are stored as S (float, __half or __nv_bfloat16); chunk keys
+// are float.
+//
+//   keys(), values()  (H, C, csz, dh)  S      token keys/values of each chunk, token order
+//   chunk_keys()      (H, C, dh)       float  mean of the chunk's csz keys
+//   pending           (H, csz, dh)     S      tokens of the incomplete chunk (not retrievable)
+//   pending key sum   (H, dh)          double running sum of the pending chunk's input keys
+//
+// The chunk with completion order q lives in slot q % C. append() of (T, H, dh) float keys and
+// values already on the device runs as at most three kernels on the bank's CUDA stream, with no
+// copy of the data through the host: the host only does the bookkeeping, which T decides:
+//   1. complete the pending chunk (its missing tokens first), committing it when it fills;
+//   2. whole chunks straight into their slots (only the newest C when one call brings more);
+//   3. a trailing remainder becomes the new pending chunk.
+// Each kernel thread owns one (head, d) column, so the double sums run in token order exactly
+// as on the host: chunk keys are bit for bit those of a HostMemoryBank fed the same keys, and
+// stored values are the input rounded once to S (round to nearest even, as the host does).
+//
+// Work is stream-ordered: append() returns once the kernels are queued. Views returned by
+// keys() etc. are valid for kernels on the same stream; before reading them from another stream
+// or the host with plain cudaMemcpy on a non-blocking stream, synchronise that stream.
+// longmem::copy() uses the legacy default stream, which waits for the bank's blocking stream.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <type_traits>
+
+#include "longmem/cuda/storage.hpp"
+#include "longmem/detail/host_memory.hpp"
+#include "longmem/error.hpp"
+#include "longmem/memory_bank.hpp"
+#include "longmem/model_config.hpp"
+#include "longmem/tensor.hpp"
+
+namespace longmem {
+
+/// Element types a device bank stores keys and values in.
+template <class S>
+concept DeviceStorageType = std::is_same_v<S, float> || std::is_same_v<S, __half> || std::is_same_v<S, __nv_bfloat16>;
+
+namespace detail {
+
+/// float -> S, rounding to nearest even (as HostMemoryBank's from_float does).
+template <class S>
+__device__ inline S device_store(float x) {
+  if constexpr (std::is_same_v<S, __half>) {
+    return __float2half_rn(x);
+  } else if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else {
+    return x;
+  }
+}
+
+/// S -> float, exact.
+template <class S>
+__device__ inline float device_load(S x) {
+  if constexpr (std::is_same_v<S, __half>) {
+    return __half2float(x);
+  } else if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+    return __bfloat162float(x);
+  } else {
+    return x;
+  }
+}
+
+/// Where a device bank's arrays are, for its append kernels.
+template <class S>
+struct DeviceBankArrays {
+  S* keys;                // (H, C, csz, dh)
+  S* values;              // (H, C, csz, dh)
+  float* chunk_keys;      // (H, C, dh)
+  S* pending_keys;        // (H, csz, dh)
+  S* pending_values;      // (H, csz, dh)
+  double* pending_sum;    // (H, dh)
+  index_t capacity;       // C
+  int n_head, head_dim, chunk_size;
+};
+
+/// Tokens [t0, t0 + count) of keys/values (T, H, dh) go to pending positions
+/// [pending_before, pending_before + count). The key sum continues from the stored one, or starts
+/// at 0 when `fresh`. When commit_slot >= 0 the pending chunk is then complete: it is copied to
+/// that slot and its chunk key written. Grid: one block per head; threads stride over d.
+template <class S>
+__global__ void bank_append_pending_kernel(const float* __restrict__ keys, const float* __restrict__ values,
+                                           index_t t0, int count, int pending_before, bool fresh,
+                                           index_t commit_slot, DeviceBankArrays<S> a) {
+  const int h = static_cast<int>(blockIdx.x);
+  const index_t H = a.n_head, dh = a.head_dim, csz = a.chunk_size, C = a.capacity;
+  const double inv = 1.0 / static_cast<double>(csz);
+  for (index_t d = threadIdx.x; d < dh; d += blockDim.x) {
+    double sum = fresh ? 0.0 : a.pending_sum[h * dh + d];
+    for (int j = 0; j < count; ++j) {
+      const index_t src = ((t0 + j) * H + h) * dh + d;
+      const index_t dst = (h * csz + pending_before + j) * dh + d;
+      const float k = keys[src];
+      a.pending_keys[dst] = device_store<S>(k);
+      a.pending_values[dst] = device_store<S>(values[src]);
+      sum += static_cast<double>(k);
+    }
+    if (commit_slot >= 0) {
+      // Positions written by earlier launches for this (h, d) column are visible: same column,
+      // earlier kernel on the same stream.
+      for (index_t j = 0; j < csz; ++j) {
+        const index_t p = (h * csz + j) * dh + d;
+        const index_t s = ((h * C + commit_slot) * csz + j) * dh + d;
+        a.keys[s] = a.pending_keys[p];
+        a.values[s] = a.pending_values[p];
+      }
+      a.chunk_keys[(h * C + commit_slot) * dh + d] = static_cast<float>(sum * inv);
+      sum = 0.0;
+    }
+    a.pending_sum[h * dh + d] = sum;
+  }
+}
+
+/// n_whole complete chunks: chunk j is tokens [t0 + j*csz, t0 + (j+1)*csz) of keys/values
+/// (T, H, dh) and goes to slot (first_sequence + j) % C. Grid: (n_whole, H); threads stride over d.
+template <class S>
+__global__ void bank_append_chunks_kernel(const float* __restrict__ keys, const float* __restrict__ values,
+                                          index_t t0, index_t first_sequence, DeviceBankArrays<S> a) {
+  const index_t j = blockIdx.x;
+  const int h = static_cast<int>(blockIdx.y);
+  const index_t H = a.n_head, dh = a.head_dim, csz = a.chunk_size, C = a.capacity;
+  const index_t slot = (first_sequence + j) % C;
+  const double inv = 1.0 / static_cast<double>(csz);
+  for (index_t d = threadIdx.x; d < dh; d += blockDim.x) {
+    double sum = 0.0;  // as the host's sum after a commit (or reset): 0, then each token in order
+    for (index_t i = 0; i < csz; ++i) {
+      const index_t src = ((t0 + j * csz + i) * H + h) * dh + d;
+      const index_t dst = ((h * C + slot) * csz + i) * dh + d;
+      const float k = keys[src];
+      a.keys[dst] = device_store<S>(k);
+      a.values[dst] = device_store<S>(values[src]);
+      sum += static_cast<double>(k);
+    }
+    a.chunk_keys[(h * C + slot) * dh + d] = static_cast<float>(sum * inv);
+  }
+}
+
+/// Threads per append block: the head dimension rounded up to a warp, at most 256.
+inline unsigned bank_append_threads(int head_dim) {
+  const int warps = std::min(8, (head_dim + 31) / 32);
+  return static_cast<unsigned>(std::max(1, warps) * 32);
+}
+
+}  // namespace detail
+
+template <DeviceStorageType S>
+class DeviceMemoryBank {
+ public:
+  using value_type = S;
+  using location = Device;
+
+  /// All device buffers are allocated here (append() never allocates); kernels run on `stream`
+  /// (0: the legacy default stream). A bank larger than the device's free memory is refused with
+  /// a BackendError giving both numbers, before anything is allocated.
+  explicit DeviceMemoryBank(MemoryGeometry g, cudaStream_t stream = nullptr) : geom_(checked(g)), stream_(stream) {
+    const std::optional<std::uint64_t> need = bytes_for(geom_);
+    if (!need) detail::fail<ConfigError>(describe(geom_), " needs more bytes than 64 bits can count");
+    std::size_t free_bytes = 0, total_bytes = 0;
+    detail::cuda_check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo (DeviceMemoryBank)", *need);
+    if (*need > free_bytes) {
+      detail::fail<BackendError>(describe(geom_), " needs ", detail::describe_bytes(*need), " (", *need,
+                                 " bytes) of device memory, but the device has ", detail::describe_bytes(free_bytes),
+                                 " free of ", detail::describe_bytes(total_bytes));
+    }
+    const index_t H = geom_.n_head, C = geom_.capacity_chunks, csz = geom_.chunk_size, dh = geom_.head_dim;
+    try {
+      keys_.resize({H, C, csz, dh});
+      values_.resize({H, C, csz, dh});
+      chunk_keys_.resize({H, C, dh});
+      pending_keys_.resize({H, csz, dh});
+      pending_values_.resize({H, csz, dh});
+      pending_sum_.resize({H, dh});
+    } catch (const BackendError& e) {
+      detail::fail<BackendError>(describe(geom_), " (", *need, " bytes in all) could not be allocated: ", e.what());
+    }
+    reset();
+  }
+
+  /// A bank of m.memory_tokens / m.chunk_size chunks for n_head heads of head_dim.
+  DeviceMemoryBank(int n_head, int head_dim, const MemoryConfig& m, cudaStream_t stream = nullptr)
+      : DeviceMemoryBank(geometry_of(n_head, head_dim, m), stream) {}
+
+  /// Device bytes a bank of geometry `g` allocates (keys and values in S, chunk keys in float, the
+  /// pending chunk in S and its key sum in double); nullopt when that does not fit in 64 bits.
+  static std::optional<std::uint64_t> bytes_for(const MemoryGeometry& g) {
+    const std::int64_t H = g.n_head, C = g.capacity_chunks, csz = g.chunk_size, dh = g.head_dim;
+    auto total = detail::checked_bytes(2 * sizeof(S), {H, C, csz, dh});
+    total = detail::checked_sum(total, detail::checked_bytes(sizeof(float), {H, C, dh}));
+    total = detail::checked_sum(total, detail::checked_bytes(2 * sizeof(S), {H, csz, dh}));
+    return detail::checked_sum(total, detail::checked_bytes(sizeof(double), {H, dh}));
+  }
+
+  const MemoryGeometry& geometry() const { return geom_; }
+  cudaStream_t stream() const { return stream_; }
+  /// Later appends (and retrievals from this bank) run on `s`; the caller orders it after the old one.
+  void set_stream(cudaStream_t s) { stream_ = s; }
+
+  index_t num_chunks() const { return std::min(chunks_appended_, geom_.capacity_chunks); }
+  index_t size_tokens() const { return num_chunks() * geom_.chunk_size; }
+  index_t pending_tokens() const { return pending_; }
+  index_t capacity_tokens() const { return geom_.capacity_tokens(); }
+  index_t chunks_appended() const { return chunks_appended_; }
+  index_t tokens_appended() const { return chunks_appended_ * geom_.chunk_size + pending_; }
+
+  /// Bytes of stored chunks (keys + values in S, chunk key in float) and pending tokens, counted as
+  /// HostMemoryBank counts them.
+  std::size_t bytes_used() const {
+    const auto H = static_cast<std::size_t>(geom_.n_head), dh = static_cast<std::size_t>(geom_.head_dim);
+    const auto csz = static_cast<std::size_t>(geom_.chunk_size);
+    const std::size_t per_chunk = H * (2 * csz * dh * sizeof(S) + dh * sizeof(float));
+    const std::size_t per_pending = H * 2 * dh * sizeof(S);
+    return static_cast<std::size_t>(num_chunks()) * per_chunk + static_cast<std::size_t>(pending_) * per_pending;
+  }
+
+  index_t chunk_sequence(index_t slot) const {
+    check_slot(slot, "chunk_sequence");
+    const index_t C = geom_.capacity_chunks;
+    if (chunks_appended_ <= C) return slot;
+    const index_t oldest = chunks_appended_ % C;
+    return chunks_appended_ - C + (slot - oldest + C) % C;
+  }
+  index_t chunk_position(index_t slot) const { return chunk_sequence(slot) * geom_.chunk_size; }
+  /// Slot of the oldest stored chunk (0 while the ring has not wrapped, and when empty).
+  index_t oldest_slot() const {
+    return chunks_appended_ <= geom_.capacity_chunks ? 0 : chunks_appended_ % geom_.capacity_chunks;
+  }
+
+  TensorView<const float, Device> chunk_keys() const { return chunk_keys_.view(); }  // (H, C, dh)
+  TensorView<const S, Device> keys() const { return keys_.view(); }                  // (H, C, csz, dh)
+  TensorView<const S, Device> values() const { return values_.view(); }              // (H, C, csz, dh)
+
+  /// Appends T tokens of keys and values, both (T, H, dh) float on the device; semantics of
+  /// HostMemoryBank::append (pending chunk first, only the newest C chunks of one call written).
+  template <class T>
+  void append(TensorView<const T, Device> keys, TensorView<const T, Device> values) {
+    static_assert(std::is_same_v<T, float>, "DeviceMemoryBank::append takes float keys and values");
+    const Shape expected{keys.rank() == 3 ? keys.dim(0) : 0, geom_.n_head, geom_.head_dim};
+    if (keys.rank() != 3 || !(keys.shape() == expected)) {
+      detail::fail<ShapeError>("DeviceMemoryBank::append: keys must be (T, H, dh) = (T, ", geom_.n_head, ", ",
+                               geom_.head_dim, "), got ", keys.shape().str());
+    }
+    if (!(values.shape() == keys.shape())) {
+      detail::fail<ShapeError>("DeviceMemoryBank::append: values must have the keys' shape ", keys.shape().str(),
+                               ", got ", values.shape().str());
+    }
+    const index_t n_tok = keys.dim(0), csz = geom_.chunk_size, C = geom_.capacity_chunks;
+    if (n_tok == 0) return;
+    if (!keys.data() || !values.data()) detail::fail<ShapeError>("DeviceMemoryBank::append: keys or values have no data");
+    if (n_tok > max_stream_tokens - tokens_appended()) {
+      detail::fail<InputError>("DeviceMemoryBank::append: ", n_tok, " more tokens exceed the 2^53 tokens a stream can hold");
+    }
+    const detail::DeviceBankArrays<S> a = arrays();
+    const unsigned threads = detail::bank_append_threads(geom_.head_dim);
+    const dim3 heads(static_cast<unsigned>(geom_.n_head));
+    index_t chunks = chunks_appended_, pending = pending_, t = 0;
+
+    // 1. The pending chunk's missing tokens (and its commit when it fills).
+    if (pending > 0) {
+      const index_t m = std::min(n_tok, csz - pending);
+      const bool completes = pending + m == csz;
+      detail::bank_append_pending_kernel<S><<<heads, threads, 0, stream_>>>(
+          keys.data(), values.data(), 0, static_cast<int>(m), static_cast<int>(pending), false,
+          completes ? chunks % C : index_t{-1}, a);
+      check_launch("completing the pending chunk");
+      t = m;
+      pending += m;
+      if (completes) {
+        pending = 0;
+        ++chunks;
+      }
+    }
+    // 2. Whole chunks; when more than C, the oldest of them would be evicted in this same call.
+    index_t whole = (n_tok - t) / csz;
+    if (whole > C) {
+      chunks += whole - C;
+      t += (whole - C) * csz;
+      whole = C;
+    }
+    if (whole > 0) {
+      const dim3 grid(static_cast<unsigned>(whole), static_cast<unsigned>(geom_.n_head));
+      detail::bank_append_chunks_kernel<S><<<grid, threads, 0, stream_>>>(keys.data(), values.data(), t, chunks, a);
+      check_launch("writing whole chunks");
+      chunks += whole;
+      t += whole * csz;
+    }
+    // 3. A trailing remainder: the new pending chunk.
+    if (t < n_tok) {
+      const index_t r = n_tok - t;
+      detail::bank_append_pending_kernel<S><<<heads, threads, 0, stream_>>>(
+          keys.data(), values.data(), t, static_cast<int>(r), 0, true, index_t{-1}, a);
+      check_launch("starting the pending chunk");
+      pending = r;
+    }
+    chunks_appended_ = chunks;
+    pending_ = pending;
+  }
+
+  /// Convenience: append from owning device tensors or mutable views.
+  template <class K, class V>
+    requires requires(const K& k, const V& v) {
+      cview(k);
+      cview(v);
+    }
+  void append(const K& keys, const V& values) {
+    append(cview(keys), cview(values));
+  }
+
+  /// Empties the bank; all counters go back to 0. (The pending key sum restarts at 0 with the
+  /// next pending chunk, so no device work is needed.)
+  void reset() {
+    chunks_appended_ = 0;
+    pending_ = 0;
+  }
+
+ private:
+  static constexpr index_t max_stream_tokens = index_t{1} << 53;
+  // Slots are reported as int32 and ages are 32-bit keys in the retriever.
+  static constexpr index_t max_capacity_chunks = (index_t{1} << 31) - 1;
+
+  static MemoryGeometry checked(MemoryGeometry g) {
+    if (g.n_head <= 0 || g.head_dim <= 0 || g.chunk_size <= 0 || g.capacity_chunks <= 0) {
+      detail::fail<ConfigError>("DeviceMemoryBank: n_head, head_dim, chunk_size and capacity_chunks must be positive, got ",
+                                g.n_head, ", ", g.head_dim, ", ", g.chunk_size, ", ", g.capacity_chunks);
+    }
+    if (g.capacity_chunks > max_capacity_chunks) {
+      detail::fail<ConfigError>("DeviceMemoryBank: ", g.capacity_chunks, " chunks exceed the 2^31 - 1 slots a device bank "
+                                "can address (slots are int32); use fewer, larger chunks");
+    }
+    if (g.capacity_chunks > max_stream_tokens / g.chunk_size) {
+      detail::fail<ConfigError>("DeviceMemoryBank: ", g.capacity_chunks, " chunks of ", g.chunk_size,
+                                " tokens exceed the 2^53 tokens a stream can hold");
+    }
+    if (g.n_head > 65535) {
+      detail::fail<ConfigError>("DeviceMemoryBank: ", g.n_head, " heads exceed the 65535 a kernel grid dimension allows");
+    }
+    return g;
+  }
+
+  static std::string describe(const MemoryGeometry& g) {
+    const char* type = std::is_same_v<S, float> ? "float" : std::is_same_v<S, __half> ? "__half" : "__nv_bfloat16";
+    return detail::concat("DeviceMemoryBank: a bank of ", g.capacity_chunks, " chunks of ", g.chunk_size, " tokens (",
+                          g.capacity_tokens(), " tokens, ", g.n_head, " heads of ", g.head_dim, ", stored as ", type, ")");
+  }
+
+  static MemoryGeometry geometry_of(int n_head, int head_dim, const MemoryConfig& m) {
+    m.validate();
+    MemoryGeometry g;
+    g.n_head = n_head;
+    g.head_dim = head_dim;
+    g.chunk_size = m.chunk_size;
+    g.capacity_chunks = m.capacity_chunks();
+    return g;
+  }
+
+  void check_slot(index_t slot, const char* what) const {
+    if (slot < 0 || slot >= num_chunks()) {
+      detail::fail<ShapeError>("DeviceMemoryBank::", what, ": slot ", slot,
+                               " is not a stored chunk (valid slots are [0, ", num_chunks(), "))");
+    }
+  }
+
+  void check_launch(const char* what) const {
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) {
+      detail::fail<BackendError>("DeviceMemoryBank::append: the kernel ", what, " failed to launch: ",
+                                 cudaGetErrorString(err), " (", cudaGetErrorName(err), ")");
+    }
+  }
+
+  detail::DeviceBankArrays<S> arrays() {
+    return {keys_.data(),         values_.data(),          chunk_keys_.data(), pending_keys_.data(),
+            pending_values_.data(), pending_sum_.data(),   geom_.capacity_chunks, geom_.n_head,
+            geom_.head_dim,       geom_.chunk_size};
+  }
+
+  MemoryGeometry geom_;
+  cudaStream_t stream_ = nullptr;
+  Tensor<S, Device> keys_;              // (H, C, csz, dh)
+  Tensor<S, Device> values_;            // (H, C, csz, dh)
+  Tensor<float, Device> chunk_keys_;    // (H, C, dh)
+  Tensor<S, Device> pending_keys_;      // (H, csz, dh)
+  Tensor<S, Device> pending_values_;    // (H, csz, dh)
+  Tensor<double, Device> pending_sum_;  // (H, dh)
+  index_t chunks_appended_ = 0;
+  index_t pending_ = 0;
+};
+
+static_assert(MemoryBank<DeviceMemoryBank<float>>);
+static_assert(MemoryBank<DeviceMemoryBank<__half>>);
+static_assert(MemoryBank<DeviceMemoryBank<__nv_bfloat16>>);
+
+}  // namespace longmem
