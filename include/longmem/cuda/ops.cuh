@@ -1,0 +1,113 @@
+#pragma once
+// OpsBackend<Device>: the forward ops of the op table (longmem/ops.hpp) for buffers in GPU memory,
+// T = float. Compile with nvcc. Each op family lives in cuda/ops/, mirroring cpu/ops/:
+//
+//   cuda/ops/embedding.cuh      embedding                       (ids checked on the host, then copied)
+//   cuda/ops/layer_norm.cuh     layer_norm                      (one block per row, statistics in double)
+//   cuda/ops/linear.cuh         linear                          (cuBLASLt fp32, bias in the epilogue)
+//   cuda/ops/elementwise.cuh    gelu (in place, out of place), add, add_difference
+//   cuda/ops/attention.cuh      causal_attention, memory_attention<F>   (one flash-style kernel)
+//   cuda/ops/cross_entropy.cuh  cross_entropy                   (per-row logsumexp; synchronises)
+//   cuda/ops/common.cuh         stream, launch checks, scratch, the host backend's argument checks
+//
+// Arguments are checked as the host backend checks them, with the same exception types and
+// messages, before anything is enqueued, so a refused call writes nothing. A failed launch or CUDA
+// call is a BackendError that names the op and what was asked for. Work is enqueued on the legacy
+// default stream (detail::cuda::stream()); only cross_entropy waits for it, to return its sums.
+// The backward ops are not implemented on the device yet: calling one is a compile error that says so.
+#include <cstdint>
+#include <span>
+#include <utility>
+
+#include "longmem/cuda/ops/attention.cuh"
+#include "longmem/cuda/ops/common.cuh"
+#include "longmem/cuda/ops/cross_entropy.cuh"
+#include "longmem/cuda/ops/elementwise.cuh"
+#include "longmem/cuda/ops/embedding.cuh"
+#include "longmem/cuda/ops/layer_norm.cuh"
+#include "longmem/cuda/ops/linear.cuh"
+#include "longmem/cuda/storage.hpp"
+#include "longmem/ops.hpp"
+#include "longmem/tensor.hpp"
+
+namespace longmem {
+
+namespace detail::cuda {
+template <class...>
+inline constexpr bool no_device_backward = false;
+}  // namespace detail::cuda
+
+template <>
+struct OpsBackend<Device> {
+  template <class T>
+  using In = TensorView<const T, Device>;
+  template <class T>
+  using Out = TensorView<T, Device>;
+
+  // Forward.
+  template <class T>
+  static void embedding(Out<T> out, std::span<const std::int32_t> tokens, In<T> wte, In<T> wpe) {
+    detail::cuda::embedding(out, tokens, wte, wpe);
+  }
+  template <class T>
+  static void layer_norm(Out<T> out, In<T> in, In<T> weight, In<T> bias, double eps) {
+    detail::cuda::layer_norm(out, in, weight, bias, eps);
+  }
+  template <class T>
+  static void linear(Out<T> out, In<T> in, In<T> weight, In<T> bias, Accumulate acc) {
+    detail::cuda::linear(out, in, weight, bias, acc);
+  }
+  template <class T>
+  static void gelu(Out<T> x, Activation kind) {
+    detail::cuda::gelu(x, kind);
+  }
+  template <class T>
+  static void gelu(Out<T> out, In<T> in, Activation kind) {
+    detail::cuda::gelu(out, in, kind);
+  }
+  template <class T>
+  static void add(Out<T> out, In<T> in) {
+    detail::cuda::add(out, in);
+  }
+  template <class T>
+  static void add_difference(Out<T> out, In<T> a, In<T> b) {
+    detail::cuda::add_difference(out, a, b);
+  }
+  template <class T>
+  static void causal_attention(Out<T> out, In<T> q, In<T> k, In<T> v, PositionScheme positions) {
+    detail::cuda::causal_attention(out, q, k, v, positions);
+  }
+  template <class Fusion, class T>
+  static void memory_attention(Out<T> out, In<T> q, In<T> k, In<T> v, In<T> mem_k, In<T> mem_v, In<T> gate,
+                               PositionScheme positions) {
+    detail::cuda::memory_attention<Fusion>(out, q, k, v, mem_k, mem_v, gate, positions);
+  }
+  template <class T>
+  static std::pair<double, std::int64_t> cross_entropy(In<T> logits, std::span<const std::int32_t> targets,
+                                                       TensorView<float, Device> losses) {
+    return detail::cuda::cross_entropy(logits, targets, losses);
+  }
+
+  // Backward: not on the device yet (each fails to compile with this sentence when called).
+#define LONGMEM_NO_DEVICE_BACKWARD(name)                                                                    \
+  template <class... Args>                                                                                  \
+  static void name(Args&&...) {                                                                             \
+    static_assert(detail::cuda::no_device_backward<Args...>,                                                \
+                  #name " has no CUDA implementation yet: run training on Host buffers (<longmem/cpu/ops.hpp>)"); \
+  }
+  LONGMEM_NO_DEVICE_BACKWARD(embedding_backward)
+  LONGMEM_NO_DEVICE_BACKWARD(layer_norm_backward)
+  LONGMEM_NO_DEVICE_BACKWARD(linear_backward)
+  LONGMEM_NO_DEVICE_BACKWARD(gelu_backward)
+  LONGMEM_NO_DEVICE_BACKWARD(causal_attention_backward)
+  LONGMEM_NO_DEVICE_BACKWARD(cross_entropy_backward)
+#undef LONGMEM_NO_DEVICE_BACKWARD
+  template <class Fusion, class... Args>
+  static void memory_attention_backward(Args&&...) {
+    static_assert(detail::cuda::no_device_backward<Fusion, Args...>,
+                  "memory_attention_backward has no CUDA implementation yet: run training on Host buffers "
+                  "(<longmem/cpu/ops.hpp>)");
+  }
+};
+
+}  // namespace longmem

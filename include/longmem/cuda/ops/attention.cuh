@@ -1,0 +1,395 @@
+#pragma once
+// Device attention: causal and memory-augmented, forward (T tokens, H heads, dh head dim, K
+// retrieved tokens; rows of q/k/v/out are (T, H, dh) with stride H*dh, memory (T, H, K, dh)).
+//
+// One kernel, flash-style: a block takes Br = 32 queries of one head, keeps their q rows in shared
+// memory and walks the keys up to its last query in tiles of Bc = 32 (k and v staged in shared
+// memory), with an online softmax; no T x T matrix exists anywhere. ALiBi slopes come from
+// detail::alibi_slope inside the kernel. Dispatch (attention_kernel<Mode, DhMax>):
+//   causal_attention                        Causal: the local softmax only
+//   memory_attention<F> with K = 0          exactly the Causal kernel (no gate factor)
+//   memory_attention<GatedFusion>, K > 0    Gated: memory phase writes M = softmax(q Kr^T/sqrt dh) Vr to
+//                                           shared memory, the local phase gives A, out = (1-s(g)) A + s(g) M
+//   memory_attention<JointFusion>, K > 0    Joint: the memory phase's (max, sum, e Vr) seed the local
+//                                           online softmax, so both score sets share one softmax
+// The memory branch has no position term, as in the host backend and the reference.
+//
+// Threads (128 per block): in the memory phase a warp takes one query row at a time, lanes over dh
+// (coalesced reads of that query's own Kr, Vr rows); in the local phase four consecutive lanes own one
+// query row (8 of a tile's 32 keys each for the scores; every 4th feature of the output).
+// DhMax (32, 64, 128, 256) is the register budget for dh; dh > 256 is refused.
+#include <cmath>
+#include <string>
+#include <type_traits>
+
+#include "longmem/cuda/ops/common.cuh"
+#include "longmem/detail/alibi.hpp"
+#include "longmem/fusion.hpp"
+#include "longmem/model_config.hpp"
+
+namespace longmem {
+
+/// Tiling of the device attention kernel (fixed at compile time; printed by benchmarks).
+struct DeviceAttentionTuning {
+  int query_block = 32;  // Br: queries per block
+  int key_block = 32;    // Bc: keys per shared-memory tile
+  int threads = 128;     // 4 lanes per query row
+  int max_head_dim = 256;
+  friend constexpr bool operator==(const DeviceAttentionTuning&, const DeviceAttentionTuning&) = default;
+};
+inline constexpr DeviceAttentionTuning device_attention_tuning{};
+
+namespace detail::cuda {
+
+enum class AttentionMode { Causal, Gated, Joint };
+
+inline constexpr int attn_br = device_attention_tuning.query_block;
+inline constexpr int attn_bc = device_attention_tuning.key_block;
+inline constexpr int attn_threads = device_attention_tuning.threads;
+static_assert(attn_threads == 4 * attn_br, "four lanes per query row");
+static_assert(attn_bc % 4 == 0 && attn_threads % 32 == 0, "tile sizes");
+
+/// What the kernel reads and writes (device pointers).
+struct AttentionArgs {
+  const float* q = nullptr;      // (T, H, dh)
+  const float* k = nullptr;      // (T, H, dh)
+  const float* v = nullptr;      // (T, H, dh)
+  float* out = nullptr;          // (T, H, dh)
+  const float* mem_k = nullptr;  // (T, H, K, dh)
+  const float* mem_v = nullptr;  // (T, H, K, dh)
+  const float* gate = nullptr;   // (H) logits, Gated only
+  index_t n_tok = 0, n_mem = 0;
+  int n_head = 0, head_dim = 0;
+  float scale = 1;  // 1 / sqrt(dh), rounded as the host backend rounds it
+  bool alibi = false;
+};
+
+/// Shared-memory floats of one block: q tile, k tile, v tile, probabilities, and (memory modes)
+/// the memory branch's output and softmax statistics per query.
+inline std::size_t attention_smem_floats(int dh, bool memory) {
+  const std::size_t qk = static_cast<std::size_t>(dh + 1);  // +1: rows start in different banks
+  std::size_t n = attn_br * qk + attn_bc * qk + static_cast<std::size_t>(attn_bc) * dh + attn_br * (attn_bc + 1);
+  if (memory) n += static_cast<std::size_t>(attn_br) * dh + 2 * attn_br;
+  return n;
+}
+
+template <AttentionMode Mode, int DhMax>
+__global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgs a) {
+  constexpr float neg_inf = -INFINITY;
+  constexpr int per_lane = DhMax / 4;     // local phase: features c = sub + 4 * x
+  constexpr int per_warp = DhMax / 32;    // memory phase: features c = lane + 32 * x
+  constexpr int keys_per_lane = attn_bc / 4;
+
+  extern __shared__ float smem[];
+  const int dh = a.head_dim, H = a.n_head, h = blockIdx.y;
+  const index_t T = a.n_tok, ld = index_t(H) * dh, q0 = index_t(blockIdx.x) * attn_br;
+  const int qp = dh + 1, kp = dh + 1, sp = attn_bc + 1;
+  float* qs = smem;                 // (Br, dh+1)
+  float* ks = qs + attn_br * qp;    // (Bc, dh+1)
+  float* vs = ks + attn_bc * kp;    // (Bc, dh)
+  float* ps = vs + attn_bc * dh;    // (Br, Bc+1) probabilities of the current tile
+  float* mem_o = ps + attn_br * sp; // (Br, dh) memory modes: M (gated) or e Vr (joint)
+  float* mem_m = mem_o + attn_br * dh;  // (Br) max memory score
+  float* mem_l = mem_m + attn_br;       // (Br) sum of exp(score - max)
+  const int tid = threadIdx.x;
+
+  for (int e = tid; e < attn_br * dh; e += attn_threads) {
+    const int r = e / dh, c = e % dh;
+    const index_t t = q0 + r;
+    qs[r * qp + c] = t < T ? a.q[t * ld + index_t(h) * dh + c] : 0.0f;
+  }
+  __syncthreads();
+
+  if constexpr (Mode != AttentionMode::Causal) {
+    // Memory phase: warp w takes rows w, w + 4, ...; the branch on t is uniform over the warp.
+    const int lane = tid % 32, warp = tid / 32;
+    const index_t K = a.n_mem;
+    for (int r = warp; r < attn_br; r += attn_threads / 32) {
+      const index_t t = q0 + r;
+      if (t >= T) continue;
+      float qr[per_warp], o[per_warp];
+#pragma unroll
+      for (int x = 0; x < per_warp; ++x) {
+        const int c = lane + 32 * x;
+        qr[x] = c < dh ? qs[r * qp + c] : 0.0f;
+        o[x] = 0.0f;
+      }
+      const float* kr = a.mem_k + (t * H + h) * K * dh;  // (K, dh)
+      const float* vr = a.mem_v + (t * H + h) * K * dh;  // (K, dh)
+      float m = neg_inf, l = 0.0f;
+      for (index_t j0 = 0; j0 < K; j0 += 4) {  // four keys at a time: independent dots in flight
+        float s[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          float part = 0.0f;
+          if (j0 + u < K) {
+#pragma unroll
+            for (int x = 0; x < per_warp; ++x) {
+              const int c = lane + 32 * x;
+              if (c < dh) part += qr[x] * kr[(j0 + u) * dh + c];
+            }
+          }
+          s[u] = part;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) s[u] = j0 + u < K ? warp_sum(s[u]) * a.scale : neg_inf;
+        const float m_new = fmaxf(m, fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3])));  // finite: key j0 exists
+        const float alpha = expf(m - m_new);                                         // 0 on the first step
+        float p[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) p[u] = expf(s[u] - m_new);
+        l = l * alpha + ((p[0] + p[1]) + (p[2] + p[3]));
+#pragma unroll
+        for (int x = 0; x < per_warp; ++x) {
+          const int c = lane + 32 * x;
+          if (c >= dh) continue;
+          float acc = o[x] * alpha;
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            if (j0 + u < K) acc += p[u] * vr[(j0 + u) * dh + c];
+          }
+          o[x] = acc;
+        }
+        m = m_new;
+      }
+#pragma unroll
+      for (int x = 0; x < per_warp; ++x) {
+        const int c = lane + 32 * x;
+        if (c < dh) mem_o[r * dh + c] = Mode == AttentionMode::Gated ? o[x] / l : o[x];
+      }
+      if (lane == 0) {
+        mem_m[r] = m;
+        mem_l[r] = l;
+      }
+    }
+    __syncthreads();
+  }
+
+  // Local phase: row i of the tile, lanes sub = 0..3 of its group.
+  const int i = tid / 4, sub = tid % 4;
+  const index_t t = q0 + i;
+  const bool row_valid = t < T;
+  float acc[per_lane];
+  float m = neg_inf, l = 0.0f;
+#pragma unroll
+  for (int x = 0; x < per_lane; ++x) acc[x] = 0.0f;
+  if constexpr (Mode == AttentionMode::Joint) {
+    if (row_valid) {
+      m = mem_m[i];
+      l = mem_l[i];
+#pragma unroll
+      for (int x = 0; x < per_lane; ++x) {
+        const int c = sub + 4 * x;
+        if (c < dh) acc[x] = mem_o[i * dh + c];
+      }
+    }
+  }
+  const double slope = a.alibi ? alibi_slope(h, H) : 0.0;
+  const index_t k_end = T < q0 + attn_br ? T : q0 + attn_br;  // keys up to the block's last query
+
+  for (index_t k0 = 0; k0 < k_end; k0 += attn_bc) {
+    __syncthreads();  // the previous tile's ks, vs, ps are no longer read
+    for (int e = tid; e < attn_bc * dh; e += attn_threads) {
+      const int r = e / dh, c = e % dh;
+      const index_t s = k0 + r;
+      const bool ok = s < T;
+      ks[r * kp + c] = ok ? a.k[s * ld + index_t(h) * dh + c] : 0.0f;
+      vs[r * dh + c] = ok ? a.v[s * ld + index_t(h) * dh + c] : 0.0f;
+    }
+    __syncthreads();
+
+    float s[keys_per_lane];  // keys sub + 4u of the tile
+#pragma unroll
+    for (int u = 0; u < keys_per_lane; ++u) s[u] = 0.0f;
+    for (int c = 0; c < dh; ++c) {
+      const float qc = qs[i * qp + c];
+#pragma unroll
+      for (int u = 0; u < keys_per_lane; ++u) s[u] += qc * ks[(sub + 4 * u) * kp + c];
+    }
+    float tile_max = neg_inf;
+#pragma unroll
+    for (int u = 0; u < keys_per_lane; ++u) {
+      const index_t key = k0 + sub + 4 * u;
+      float val = s[u] * a.scale;
+      // As the host's ramp: slope * (key - t) in double, rounded once.
+      if (a.alibi) val += static_cast<float>(slope * static_cast<double>(key - t));
+      s[u] = row_valid && key <= t ? val : neg_inf;
+      tile_max = fmaxf(tile_max, s[u]);
+    }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float m_new = fmaxf(m, tile_max);
+    float alpha = 1.0f, psum = 0.0f;
+    if (m_new == neg_inf) {  // no key yet for this row (only rows past T): keep everything at zero
+#pragma unroll
+      for (int u = 0; u < keys_per_lane; ++u) s[u] = 0.0f;
+    } else {
+      alpha = expf(m - m_new);
+#pragma unroll
+      for (int u = 0; u < keys_per_lane; ++u) {
+        s[u] = expf(s[u] - m_new);
+        psum += s[u];
+      }
+    }
+    psum += __shfl_xor_sync(0xffffffffu, psum, 1);
+    psum += __shfl_xor_sync(0xffffffffu, psum, 2);
+    l = l * alpha + psum;
+    m = m_new;
+#pragma unroll
+    for (int u = 0; u < keys_per_lane; ++u) ps[i * sp + sub + 4 * u] = s[u];
+    __syncwarp();  // the four lanes of row i are in one warp; they read each other's probabilities
+#pragma unroll
+    for (int x = 0; x < per_lane; ++x) acc[x] *= alpha;
+    for (int j = 0; j < attn_bc; ++j) {
+      const float p = ps[i * sp + j];
+#pragma unroll
+      for (int x = 0; x < per_lane; ++x) {
+        const int c = sub + 4 * x;
+        if (c < dh) acc[x] += p * vs[j * dh + c];
+      }
+    }
+  }
+
+  if (!row_valid) return;  // after the last barrier
+  const float inv = 1.0f / l;
+  float* o = a.out + t * ld + index_t(h) * dh;
+  float w_local = 1.0f, w_mem = 0.0f;
+  if constexpr (Mode == AttentionMode::Gated) {
+    // 1 - sigmoid(g) as sigmoid(-g), in double as on the host: exact at both ends.
+    const double g = static_cast<double>(a.gate[h]);
+    w_local = static_cast<float>(1.0 / (1.0 + exp(g)));
+    w_mem = static_cast<float>(1.0 / (1.0 + exp(-g)));
+  }
+#pragma unroll
+  for (int x = 0; x < per_lane; ++x) {
+    const int c = sub + 4 * x;
+    if (c >= dh) continue;
+    if constexpr (Mode == AttentionMode::Gated) {
+      o[c] = (w_local * inv) * acc[x] + w_mem * mem_o[i * dh + c];
+    } else {
+      o[c] = acc[x] * inv;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks (the host backend's, cpu/ops/attention.hpp) and launch
+
+/// Validates the attention arguments and gathers them; K = 0 when memory is absent.
+inline AttentionArgs attention_args(const char* op, TensorView<float, Device> out, TensorView<const float, Device> q,
+                                    TensorView<const float, Device> k, TensorView<const float, Device> v,
+                                    TensorView<const float, Device> mem_k, TensorView<const float, Device> mem_v,
+                                    TensorView<const float, Device> gate, bool gate_needed) {
+  if (q.rank() != 3) fail<ShapeError>(op, ": q: expected shape (T, H, dh), got ", q.shape().str());
+  const index_t n_tok = q.dim(0), H = q.dim(1), dh = q.dim(2);
+  const std::string like_q = std::string(op) + ": ";
+  expect_shape(k, q.shape(), (like_q + "k (T, H, dh), like q").c_str());
+  expect_shape(v, q.shape(), (like_q + "v (T, H, dh), like q").c_str());
+  if (!(out.shape() == q.shape()) && !(out.shape() == Shape{n_tok, H * dh})) {
+    fail<ShapeError>(op, ": out: expected shape ", q.shape().str(), " or ", Shape{n_tok, H * dh}.str(), " like q, got ",
+                     out.shape().str());
+  }
+  index_t K = 0;
+  const bool no_memory = (mem_k.rank() == 0 && mem_k.data() == nullptr) && (mem_v.rank() == 0 && mem_v.data() == nullptr);
+  if (!no_memory) {
+    if (mem_k.rank() != 4 || mem_k.dim(0) != n_tok || mem_k.dim(1) != H || mem_k.dim(3) != dh) {
+      fail<ShapeError>(op, ": mem_k: expected shape (", n_tok, ", ", H, ", K, ", dh, ") = (T, H, K, dh) for q of shape ",
+                       q.shape().str(), ", got ", mem_k.shape().str());
+    }
+    K = mem_k.dim(2);
+    expect_shape(mem_v, mem_k.shape(), (like_q + "mem_v (T, H, K, dh), like mem_k").c_str());
+  }
+  if (gate_needed && K > 0) {
+    expect_shape(gate, Shape{H}, (like_q + "gate (H), one logit per head").c_str());
+  } else if (!absent(gate) && !(gate.shape() == Shape{H})) {
+    fail<ShapeError>(op, ": gate: expected shape (", H, ") or an empty view, got ", gate.shape().str());
+  }
+  for (auto [in, name] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}, std::pair{mem_k, "mem_k"},
+                          std::pair{mem_v, "mem_v"}, std::pair{gate, "gate"}}) {
+    expect_separate(out, in, op, name);
+  }
+  if (dh > device_attention_tuning.max_head_dim) {
+    fail<ShapeError>(op, ": head dim ", dh, " (q of shape ", q.shape().str(),
+                     ") is larger than the CUDA attention kernel's maximum of ", device_attention_tuning.max_head_dim,
+                     "; use the host backend for wider heads");
+  }
+  if (H > 65535) fail<ShapeError>(op, ": ", H, " heads is more than the CUDA attention kernel's 65535");
+  AttentionArgs args;
+  args.q = q.data();
+  args.k = k.data();
+  args.v = v.data();
+  args.out = out.data();
+  args.mem_k = mem_k.data();
+  args.mem_v = mem_v.data();
+  args.gate = absent(gate) ? nullptr : gate.data();
+  args.n_tok = n_tok;
+  args.n_mem = K;
+  args.n_head = static_cast<int>(H);
+  args.head_dim = static_cast<int>(dh);
+  args.scale = 1.0f / std::sqrt(static_cast<float>(dh));  // as the host: T(1) / sqrt(T(dh))
+  return args;
+}
+
+template <AttentionMode Mode, int DhMax>
+void launch_attention(const char* op, const AttentionArgs& a) {
+  auto kernel = attention_kernel<Mode, DhMax>;
+  const std::size_t smem = attention_smem_floats(a.head_dim, Mode != AttentionMode::Causal) * sizeof(float);
+  if (smem > 48 * 1024) {  // beyond the default limit a kernel must opt in
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), op,
+          "raising the attention kernel's shared memory to ", smem, " bytes (head dim ", a.head_dim, ")");
+  }
+  const dim3 grid(static_cast<unsigned>((a.n_tok + attn_br - 1) / attn_br), static_cast<unsigned>(a.n_head));
+  const dim3 block(attn_threads);
+  kernel<<<grid, block, smem, stream()>>>(a);
+  check_launch(op, "the attention kernel for T = ", a.n_tok, ", H = ", a.n_head, ", dh = ", a.head_dim, ", K = ", a.n_mem,
+               " (", launch_str(grid, block, smem), ")");
+}
+
+template <AttentionMode Mode>
+void run_attention(const char* op, AttentionArgs a, PositionScheme positions) {
+  if (a.n_tok == 0 || a.n_head == 0 || a.head_dim == 0) return;
+  a.alibi = positions == PositionScheme::Alibi;
+  if (a.head_dim <= 32) {
+    launch_attention<Mode, 32>(op, a);
+  } else if (a.head_dim <= 64) {
+    launch_attention<Mode, 64>(op, a);
+  } else if (a.head_dim <= 128) {
+    launch_attention<Mode, 128>(op, a);
+  } else {
+    launch_attention<Mode, 256>(op, a);
+  }
+}
+
+/// out (T, H, dh) = causal softmax(q k^T / sqrt(dh) [+ alibi]) v per head.
+template <class T>
+void causal_attention(TensorView<T, Device> out, TensorView<const T, Device> q, TensorView<const T, Device> k,
+                      TensorView<const T, Device> v, PositionScheme positions) {
+  require_float<T>();
+  const char* op = "causal_attention";
+  const AttentionArgs a = attention_args(op, out, q, k, v, {}, {}, {}, false);
+  run_attention<AttentionMode::Causal>(op, a, positions);
+}
+
+/// Memory-augmented attention; see fusion.hpp. mem_k/mem_v may be (T, H, 0, dh) or absent (K = 0),
+/// then the result is exactly causal_attention. The gate (H) is required for GatedFusion with
+/// K > 0 and ignored otherwise.
+template <class Fusion, class T>
+void memory_attention(TensorView<T, Device> out, TensorView<const T, Device> q, TensorView<const T, Device> k,
+                      TensorView<const T, Device> v, TensorView<const T, Device> mem_k, TensorView<const T, Device> mem_v,
+                      TensorView<const T, Device> gate, PositionScheme positions) {
+  static_assert(longmem::Fusion<Fusion>, "memory_attention: Fusion must be longmem::GatedFusion or longmem::JointFusion");
+  require_float<T>();
+  constexpr bool gated = std::is_same_v<Fusion, GatedFusion>;
+  const char* op = "memory_attention";
+  const AttentionArgs a = attention_args(op, out, q, k, v, mem_k, mem_v, gate, gated);
+  if (a.n_mem == 0) {
+    run_attention<AttentionMode::Causal>(op, a, positions);
+  } else if constexpr (gated) {
+    run_attention<AttentionMode::Gated>(op, a, positions);
+  } else {
+    run_attention<AttentionMode::Joint>(op, a, positions);
+  }
+}
+
+}  // namespace detail::cuda
+}  // namespace longmem

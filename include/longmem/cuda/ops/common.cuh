@@ -1,0 +1,206 @@
+#pragma once
+// Helpers shared by the device op families (cuda/ops/*.cuh): where work is enqueued, launch
+// checks that become BackendError, stream-ordered scratch buffers, block reductions, and the
+// argument checks of the host backend (cpu/ops/common.hpp) restated for views of any location,
+// with the same exception types and messages.
+//
+// Every op runs on the legacy default stream, like <longmem/cuda/storage.hpp>'s copies, so a
+// copy() after an op sees its result without an explicit synchronisation. stream() is the one
+// place that says so; a per-model or per-thread stream replaces it later.
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <type_traits>
+
+#include "longmem/cuda/storage.hpp"
+#include "longmem/error.hpp"
+#include "longmem/tensor.hpp"
+
+namespace longmem::detail::cuda {
+
+/// The stream every device op is enqueued on.
+inline cudaStream_t stream() { return cudaStreamLegacy; }
+
+/// The device the calling thread works on (cudaGetDevice).
+inline int current_device() {
+  int dev = 0;
+  const cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    fail<BackendError>("cudaGetDevice failed: ", cudaGetErrorString(err), " (", cudaGetErrorName(err), ")");
+  }
+  return dev;
+}
+
+/// Throws BackendError for a failed CUDA call: the op, what it was doing, the runtime's message.
+template <class... What>
+void check(cudaError_t err, const char* op, What&&... what) {
+  if (err == cudaSuccess) return;
+  (void)cudaGetLastError();  // clear a non-sticky error so later calls are not blamed for it
+  fail<BackendError>(op, ": ", std::forward<What>(what)..., " failed: ", cudaGetErrorString(err), " (",
+                     cudaGetErrorName(err), ")");
+}
+
+/// Checks the launch just made (bad configuration, missing kernel image, too much shared memory).
+/// `what` describes the launch; it is only formatted when the launch failed.
+template <class... What>
+void check_launch(const char* op, What&&... what) {
+  check(cudaGetLastError(), op, std::forward<What>(what)...);
+}
+
+/// "grid (x, y) block b, s bytes of shared memory" for launch diagnostics.
+inline std::string launch_str(dim3 grid, dim3 block, std::size_t smem = 0) {
+  return concat("grid (", grid.x, ", ", grid.y, ", ", grid.z, ") x block ", block.x, ", ", smem,
+                " bytes of shared memory");
+}
+
+/// A device buffer from the stream-ordered allocator (cudaMallocAsync / cudaFreeAsync on stream()),
+/// so scratch space costs no device-wide synchronisation and stays valid for work enqueued before
+/// it is released.
+class Scratch {
+ public:
+  Scratch(std::size_t bytes, const char* op) : bytes_(bytes) {
+    if (bytes == 0) return;
+    check(cudaMallocAsync(&ptr_, bytes, stream()), op, "cudaMallocAsync of ", bytes, " bytes of scratch");
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() {
+    if (ptr_) (void)cudaFreeAsync(ptr_, stream());
+  }
+  template <class T>
+  T* as(std::size_t byte_offset = 0) const {
+    return reinterpret_cast<T*>(static_cast<unsigned char*>(ptr_) + byte_offset);
+  }
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+/// Copies host ids (token ids, targets) to `dst` on stream(). From pageable memory the call returns
+/// once the ids are staged, so the caller's span may go away afterwards.
+inline void upload_ids(std::span<const std::int32_t> ids, std::int32_t* dst, const char* op) {
+  if (ids.empty()) return;
+  check(cudaMemcpyAsync(dst, ids.data(), ids.size_bytes(), cudaMemcpyHostToDevice, stream()), op,
+        "cudaMemcpyAsync of ", ids.size(), " ids (", ids.size_bytes(), " bytes) host -> device");
+}
+
+/// Grid size for a grid-stride loop over n elements.
+inline unsigned grid_for(index_t n, unsigned block, unsigned max_blocks = 65535u * 8u) {
+  const index_t blocks = (n + block - 1) / block;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > index_t{max_blocks} ? index_t{max_blocks} : blocks));
+}
+
+/// The device backend computes in float (cuBLASLt fp32 GEMMs, float kernels).
+template <class T>
+constexpr void require_float() {
+  static_assert(std::is_same_v<T, float>,
+                "the CUDA backend (OpsBackend<Device>) computes in float: use Tensor<float, Device> buffers, "
+                "or the host backend for double");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks: the host backend's (cpu/ops/common.hpp), for views of either location.
+
+/// An optional argument (bias, wpe, losses, memory) is absent when it has no elements or no data.
+template <class V>
+bool absent(const V& v) {
+  return v.data() == nullptr || v.numel() == 0;
+}
+
+/// Number of rows N when the trailing extents of v multiply to `features`; ShapeError otherwise.
+template <class V>
+index_t rows_of(const V& v, index_t features, const char* op, const char* what) {
+  index_t suffix = 1;
+  for (int i = v.rank() - 1; i >= 0; --i) {
+    suffix *= v.dim(i);
+    if (suffix == features) {
+      index_t n = 1;
+      for (int j = 0; j < i; ++j) n *= v.dim(j);
+      return n;
+    }
+  }
+  fail<ShapeError>(op, ": ", what, " has shape ", v.shape().str(), ", expected trailing extents that multiply to ",
+                   features, " (an (N, ", features, ") tensor)");
+}
+
+/// Whether two views share any byte.
+template <class A, class B>
+bool overlaps(const A& a, const B& b) {
+  if (absent(a) || absent(b)) return false;
+  const auto a0 = reinterpret_cast<std::uintptr_t>(a.data()), a1 = a0 + a.bytes();
+  const auto b0 = reinterpret_cast<std::uintptr_t>(b.data()), b1 = b0 + b.bytes();
+  return a0 < b1 && b0 < a1;
+}
+
+template <class A, class B>
+void expect_separate(const A& out, const B& in, const char* op, const char* what) {
+  if (overlaps(out, in)) {
+    fail<InputError>(op, ": out overlaps ", what, "; this op needs a separate output buffer");
+  }
+}
+
+/// Elementwise ops accept equal shapes, or equal first extent and element count
+/// ((T, d) against (T, H, dh)).
+template <class A, class B>
+void expect_same_elements(const A& out, const B& in, const char* op, const char* what) {
+  const bool same = out.shape() == in.shape() ||
+                    (out.rank() >= 1 && in.rank() >= 1 && out.dim(0) == in.dim(0) && out.numel() == in.numel());
+  if (!same) {
+    fail<ShapeError>(op, ": ", what, " has shape ", in.shape().str(), ", expected the shape of out ", out.shape().str());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device building blocks
+
+#if defined(__CUDACC__)
+/// Sum over a warp; every lane gets the result.
+template <class T>
+__device__ inline T warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <class T>
+__device__ inline T warp_max(T v) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const T o = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+/// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+/// `shared` holds 32 values. Contains __syncthreads: every thread of the block must call it.
+template <class T>
+__device__ inline T block_sum(T v, T* shared) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_sum(v);
+  __syncthreads();  // `shared` may still be read by a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  T total = T(0);
+  for (int w = 0; w < warps; ++w) total += shared[w];  // same order in every thread: one result
+  return total;
+}
+
+template <class T>
+__device__ inline T block_max(T v, T* shared) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  T best = shared[0];
+  for (int w = 1; w < warps; ++w) best = shared[w] > best ? shared[w] : best;
+  return best;
+}
+#endif
+
+}  // namespace longmem::detail::cuda

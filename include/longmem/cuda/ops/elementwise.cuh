@@ -1,0 +1,94 @@
+#pragma once
+// Device elementwise ops, grid-stride loops over the flat elements:
+//   gelu             tanh: 0.5 x (1 + tanh(c (x + a x^3)))        c = sqrt(2/pi), a = 0.044715
+//                    erf:  0.5 x (1 + erf(x / sqrt 2))
+//   add              out += in
+//   add_difference   out += a - b
+// CUDA's tanhf and erff (a few ulp) stand in for the host's Eigen tanh and vectorised erf.
+#include "longmem/cuda/ops/common.cuh"
+#include "longmem/model_config.hpp"
+
+namespace longmem::detail::cuda {
+
+inline void check_activation(const char* op, Activation kind) {
+  if (kind != Activation::GeluTanh && kind != Activation::GeluErf) {
+    fail<InputError>(op, ": unknown activation kind ", static_cast<int>(kind));
+  }
+}
+
+inline constexpr unsigned elementwise_block = 256;
+
+__device__ inline float gelu_value(float v, bool tanh_form) {
+  if (tanh_form) return 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
+  return 0.5f * v * (1.0f + erff(v * 0.7071067812f));
+}
+
+/// y = gelu(x); y may be x (each element is read and written by one thread).
+template <class T>
+__global__ void gelu_kernel(T* y, const T* x, index_t n, bool tanh_form) {
+  for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
+    y[i] = gelu_value(x[i], tanh_form);
+  }
+}
+
+/// y += a (- b when b is not null).
+template <class T>
+__global__ void add_kernel(T* y, const T* a, const T* b, index_t n) {
+  for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
+    y[i] += b ? a[i] - b[i] : a[i];
+  }
+}
+
+template <class T>
+void launch_gelu(T* y, const T* x, index_t n, Activation kind) {
+  const dim3 block(elementwise_block), grid(grid_for(n, elementwise_block));
+  gelu_kernel<T><<<grid, block, 0, stream()>>>(y, x, n, kind == Activation::GeluTanh);
+  check_launch("gelu", "the kernel for ", n, " elements (", launch_str(grid, block), ")");
+}
+
+/// x = gelu(x) in place.
+template <class T>
+void gelu(TensorView<T, Device> x, Activation kind) {
+  require_float<T>();
+  check_activation("gelu", kind);
+  if (absent(x)) return;
+  launch_gelu(x.data(), x.data(), x.numel(), kind);
+}
+
+/// out = gelu(in); out may be in.
+template <class T>
+void gelu(TensorView<T, Device> out, TensorView<const T, Device> in, Activation kind) {
+  require_float<T>();
+  check_activation("gelu", kind);
+  expect_same_elements(out, in, "gelu", "in");
+  if (out.data() != in.data()) expect_separate(out, in, "gelu", "in (only exact in-place use is allowed)");
+  if (absent(out)) return;
+  launch_gelu(out.data(), in.data(), out.numel(), kind);
+}
+
+/// out += in.
+template <class T>
+void add(TensorView<T, Device> out, TensorView<const T, Device> in) {
+  require_float<T>();
+  expect_same_elements(out, in, "add", "in");
+  if (absent(out)) return;
+  const index_t n = out.numel();
+  const dim3 block(elementwise_block), grid(grid_for(n, elementwise_block));
+  add_kernel<T><<<grid, block, 0, stream()>>>(out.data(), in.data(), nullptr, n);
+  check_launch("add", "the kernel for ", n, " elements (", launch_str(grid, block), ")");
+}
+
+/// out += a - b.
+template <class T>
+void add_difference(TensorView<T, Device> out, TensorView<const T, Device> a, TensorView<const T, Device> b) {
+  require_float<T>();
+  expect_same_elements(out, a, "add_difference", "a");
+  expect_same_elements(out, b, "add_difference", "b");
+  if (absent(out)) return;
+  const index_t n = out.numel();
+  const dim3 block(elementwise_block), grid(grid_for(n, elementwise_block));
+  add_kernel<T><<<grid, block, 0, stream()>>>(out.data(), a.data(), b.data(), n);
+  check_launch("add_difference", "the kernel for ", n, " elements (", launch_str(grid, block), ")");
+}
+
+}  // namespace longmem::detail::cuda

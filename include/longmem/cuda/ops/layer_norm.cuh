@@ -1,0 +1,73 @@
+#pragma once
+// Device LayerNorm over the last C features of each row.
+//   layer_norm   y = (x - mean) / sqrt(var + eps) * w + b        (biased variance)
+// One block per row. As on the host, the statistics are two passes in double (mean, then the
+// squared deviations) and the output is computed in double and rounded once, so the two backends
+// agree to a rounding of the output.
+#include <cmath>
+#include <string>
+
+#include "longmem/cuda/ops/common.cuh"
+
+namespace longmem::detail::cuda {
+
+/// Validates weight (C), the optional bias (C) and eps; returns C.
+template <class W, class B>
+index_t check_layer_norm_params(const char* op, const W& weight, const B& bias, double eps, const char* bias_name) {
+  if (weight.rank() != 1 || weight.dim(0) == 0) {
+    fail<ShapeError>(op, ": weight: expected a non-empty (C) vector, got shape ", weight.shape().str());
+  }
+  const index_t C = weight.dim(0);
+  if (!absent(bias)) expect_shape(bias, Shape{C}, (std::string(op) + ": " + bias_name + " (C, like weight)").c_str());
+  if (!(eps >= 0) || !std::isfinite(eps)) fail<InputError>(op, ": eps must be a finite number >= 0, got ", eps);
+  return C;
+}
+
+inline constexpr unsigned layer_norm_block = 256;
+
+/// Rows n = blockIdx.x (grid-stride); out may be in: every element is read by the thread that
+/// writes it, after the statistics (whose reductions end in a barrier) are complete.
+template <class T>
+__global__ void __launch_bounds__(layer_norm_block)
+    layer_norm_kernel(T* out /*(N,C)*/, const T* in /*(N,C)*/, const T* __restrict__ weight /*(C)*/,
+                      const T* __restrict__ bias /*(C) or null*/, index_t N, index_t C, double eps) {
+  __shared__ double partial[32];
+  for (index_t n = blockIdx.x; n < N; n += gridDim.x) {
+    const T* x = in + n * C;
+    T* y = out + n * C;
+    double s = 0;
+    for (index_t c = threadIdx.x; c < C; c += blockDim.x) s += static_cast<double>(x[c]);
+    const double mean = block_sum(s, partial) / static_cast<double>(C);
+    double q = 0;
+    for (index_t c = threadIdx.x; c < C; c += blockDim.x) {
+      const double dx = static_cast<double>(x[c]) - mean;
+      q += dx * dx;
+    }
+    const double inv = 1.0 / sqrt(block_sum(q, partial) / static_cast<double>(C) + eps);
+    for (index_t c = threadIdx.x; c < C; c += blockDim.x) {
+      const double b = bias ? static_cast<double>(bias[c]) : 0.0;
+      y[c] = static_cast<T>((static_cast<double>(x[c]) - mean) * inv * static_cast<double>(weight[c]) + b);
+    }
+  }
+}
+
+template <class T>
+void layer_norm(TensorView<T, Device> out, TensorView<const T, Device> in, TensorView<const T, Device> weight,
+                TensorView<const T, Device> bias, double eps) {
+  require_float<T>();
+  const char* op = "layer_norm";
+  const index_t C = check_layer_norm_params(op, weight, bias, eps, "bias");
+  const index_t N = rows_of(in, C, op, "in");
+  if (rows_of(out, C, op, "out") != N) {
+    fail<ShapeError>("layer_norm: out has shape ", out.shape().str(), ", expected ", N, " rows of ", C, " like in ",
+                     in.shape().str());
+  }
+  if (in.data() != out.data()) expect_separate(out, in, op, "in (only exact in-place use is allowed)");
+  if (N == 0) return;
+  const dim3 block(layer_norm_block), grid(grid_for(N, 1));
+  layer_norm_kernel<T><<<grid, block, 0, stream()>>>(out.data(), in.data(), weight.data(),
+                                                     absent(bias) ? nullptr : bias.data(), N, C, eps);
+  check_launch(op, "the kernel for ", N, " rows of ", C, " features (", launch_str(grid, block), ")");
+}
+
+}  // namespace longmem::detail::cuda
