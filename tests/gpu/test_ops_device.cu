@@ -1,0 +1,952 @@
+// The forward op table on every backend: OpsBackend<Device> (cuda/ops.cuh) and OpsBackend<Host>
+// (cpu/ops.hpp) in float, each against the float64 reference (reference/ops.hpp), on fresh random
+// inputs at odd shapes, every output NaN-poisoned before the call so an unwritten element fails.
+//
+// The table is backend-agnostic: each op case states its sizes, how to draw inputs, how to run the
+// op on a location L (one generic lambda, instantiated for Host and Device) and the reference.
+// Adding a kernel adds no test code; adding an op adds one case. Then behaviour checks (K = 0 is
+// exactly causal attention, saturated gates, no leak from the future, scores in the thousands) and
+// refusals (the same exception types and message parts as the host backend; nothing written).
+//
+// Tolerances, max |out - ref| <= atol + rtol * max |ref| per output (inputs are rounded to float
+// first, so only the computation is compared):
+//   embedding, add, add_difference   rtol 1e-6   one float rounding per element
+//   layer_norm                       rtol 1e-5   statistics in double, one rounding (device and host)
+//   gelu                             rtol 1e-5   CUDA tanhf / erff are within a few ulp
+//   linear                           rtol 1e-4   fp32 sums of up to 256 terms in cuBLASLt's order (split-K
+//                                                or not): worst case ~I * 6e-8 of sum |x w|
+//   attention                        rtol 1e-4   float scores and exps, online rescaling once per 32-key
+//                                                tile, up to 300 keys + 64 memory tokens per softmax
+//   cross_entropy                    losses 1e-6 abs + rel (exp in float, sums in double, stored as
+//                                    float); the sum 1e-6 per counted row; the count exactly
+//
+// Exit status: 0 all passed, 1 something failed, 77 no CUDA device (ctest: skipped; the table
+// then runs on the host backend alone, so the cases themselves are still checked).
+// Arguments: an optional substring of op names to run only those. LONGMEM_TEST_SEED=<n> draws
+// other inputs; every failure prints the op, backend, sizes, seed and the errors.
+
+// The host backend (Eigen) is compiled here as plain host code.
+#define EIGEN_NO_CUDA
+
+#include <longmem/cpu/ops.hpp>
+#include <longmem/cuda/ops.cuh>
+#include <longmem/cuda/storage.hpp>
+#include <longmem/reference/ops.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using namespace longmem;
+using HostD = Tensor<double, Host>;
+using Outputs = std::vector<HostD>;
+
+int failures = 0;
+int checks = 0;
+bool device_present = false;
+
+#define EXPECT(cond, ...)                                                  \
+  do {                                                                     \
+    ++checks;                                                              \
+    if (!(cond)) {                                                         \
+      ++failures;                                                          \
+      std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond);        \
+      std::printf(__VA_ARGS__);                                            \
+      std::printf("\n");                                                   \
+      std::fflush(stdout);                                                 \
+    }                                                                      \
+  } while (0)
+
+// ---------------------------------------------------------------- backends
+
+enum class Backend { Host, Device };
+const char* name(Backend b) { return b == Backend::Host ? "host" : "device"; }
+constexpr Backend backends[] = {Backend::Host, Backend::Device};
+
+std::uint64_t base_seed() {
+  if (const char* s = std::getenv("LONGMEM_TEST_SEED")) return std::strtoull(s, nullptr, 10);
+  return 20230612;
+}
+
+/// A float tensor at L holding x (absent stays absent).
+template <class L>
+Tensor<float, L> to(const HostD& x) {
+  if (x.data() == nullptr) return {};
+  Tensor<float, Host> h(x.shape());
+  for (index_t i = 0; i < x.numel(); ++i) h.data()[i] = static_cast<float>(x.data()[i]);
+  if constexpr (std::is_same_v<L, Host>) {
+    return h;
+  } else {
+    Tensor<float, Device> d(x.shape());
+    copy<float>(cview(h), d.view());
+    return d;
+  }
+}
+
+/// A float tensor at L of shape s, every element NaN.
+template <class L>
+Tensor<float, L> poisoned(Shape s) {
+  Tensor<float, L> t(s);
+  fill<float>(t.view(), std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+/// The contents of a float view at L, in double on the host.
+template <class L>
+HostD back(TensorView<const float, L> v) {
+  Tensor<float, Host> h(v.shape());
+  if (v.numel() > 0) copy<float>(v, h.view());
+  HostD x(v.shape());
+  for (index_t i = 0; i < h.numel(); ++i) x.data()[i] = static_cast<double>(h.data()[i]);
+  return x;
+}
+template <class L>
+HostD back(const Tensor<float, L>& t) {
+  return back<L>(t.view());
+}
+
+/// A view of `n` elements that starts one float into a larger buffer: only 4-byte aligned.
+template <class L>
+struct Offset {
+  Tensor<float, L> buffer;
+  TensorView<float, L> view;
+};
+template <class L>
+Offset<L> offset_copy(const HostD& x) {
+  HostD padded(Shape{x.numel() + 1});
+  padded.data()[0] = 0;
+  std::copy(x.data(), x.data() + x.numel(), padded.data() + 1);
+  Offset<L> o{to<L>(padded), {}};
+  o.view = TensorView<float, L>(o.buffer.data() + 1, x.shape());
+  return o;
+}
+
+HostD random_tensor(Shape s, std::mt19937_64& rng, double lo = -1, double hi = 1) {
+  std::uniform_real_distribution<double> u(lo, hi);
+  HostD x(s);
+  for (double& e : x) e = static_cast<double>(static_cast<float>(u(rng)));  // representable in float
+  return x;
+}
+
+HostD scalar(double v) {
+  HostD x(Shape{1});
+  x(0) = v;
+  return x;
+}
+
+HostD reshaped(const HostD& x, Shape s) {
+  HostD y(s);
+  copy<double>(cview(x).reshape(s), y.view());
+  return y;
+}
+
+template <class... X>
+Outputs outputs(X&&... x) {
+  Outputs v;
+  (v.push_back(std::move(x)), ...);
+  return v;
+}
+
+struct Tolerance {
+  double atol = 0, rtol = 0;
+};
+
+struct Comparison {
+  double max_err = 0, max_ref = 0, bound = 0;
+  index_t worst = -1, nan_at = -1;
+  bool shape_ok = true, ok = false;
+  std::string str() const {
+    std::ostringstream os;
+    if (!shape_ok) return "shapes differ";
+    os << "max|out-ref| = " << max_err << " at " << worst << ", max|ref| = " << max_ref << ", bound = " << bound;
+    if (nan_at >= 0) os << ", first NaN/unwritten element at flat index " << nan_at;
+    return os.str();
+  }
+};
+
+Comparison compare(const HostD& got, const HostD& ref, Tolerance t) {
+  Comparison c;
+  if (!(got.shape() == ref.shape())) {
+    c.shape_ok = false;
+    return c;
+  }
+  for (index_t i = 0; i < ref.numel(); ++i) c.max_ref = std::max(c.max_ref, std::abs(ref.data()[i]));
+  c.bound = t.atol + t.rtol * c.max_ref;
+  for (index_t i = 0; i < got.numel(); ++i) {
+    const double e = std::abs(got.data()[i] - ref.data()[i]);
+    if (!(e == e)) {
+      if (c.nan_at < 0) c.nan_at = i;
+      continue;
+    }
+    if (e > c.max_err) c.max_err = e, c.worst = i;
+  }
+  c.ok = c.nan_at < 0 && c.max_err <= c.bound;
+  return c;
+}
+
+bool bitwise_equal(const HostD& a, const HostD& b) {
+  if (!(a.shape() == b.shape())) return false;
+  for (index_t i = 0; i < a.numel(); ++i) {
+    if (!(a.data()[i] == b.data()[i])) return false;
+  }
+  return true;
+}
+
+/// Waits for the device and turns an asynchronous fault into a message naming where it surfaced.
+std::string device_error() {
+  const cudaError_t e = cudaDeviceSynchronize();
+  if (e == cudaSuccess) return {};
+  return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+}
+
+// ---------------------------------------------------------------- the op table
+
+struct Params {
+  index_t T = 1, H = 1, dh = 1, K = 0, N = 1, I = 1, O = 1, V = 1, C = 1;
+  PositionScheme pos = PositionScheme::Learned;
+  int variant = 0;  // op-specific switch
+  int fusion = 0;   // 0 gated, 1 joint
+  std::string str() const {
+    std::ostringstream os;
+    os << "T=" << T << " H=" << H << " dh=" << dh << " K=" << K << " N=" << N << " I=" << I << " O=" << O << " V=" << V
+       << " C=" << C << " pos=" << to_string(pos) << " variant=" << variant << " fusion=" << (fusion ? "joint" : "gated");
+    return os.str();
+  }
+};
+
+struct Inputs {
+  std::vector<HostD> x;
+  std::vector<std::int32_t> ids;
+};
+
+using RunFn = std::function<Outputs(Backend, const Params&, const Inputs&)>;
+
+struct OpCase {
+  std::string name;
+  std::vector<Params> sizes;
+  std::function<Inputs(const Params&, std::mt19937_64&)> make;
+  RunFn run;
+  std::function<Outputs(const Params&, const Inputs&)> reference;
+  std::vector<Tolerance> tolerance;  // one per output
+};
+
+/// Turns one generic lambda f(location, params, inputs) into a run for every backend.
+template <class F>
+RunFn on_every_backend(F f) {
+  return [f](Backend b, const Params& p, const Inputs& in) -> Outputs {
+    if (b == Backend::Host) return f(Host{}, p, in);
+    return f(Device{}, p, in);
+  };
+}
+
+constexpr index_t seq[] = {1, 7, 64, 129, 300};
+
+struct HeadShape {
+  index_t H, dh;
+};
+// 4x16 and 12x64 (the model shapes), dh = 1, an odd dh in the 128 bucket, and the widest head (256).
+constexpr HeadShape head_shapes[] = {{4, 16}, {12, 64}, {2, 1}, {3, 100}, {1, 256}};
+
+HostD gate_logits(const Params& p, std::mt19937_64& rng) {
+  HostD g = random_tensor(Shape{p.H}, rng, -3, 3);
+  if (p.variant % 3 != 0) {  // saturated gates, both signs
+    const double sign = p.variant % 3 == 1 ? 1 : -1;
+    for (index_t h = 0; h < p.H; ++h) g(h) = sign * (h % 2 == 0 ? 35.0 : -30.0);
+  }
+  return g;
+}
+
+std::vector<OpCase> op_table() {
+  std::vector<OpCase> table;
+
+  {  // embedding, with and without learned positions
+    OpCase c;
+    c.name = "embedding";
+    for (index_t T : seq)
+      for (index_t d : {1, 16, 65, 768})
+        for (int with_wpe : {0, 1}) {
+          Params p;
+          p.T = T, p.C = d, p.V = d == 768 ? 1000 : 50, p.variant = with_wpe;
+          c.sizes.push_back(p);
+        }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.V, p.C}, rng));
+      in.x.push_back(p.variant ? random_tensor(Shape{p.T + 3, p.C}, rng) : HostD());
+      std::uniform_int_distribution<std::int32_t> tok(0, static_cast<std::int32_t>(p.V - 1));
+      for (index_t t = 0; t < p.T; ++t) in.ids.push_back(tok(rng));
+      return in;
+    };
+    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      auto wte = to<L>(in.x[0]);
+      auto wpe = to<L>(in.x[1]);
+      auto out = poisoned<L>(Shape{p.T, p.C});
+      ops::embedding(out.view(), std::span<const std::int32_t>(in.ids), cview(wte),
+                     p.variant ? cview(wpe) : TensorView<const float, L>{});
+      return outputs(back(out));
+    });
+    c.reference = [](const Params&, const Inputs& in) { return outputs(reference::embedding(in.ids, in.x[0], in.x[1])); };
+    c.tolerance = {{0, 1e-6}};
+    table.push_back(std::move(c));
+  }
+
+  {  // layer_norm: 0 bias, 1 no bias, 2 (N, C/4, 4) view with a large mean, 3 in place
+    OpCase c;
+    c.name = "layer_norm";
+    for (index_t N : seq)
+      for (index_t C : {1, 16, 67, 768, 3072})
+        for (int variant : {0, 1, 2, 3}) {
+          if (variant == 2 && C % 4 != 0) continue;
+          Params p;
+          p.N = N, p.C = C, p.variant = variant;
+          c.sizes.push_back(p);
+        }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      const double offset = p.variant == 2 ? 30 : 0;  // a large mean tests the two-pass variance
+      in.x.push_back(random_tensor(Shape{p.N, p.C}, rng, offset - 2, offset + 2));
+      in.x.push_back(random_tensor(Shape{p.C}, rng, 0.5, 1.5));
+      in.x.push_back(p.variant == 1 ? HostD() : random_tensor(Shape{p.C}, rng));
+      return in;
+    };
+    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using CV = TensorView<const float, L>;
+      auto x = to<L>(in.x[0]);
+      auto w = to<L>(in.x[1]);
+      auto b = to<L>(in.x[2]);
+      const CV bias = p.variant == 1 ? CV{} : cview(b);
+      if (p.variant == 3) {
+        ops::layer_norm(x.view(), cview(x), cview(w), bias, 1e-5);
+        return outputs(back(x));
+      }
+      const Shape s = p.variant == 2 ? Shape{p.N, p.C / 4, 4} : Shape{p.N, p.C};
+      auto out = poisoned<L>(s);
+      ops::layer_norm(out.view(), cview(x).reshape(s), cview(w), bias, 1e-5);
+      return outputs(reshaped(back(out), Shape{p.N, p.C}));
+    });
+    c.reference = [](const Params& p, const Inputs& in) {
+      HostD zero(Shape{p.C});
+      fill<double>(zero.view(), 0.0);
+      return outputs(reference::layer_norm(in.x[0], in.x[1], p.variant == 1 ? cview(zero) : cview(in.x[2]), 1e-5));
+    };
+    c.tolerance = {{1e-6, 1e-5}};
+    table.push_back(std::move(c));
+  }
+
+  {  // linear: bit 0 bias, bit 1 accumulate into a non-zero out from an (N, 1, I) view, bit 2 views
+     // that start one float into their buffers (4-byte alignment only)
+    OpCase c;
+    c.name = "linear";
+    const std::pair<index_t, index_t> io[] = {{1, 1}, {16, 33}, {67, 129}, {256, 768}};
+    for (index_t N : seq)
+      for (auto [I, O] : io)
+        for (int variant = 0; variant < 8; ++variant) {
+          Params p;
+          p.N = N, p.I = I, p.O = O, p.variant = variant;
+          c.sizes.push_back(p);
+        }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.N, p.I}, rng));
+      in.x.push_back(random_tensor(Shape{p.O, p.I}, rng));
+      in.x.push_back(random_tensor(Shape{p.O}, rng));
+      in.x.push_back(random_tensor(Shape{p.N, p.O}, rng));  // start value when accumulating
+      return in;
+    };
+    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using CV = TensorView<const float, L>;
+      const bool bias = p.variant & 1, acc = p.variant & 2, shifted = p.variant & 4;
+      HostD start = acc ? reshaped(in.x[3], Shape{p.N, p.O}) : HostD(Shape{p.N, p.O});
+      if (!acc) fill<double>(start.view(), std::numeric_limits<double>::quiet_NaN());
+      auto x = offset_copy<L>(in.x[0]);
+      auto w = offset_copy<L>(in.x[1]);
+      auto b = offset_copy<L>(in.x[2]);
+      auto out = offset_copy<L>(start);
+      Tensor<float, L> xa = to<L>(in.x[0]), wa = to<L>(in.x[1]), ba = to<L>(in.x[2]), outa = to<L>(start);
+      const CV xv = shifted ? CV(x.view) : cview(xa), wv = shifted ? CV(w.view) : cview(wa),
+               bv = shifted ? CV(b.view) : cview(ba);
+      const TensorView<float, L> ov = shifted ? out.view : outa.view();
+      const CV xin = acc ? xv.reshape(Shape{p.N, 1, p.I}) : xv;
+      ops::linear(ov, xin, wv, bias ? bv : CV{}, acc ? Accumulate::Yes : Accumulate::No);
+      return outputs(back<L>(CV(ov)));
+    });
+    c.reference = [](const Params& p, const Inputs& in) {
+      const bool bias = p.variant & 1, acc = p.variant & 2;
+      return outputs(reference::linear(in.x[0], in.x[1], bias ? cview(in.x[2]) : reference::View{},
+                                       acc ? cview(in.x[3]) : reference::View{}));
+    };
+    c.tolerance = {{1e-6, 1e-4}};
+    table.push_back(std::move(c));
+  }
+
+  {  // gelu: bit 0 erf form, bit 1 out of place
+    OpCase c;
+    c.name = "gelu";
+    for (index_t N : {1, 7, 257, 9000, 100003})
+      for (int variant = 0; variant < 4; ++variant) {
+        Params p;
+        p.N = N, p.variant = variant;
+        c.sizes.push_back(p);
+      }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.N}, rng, -6, 6));
+      return in;
+    };
+    auto kind = [](const Params& p) { return p.variant & 1 ? Activation::GeluErf : Activation::GeluTanh; };
+    c.run = on_every_backend([kind](auto loc, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      auto x = to<L>(in.x[0]);
+      if (p.variant & 2) {
+        auto out = poisoned<L>(Shape{p.N});
+        ops::gelu(out.view(), cview(x), kind(p));
+        return outputs(back(out));
+      }
+      ops::gelu(x.view(), kind(p));
+      return outputs(back(x));
+    });
+    c.reference = [kind](const Params& p, const Inputs& in) { return outputs(reference::gelu(in.x[0], kind(p))); };
+    c.tolerance = {{1e-6, 1e-5}};
+    table.push_back(std::move(c));
+  }
+
+  {  // add (bit 0 clear) and add_difference (set); bit 1 gives the inputs as (N, 4, C/4)
+    OpCase c;
+    c.name = "add / add_difference";
+    for (index_t N : seq)
+      for (index_t C : {1, 16, 67, 1024})
+        for (int variant = 0; variant < 4; ++variant) {
+          if ((variant & 2) && C % 4 != 0) continue;
+          Params p;
+          p.N = N, p.C = C, p.variant = variant;
+          c.sizes.push_back(p);
+        }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      for (int i = 0; i < 3; ++i) in.x.push_back(random_tensor(Shape{p.N, p.C}, rng));
+      return in;
+    };
+    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      auto out = to<L>(in.x[0]);
+      auto a = to<L>(in.x[1]);
+      auto b = to<L>(in.x[2]);
+      const Shape s = (p.variant & 2) ? Shape{p.N, 4, p.C / 4} : Shape{p.N, p.C};
+      if (p.variant & 1) {
+        ops::add_difference(out.view(), cview(a).reshape(s), cview(b).reshape(s));
+      } else {
+        ops::add(out.view(), cview(a).reshape(s));
+      }
+      return outputs(back(out));
+    });
+    c.reference = [](const Params& p, const Inputs& in) {
+      return outputs((p.variant & 1) ? reference::add_difference(in.x[0], in.x[1], in.x[2])
+                                     : reference::add(in.x[0], in.x[1]));
+    };
+    c.tolerance = {{0, 1e-6}};
+    table.push_back(std::move(c));
+  }
+
+  auto attention_inputs = [](const Params& p, std::mt19937_64& rng) {
+    Inputs in;
+    in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng, -3, 3));  // q: scores of a few units
+    in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng));
+    in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng));
+    in.x.push_back(random_tensor(Shape{p.T, p.H, p.K, p.dh}, rng));
+    in.x.push_back(random_tensor(Shape{p.T, p.H, p.K, p.dh}, rng));
+    in.x.push_back(gate_logits(p, rng));
+    return in;
+  };
+
+  {  // causal_attention; odd variants write a (T, H*dh) output
+    OpCase c;
+    c.name = "causal_attention";
+    int n = 0;
+    for (index_t T : seq)
+      for (auto hs : head_shapes)
+        for (auto pos : {PositionScheme::Learned, PositionScheme::Alibi}) {
+          Params p;
+          p.T = T, p.H = hs.H, p.dh = hs.dh, p.pos = pos, p.variant = n++;
+          c.sizes.push_back(p);
+        }
+    c.make = attention_inputs;
+    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      auto q = to<L>(in.x[0]);
+      auto k = to<L>(in.x[1]);
+      auto v = to<L>(in.x[2]);
+      auto out = poisoned<L>(p.variant % 2 ? Shape{p.T, p.H * p.dh} : Shape{p.T, p.H, p.dh});
+      ops::causal_attention(out.view(), cview(q), cview(k), cview(v), p.pos);
+      return outputs(reshaped(back(out), Shape{p.T, p.H, p.dh}));
+    });
+    c.reference = [](const Params& p, const Inputs& in) {
+      return outputs(reference::causal_attention(in.x[0], in.x[1], in.x[2], p.pos));
+    };
+    c.tolerance = {{1e-6, 1e-4}};
+    table.push_back(std::move(c));
+  }
+
+  {  // memory_attention, both fusions, K in {0, 4, 5, 64}, gates moderate and saturated
+    OpCase c;
+    c.name = "memory_attention";
+    int n = 0;
+    for (index_t T : seq)
+      for (auto hs : head_shapes)
+        for (index_t K : {0, 4, 5, 64})
+          for (auto pos : {PositionScheme::Learned, PositionScheme::Alibi})
+            for (int fusion : {0, 1}) {
+              Params p;
+              p.T = T, p.H = hs.H, p.dh = hs.dh, p.K = K, p.pos = pos, p.fusion = fusion, p.variant = n++;
+              // T > 64 keeps one (position, fusion) pair of four per (H, dh, K), in rotation: run time.
+              if (T > 64 && (p.variant / 4) % 4 != p.variant % 4) continue;
+              c.sizes.push_back(p);
+            }
+    c.make = attention_inputs;
+    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      auto q = to<L>(in.x[0]);
+      auto k = to<L>(in.x[1]);
+      auto v = to<L>(in.x[2]);
+      auto mk = to<L>(in.x[3]);
+      auto mv = to<L>(in.x[4]);
+      auto g = to<L>(in.x[5]);
+      // K = 0 memory is given as a (T, H, 0, dh) view over no data, as the bank hands it over
+      const TensorView<const float, L> mkv(mk.data(), Shape{p.T, p.H, p.K, p.dh}), mvv(mv.data(), Shape{p.T, p.H, p.K, p.dh});
+      auto out = poisoned<L>(Shape{p.T, p.H, p.dh});
+      if (p.fusion == 0) {
+        ops::memory_attention<GatedFusion>(out.view(), cview(q), cview(k), cview(v), mkv, mvv, cview(g), p.pos);
+      } else {
+        ops::memory_attention<JointFusion>(out.view(), cview(q), cview(k), cview(v), mkv, mvv, cview(g), p.pos);
+      }
+      return outputs(back(out));
+    });
+    c.reference = [](const Params& p, const Inputs& in) {
+      const auto& x = in.x;
+      return outputs(p.fusion == 0 ? reference::memory_attention_gated(x[0], x[1], x[2], x[3], x[4], x[5], p.pos)
+                                   : reference::memory_attention_joint(x[0], x[1], x[2], x[3], x[4], p.pos));
+    };
+    c.tolerance = {{1e-6, 1e-4}};
+    table.push_back(std::move(c));
+  }
+
+  {  // cross_entropy: outputs {sum}, {count}, per-token losses; bit 0 ignores every third target,
+     // bit 1 passes no losses view
+    OpCase c;
+    c.name = "cross_entropy";
+    for (index_t T : seq)
+      for (index_t V : {1, 5, 1000, 50257})
+        for (int variant = 0; variant < 4; ++variant) {
+          Params p;
+          p.T = T, p.V = V, p.variant = variant;
+          c.sizes.push_back(p);
+        }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.T, p.V}, rng, -8, 8));
+      std::uniform_int_distribution<std::int32_t> tok(0, static_cast<std::int32_t>(p.V - 1));
+      for (index_t t = 0; t < p.T; ++t) in.ids.push_back((p.variant & 1) && t % 3 == 1 ? -1 : tok(rng));
+      return in;
+    };
+    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      auto logits = to<L>(in.x[0]);
+      const bool with_losses = !(p.variant & 2);
+      auto losses = with_losses ? poisoned<L>(Shape{p.T}) : Tensor<float, L>{};
+      auto [sum, count] = ops::cross_entropy<float, L>(cview(logits), in.ids, losses.view());
+      return outputs(scalar(sum), scalar(double(count)), with_losses ? back(losses) : HostD());
+    });
+    c.reference = [](const Params& p, const Inputs& in) {
+      auto r = reference::cross_entropy(in.x[0], in.ids);
+      HostD losses;
+      if (!(p.variant & 2)) {
+        losses.resize(Shape{p.T});
+        std::copy(r.losses.begin(), r.losses.end(), losses.begin());
+      }
+      return outputs(scalar(r.sum), scalar(double(r.count)), std::move(losses));
+    };
+    c.tolerance = {{1e-6 * 300, 1e-6}, {0, 0}, {1e-6, 1e-6}};
+    table.push_back(std::move(c));
+  }
+
+  return table;
+}
+
+/// Runs every size of every case on every backend; prints one summary line per (case, backend).
+void run_table(const std::string& filter) {
+  const auto table = op_table();
+  const std::size_t n_backends = device_present ? 2 : 1;
+  for (std::size_t which = 0; which < table.size(); ++which) {
+    const OpCase& op = table[which];
+    if (!filter.empty() && op.name.find(filter) == std::string::npos) continue;
+    double worst[2] = {0, 0};  // max over sizes and outputs of max_err / bound
+    double host_device = 0;    // max |device - host| over everything
+    int failed[2] = {0, 0};
+    for (std::size_t i = 0; i < op.sizes.size(); ++i) {
+      const Params& p = op.sizes[i];
+      const std::uint64_t seed = base_seed() + 1000003 * which + i;
+      std::mt19937_64 rng(seed);
+      const Inputs in = op.make(p, rng);
+      const Outputs ref = op.reference(p, in);
+      Outputs got[2];
+      for (std::size_t bi = 0; bi < n_backends; ++bi) {
+        const Backend b = backends[bi];
+        std::string error;
+        try {
+          got[bi] = op.run(b, p, in);
+          if (b == Backend::Device) error = device_error();
+        } catch (const std::exception& e) {
+          error = e.what();
+        }
+        ++checks;
+        if (!error.empty()) {
+          ++failures, ++failed[bi];
+          std::printf("FAILED %s on %s, %s, seed %llu: threw or faulted: %s\n", op.name.c_str(), name(b),
+                      p.str().c_str(), static_cast<unsigned long long>(seed), error.c_str());
+          got[bi].clear();
+          continue;
+        }
+        if (got[bi].size() != ref.size() || op.tolerance.size() != ref.size()) {
+          ++failures, ++failed[bi];
+          std::printf("FAILED %s on %s: %zu outputs, %zu references, %zu tolerances\n", op.name.c_str(), name(b),
+                      got[bi].size(), ref.size(), op.tolerance.size());
+          got[bi].clear();
+          continue;
+        }
+        for (std::size_t o = 0; o < ref.size(); ++o) {
+          const Comparison cmp = compare(got[bi][o], ref[o], op.tolerance[o]);
+          if (cmp.bound > 0) worst[bi] = std::max(worst[bi], cmp.max_err / cmp.bound);
+          if (!cmp.ok) {
+            ++failures, ++failed[bi];
+            std::printf("FAILED %s on %s, %s, seed %llu, output %zu: %s\n", op.name.c_str(), name(b), p.str().c_str(),
+                        static_cast<unsigned long long>(seed), o, cmp.str().c_str());
+          }
+        }
+      }
+      if (got[0].size() == ref.size() && got[1].size() == ref.size()) {
+        for (std::size_t o = 0; o < ref.size(); ++o) {
+          const Comparison d = compare(got[1][o], got[0][o], {0, 0});
+          if (d.shape_ok && d.nan_at < 0) host_device = std::max(host_device, d.max_err);
+        }
+      }
+    }
+    for (std::size_t bi = 0; bi < n_backends; ++bi) {
+      std::printf("%-22s %-6s %4zu sizes: %s, worst error %.3g of the bound\n", op.name.c_str(), bi ? "device" : "host",
+                  op.sizes.size(), failed[bi] ? "FAILED" : "ok", worst[bi]);
+    }
+    if (device_present) std::printf("%-22s max |device - host| = %.3g\n", op.name.c_str(), host_device);
+    std::fflush(stdout);
+  }
+}
+
+// ---------------------------------------------------------------- behaviour on the device
+
+using DV = TensorView<const float, Device>;
+
+void attention_behaviour() {
+  const std::uint64_t seed0 = base_seed() + 7;
+  // K = 0 (absent memory and a (T, H, 0, dh) view) is bit for bit the device's causal_attention.
+  for (index_t T : {1, 7, 129})
+    for (auto hs : {HeadShape{4, 16}, HeadShape{12, 64}})
+      for (auto pos : {PositionScheme::Learned, PositionScheme::Alibi}) {
+        std::mt19937_64 rng(seed0 + static_cast<std::uint64_t>(T * 131 + hs.H));
+        auto q = to<Device>(random_tensor(Shape{T, hs.H, hs.dh}, rng, -3, 3));
+        auto k = to<Device>(random_tensor(Shape{T, hs.H, hs.dh}, rng));
+        auto v = to<Device>(random_tensor(Shape{T, hs.H, hs.dh}, rng));
+        auto g = to<Device>(random_tensor(Shape{hs.H}, rng, -3, 3));
+        auto a = poisoned<Device>(Shape{T, hs.H, hs.dh});
+        ops::causal_attention(a.view(), cview(q), cview(k), cview(v), pos);
+        const HostD A = back(a);
+        const DV empty(nullptr, Shape{T, hs.H, 0, hs.dh});
+        for (int fusion : {0, 1})
+          for (bool absent_memory : {false, true}) {
+            const DV mk = absent_memory ? DV{} : empty;
+            auto out = poisoned<Device>(Shape{T, hs.H, hs.dh});
+            if (fusion == 0) {
+              ops::memory_attention<GatedFusion>(out.view(), cview(q), cview(k), cview(v), mk, mk, cview(g), pos);
+            } else {
+              ops::memory_attention<JointFusion>(out.view(), cview(q), cview(k), cview(v), mk, mk, DV{}, pos);
+            }
+            EXPECT(bitwise_equal(back(out), A), "K = 0 differs from causal_attention: T=%lld H=%lld dh=%lld %s %s %s",
+                   static_cast<long long>(T), static_cast<long long>(hs.H), static_cast<long long>(hs.dh),
+                   to_string(pos), fusion ? "joint" : "gated", absent_memory ? "absent memory" : "(T,H,0,dh) memory");
+          }
+      }
+
+  // Saturated gates: -inf/-200 give the local branch, +200/+inf the memory branch.
+  for (double gate : {-std::numeric_limits<double>::infinity(), -200.0, 200.0, std::numeric_limits<double>::infinity()}) {
+    const index_t T = 64, H = 4, dh = 16, K = 8;
+    std::mt19937_64 rng(seed0 + 99);
+    const HostD q = random_tensor(Shape{T, H, dh}, rng, -3, 3), k = random_tensor(Shape{T, H, dh}, rng),
+                v = random_tensor(Shape{T, H, dh}, rng), mk = random_tensor(Shape{T, H, K, dh}, rng),
+                mv = random_tensor(Shape{T, H, K, dh}, rng);
+    HostD g(Shape{H});
+    fill<double>(g.view(), gate);
+    auto bq = to<Device>(q), bk = to<Device>(k), bv = to<Device>(v), bmk = to<Device>(mk), bmv = to<Device>(mv),
+         bg = to<Device>(g);
+    auto out = poisoned<Device>(Shape{T, H, dh});
+    ops::memory_attention<GatedFusion>(out.view(), cview(bq), cview(bk), cview(bv), cview(bmk), cview(bmv), cview(bg),
+                                       PositionScheme::Alibi);
+    const HostD ref = gate < 0 ? reference::causal_attention(q, k, v, PositionScheme::Alibi) : reference::memory_branch(q, mk, mv);
+    const Comparison c = compare(back(out), ref, {1e-6, 1e-4});
+    EXPECT(c.ok, "gate %g: %s", gate, c.str().c_str());
+  }
+
+  // A future key, value or later query's memory never changes an earlier output.
+  for (index_t T : {7, 129, 300})
+    for (int kind : {0, 1, 2}) {
+      const index_t H = 4, dh = 16, K = 8;
+      std::mt19937_64 rng(seed0 + static_cast<std::uint64_t>(T) * 3 + static_cast<std::uint64_t>(kind));
+      const index_t cut = std::uniform_int_distribution<index_t>(0, T - 2)(rng);
+      const HostD q = random_tensor(Shape{T, H, dh}, rng, -3, 3), g = random_tensor(Shape{H}, rng, -2, 2);
+      HostD k = random_tensor(Shape{T, H, dh}, rng), v = random_tensor(Shape{T, H, dh}, rng);
+      HostD mk = random_tensor(Shape{T, H, K, dh}, rng), mv = random_tensor(Shape{T, H, K, dh}, rng);
+      auto run = [&](const HostD& k_, const HostD& v_, const HostD& mk_, const HostD& mv_) {
+        auto bq = to<Device>(q), bk = to<Device>(k_), bv = to<Device>(v_), bmk = to<Device>(mk_), bmv = to<Device>(mv_),
+             bg = to<Device>(g);
+        auto out = poisoned<Device>(Shape{T, H, dh});
+        if (kind == 0) ops::causal_attention(out.view(), cview(bq), cview(bk), cview(bv), PositionScheme::Alibi);
+        if (kind == 1)
+          ops::memory_attention<GatedFusion>(out.view(), cview(bq), cview(bk), cview(bv), cview(bmk), cview(bmv),
+                                             cview(bg), PositionScheme::Alibi);
+        if (kind == 2)
+          ops::memory_attention<JointFusion>(out.view(), cview(bq), cview(bk), cview(bv), cview(bmk), cview(bmv),
+                                             cview(bg), PositionScheme::Alibi);
+        return back(out);
+      };
+      const HostD before = run(k, v, mk, mv);
+      const index_t row = H * dh, mem_row = H * K * dh;
+      for (index_t i = (cut + 1) * row; i < T * row; ++i) k.data()[i] *= 50, v.data()[i] *= -50;
+      for (index_t i = (cut + 1) * mem_row; i < T * mem_row; ++i) mk.data()[i] *= 3, mv.data()[i] *= -2;
+      const HostD after = run(k, v, mk, mv);
+      bool prefix_same = true, last_moved = false;
+      for (index_t i = 0; i < (cut + 1) * row; ++i) prefix_same &= before.data()[i] == after.data()[i];
+      for (index_t i = (T - 1) * row; i < T * row; ++i) last_moved |= before.data()[i] != after.data()[i];
+      EXPECT(prefix_same && last_moved, "causality, kind %d T=%lld cut=%lld: prefix same %d, last row moved %d", kind,
+             static_cast<long long>(T), static_cast<long long>(cut), prefix_same, last_moved);
+    }
+
+  // Scores in the thousands: memory keys aligned with the query, local scores of a few hundred.
+  // Float rounding of scores that large moves exponents by ~1e-5, hence rtol 1e-4 as on the host.
+  for (index_t T : {1, 7, 64}) {
+    const index_t H = 4, dh = 16, K = 8;
+    std::mt19937_64 rng(seed0 + 77 * static_cast<std::uint64_t>(T));
+    const HostD q = random_tensor(Shape{T, H, dh}, rng, -3, 3), k = random_tensor(Shape{T, H, dh}, rng, -60, 60),
+                v = random_tensor(Shape{T, H, dh}, rng), mv = random_tensor(Shape{T, H, K, dh}, rng),
+                g = random_tensor(Shape{H}, rng, -2, 2);
+    HostD mk(Shape{T, H, K, dh});
+    for (index_t t = 0; t < T; ++t)
+      for (index_t h = 0; h < H; ++h)
+        for (index_t j = 0; j < K; ++j)
+          for (index_t c = 0; c < dh; ++c) mk(t, h, j, c) = static_cast<double>(static_cast<float>((100.0 + j) * q(t, h, c)));
+    auto bq = to<Device>(q), bk = to<Device>(k), bv = to<Device>(v), bmk = to<Device>(mk), bmv = to<Device>(mv),
+         bg = to<Device>(g);
+    for (int kind : {0, 1, 2}) {
+      auto out = poisoned<Device>(Shape{T, H, dh});
+      HostD ref;
+      const auto pos = PositionScheme::Alibi;
+      if (kind == 0) {
+        ops::causal_attention(out.view(), cview(bq), cview(bk), cview(bv), pos);
+        ref = reference::causal_attention(q, k, v, pos);
+      } else if (kind == 1) {
+        ops::memory_attention<GatedFusion>(out.view(), cview(bq), cview(bk), cview(bv), cview(bmk), cview(bmv), cview(bg), pos);
+        ref = reference::memory_attention_gated(q, k, v, mk, mv, g, pos);
+      } else {
+        ops::memory_attention<JointFusion>(out.view(), cview(bq), cview(bk), cview(bv), cview(bmk), cview(bmv), cview(bg), pos);
+        ref = reference::memory_attention_joint(q, k, v, mk, mv, pos);
+      }
+      const Comparison c = compare(back(out), ref, {1e-5, 1e-4});
+      EXPECT(c.ok, "large scores, kind %d T=%lld: %s", kind, static_cast<long long>(T), c.str().c_str());
+    }
+  }
+  const std::string err = device_error();
+  EXPECT(err.empty(), "device fault in the behaviour checks: %s", err.c_str());
+}
+
+// ---------------------------------------------------------------- refusals on the device
+
+template <class E, class F>
+void expect_throws(const char* what, F&& f, std::vector<std::string> parts) {
+  std::string message;
+  bool thrown = false;
+  try {
+    f();
+  } catch (const E& e) {
+    thrown = true;
+    message = e.what();
+  } catch (const std::exception& e) {
+    message = std::string("another exception: ") + e.what();
+  }
+  bool has_parts = thrown;
+  for (const auto& part : parts) has_parts = has_parts && message.find(part) != std::string::npos;
+  EXPECT(thrown && has_parts, "%s: message '%s'", what, message.c_str());
+}
+
+bool all_nan(const Tensor<float, Device>& t) {
+  const HostD h = back(t);
+  for (double x : h)
+    if (!std::isnan(x)) return false;
+  return true;
+}
+
+void refusals() {
+  std::mt19937_64 rng(base_seed());
+  auto make = [&](Shape s) { return to<Device>(random_tensor(s, rng)); };
+
+  {  // embedding
+    auto wte = make(Shape{50, 8}), wpe = make(Shape{4, 8});
+    auto out = poisoned<Device>(Shape{5, 8});
+    std::vector<std::int32_t> tokens = {1, 2, 3, 50, 4};
+    expect_throws<InputError>("embedding id 50", [&] { ops::embedding(out.view(), tokens, cview(wte), DV{}); },
+                              {"embedding", "token id 50", "position 3", "[0, 50)"});
+    tokens[3] = -2;
+    expect_throws<InputError>("embedding id -2", [&] { ops::embedding(out.view(), tokens, cview(wte), DV{}); },
+                              {"token id -2", "position 3"});
+    EXPECT(all_nan(out), "embedding wrote before refusing a bad id");
+    tokens[3] = 7;
+    expect_throws<InputError>("embedding past wpe", [&] { ops::embedding(out.view(), tokens, cview(wte), cview(wpe)); },
+                              {"embedding", "5 tokens", "4 positions"});
+    expect_throws<InputError>(
+        "embedding empty",
+        [&] { ops::embedding(out.view().slice(0, 0), std::span<const std::int32_t>(), cview(wte), DV{}); },
+        {"embedding", "empty"});
+    auto wrong = poisoned<Device>(Shape{4, 8});
+    expect_throws<ShapeError>("embedding out shape", [&] { ops::embedding(wrong.view(), tokens, cview(wte), DV{}); },
+                              {"embedding: out", "(5, 8)", "(4, 8)"});
+    EXPECT(all_nan(out) && all_nan(wrong), "embedding wrote before a refusal");
+  }
+  {  // linear, layer_norm, add, add_difference, gelu
+    auto x = make(Shape{3, 6}), w = make(Shape{5, 6}), b = make(Shape{5});
+    auto w_bad = make(Shape{5, 7}), b_bad = make(Shape{4}), w66 = make(Shape{6, 6});
+    auto y = poisoned<Device>(Shape{3, 5}), y_bad = poisoned<Device>(Shape{2, 5});
+    expect_throws<ShapeError>("linear weight", [&] { ops::linear(y.view(), cview(x), cview(w_bad), cview(b)); },
+                              {"linear: in", "(3, 6)", "7"});
+    expect_throws<ShapeError>("linear bias", [&] { ops::linear(y.view(), cview(x), cview(w), cview(b_bad)); },
+                              {"linear: bias", "(5)", "(4)"});
+    expect_throws<ShapeError>("linear out", [&] { ops::linear(y_bad.view(), cview(x), cview(w), cview(b)); },
+                              {"linear: out", "(3, 5)", "(2, 5)"});
+    expect_throws<InputError>("linear overlap", [&] { ops::linear(x.view(), cview(x), cview(w66), DV{}); },
+                              {"linear", "overlaps"});
+    EXPECT(all_nan(y) && all_nan(y_bad), "linear wrote before a refusal");
+
+    auto g6 = make(Shape{6}), g5 = make(Shape{5});
+    expect_throws<ShapeError>("layer_norm bias", [&] { ops::layer_norm(x.view(), cview(x), cview(g6), cview(g5), 1e-5); },
+                              {"layer_norm: bias", "(6)", "(5)"});
+    expect_throws<ShapeError>("layer_norm out", [&] { ops::layer_norm(y.view(), cview(x), cview(g6), cview(g6), 1e-5); },
+                              {"layer_norm: out"});
+    expect_throws<InputError>("layer_norm eps", [&] { ops::layer_norm(x.view(), cview(x), cview(g6), cview(g6), -1.0); },
+                              {"layer_norm", "eps"});
+    expect_throws<ShapeError>("add", [&] { ops::add(x.view(), cview(y)); }, {"add", "(3, 5)", "(3, 6)"});
+    expect_throws<ShapeError>("add_difference", [&] { ops::add_difference(x.view(), cview(x), cview(y)); },
+                              {"add_difference", "b"});
+    expect_throws<ShapeError>("gelu", [&] { ops::gelu(y.view(), cview(x), Activation::GeluErf); }, {"gelu", "in"});
+    expect_throws<InputError>("gelu kind", [&] { ops::gelu(x.view(), static_cast<Activation>(7)); },
+                              {"gelu", "unknown activation"});
+    EXPECT(all_nan(y), "an elementwise op wrote before a refusal");
+  }
+  {  // attention
+    auto q = make(Shape{4, 2, 3}), k_bad = make(Shape{4, 2, 2}), x = make(Shape{3, 6});
+    auto o = poisoned<Device>(Shape{4, 2, 3});
+    auto mk = make(Shape{4, 2, 5, 3}), mk_bad = make(Shape{4, 3, 5, 3}), mv_bad = make(Shape{4, 2, 6, 3});
+    auto gate = make(Shape{2}), gate_bad = make(Shape{3});
+    const auto A = PositionScheme::Alibi;
+    expect_throws<ShapeError>("causal k", [&] { ops::causal_attention(o.view(), cview(q), cview(k_bad), cview(q), A); },
+                              {"causal_attention: k", "(4, 2, 3)", "(4, 2, 2)"});
+    expect_throws<ShapeError>("causal q", [&] { ops::causal_attention(o.view(), cview(x), cview(x), cview(x), A); },
+                              {"causal_attention: q", "(T, H, dh)", "(3, 6)"});
+    expect_throws<ShapeError>(
+        "memory mem_k",
+        [&] { ops::memory_attention<GatedFusion>(o.view(), cview(q), cview(q), cview(q), cview(mk_bad), cview(mk), cview(gate), A); },
+        {"memory_attention: mem_k", "(4, 2, K, 3)", "(4, 3, 5, 3)"});
+    expect_throws<ShapeError>(
+        "memory mem_v",
+        [&] { ops::memory_attention<JointFusion>(o.view(), cview(q), cview(q), cview(q), cview(mk), cview(mv_bad), cview(gate), A); },
+        {"memory_attention: mem_v", "(4, 2, 5, 3)", "(4, 2, 6, 3)"});
+    expect_throws<ShapeError>(
+        "memory gate shape",
+        [&] { ops::memory_attention<GatedFusion>(o.view(), cview(q), cview(q), cview(q), cview(mk), cview(mk), cview(gate_bad), A); },
+        {"memory_attention: gate", "(2)", "(3)"});
+    expect_throws<ShapeError>(
+        "memory gate missing",
+        [&] { ops::memory_attention<GatedFusion>(o.view(), cview(q), cview(q), cview(q), cview(mk), cview(mk), DV{}, A); },
+        {"memory_attention: gate"});
+    expect_throws<InputError>("causal overlap",
+                              [&] { ops::causal_attention(o.view(), cview(o), cview(q), cview(q), A); },
+                              {"causal_attention", "overlaps q"});
+    auto wide = make(Shape{2, 1, 300});
+    auto wide_out = poisoned<Device>(Shape{2, 1, 300});
+    expect_throws<ShapeError>("causal dh 300",
+                              [&] { ops::causal_attention(wide_out.view(), cview(wide), cview(wide), cview(wide), A); },
+                              {"causal_attention", "head dim 300", "256"});
+    EXPECT(all_nan(o) && all_nan(wide_out), "attention wrote before a refusal");
+  }
+  {  // cross_entropy
+    auto logits = make(Shape{3, 7});
+    auto losses = poisoned<Device>(Shape{3});
+    std::vector<std::int32_t> targets = {0, 7, -1};
+    expect_throws<InputError>("cross_entropy 7", [&] { ops::cross_entropy<float, Device>(cview(logits), targets, losses.view()); },
+                              {"cross_entropy", "target 7", "position 1", "[0, 7)"});
+    targets = {0, -3, 1};
+    expect_throws<InputError>("cross_entropy -3", [&] { ops::cross_entropy<float, Device>(cview(logits), targets, losses.view()); },
+                              {"target -3"});
+    targets = {0, 1};
+    expect_throws<ShapeError>("cross_entropy shape", [&] { ops::cross_entropy<float, Device>(cview(logits), targets, losses.view()); },
+                              {"cross_entropy: logits", "(2, V)", "(3, 7)"});
+    auto losses_bad = poisoned<Device>(Shape{4});
+    targets = {0, 1, 2};
+    expect_throws<ShapeError>("cross_entropy losses", [&] { ops::cross_entropy<float, Device>(cview(logits), targets, losses_bad.view()); },
+                              {"cross_entropy: losses"});
+    EXPECT(all_nan(losses) && all_nan(losses_bad), "cross_entropy wrote before a refusal");
+  }
+  const std::string err = device_error();
+  EXPECT(err.empty(), "device fault in the refusal checks: %s", err.c_str());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string filter = argc > 1 ? argv[1] : "";
+  device_present = cuda_device_available();
+  if (!device_present) {
+    // The table still runs on the host backend, which checks the cases and tolerances themselves.
+    std::printf("no CUDA device: running the op table on the host backend only\n");
+    run_table(filter);
+    if (failures) {
+      std::printf("%d of %d host checks failed\n", failures, checks);
+      return 1;
+    }
+    std::printf("host backend passed %d checks; the device checks are skipped\n", checks);
+    return 77;
+  }
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+  std::printf("seed %llu%s%s\n", static_cast<unsigned long long>(base_seed()), filter.empty() ? "" : ", ops matching ",
+              filter.c_str());
+  try {
+    run_table(filter);
+    if (filter.empty() || filter == "behaviour") attention_behaviour();
+    if (filter.empty() || filter == "refusals") refusals();
+  } catch (const std::exception& e) {
+    ++failures;
+    std::printf("FAILED: uncaught exception: %s\n", e.what());
+  }
+  if (failures) {
+    std::printf("%d of %d checks failed\n", failures, checks);
+    return 1;
+  }
+  std::printf("all %d device op checks passed\n", checks);
+  return 0;
+}
