@@ -34,6 +34,8 @@
 #include <string>
 #include <type_traits>
 
+#include "longmem/cuda/detail/retrieval_bank_append.cuh"
+#include "longmem/cuda/detail/retrieval_storage.cuh"
 #include "longmem/cuda/storage.hpp"
 #include "longmem/detail/host_memory.hpp"
 #include "longmem/error.hpp"
@@ -42,118 +44,6 @@
 #include "longmem/tensor.hpp"
 
 namespace longmem {
-
-/// Element types a device bank stores keys and values in.
-template <class S>
-concept DeviceStorageType = std::is_same_v<S, float> || std::is_same_v<S, __half> || std::is_same_v<S, __nv_bfloat16>;
-
-namespace detail {
-
-/// float -> S, rounding to nearest even (as HostMemoryBank's from_float does).
-template <class S>
-__device__ inline S device_store(float x) {
-  if constexpr (std::is_same_v<S, __half>) {
-    return __float2half_rn(x);
-  } else if constexpr (std::is_same_v<S, __nv_bfloat16>) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return x;
-  }
-}
-
-/// S -> float, exact.
-template <class S>
-__device__ inline float device_load(S x) {
-  if constexpr (std::is_same_v<S, __half>) {
-    return __half2float(x);
-  } else if constexpr (std::is_same_v<S, __nv_bfloat16>) {
-    return __bfloat162float(x);
-  } else {
-    return x;
-  }
-}
-
-/// Where a device bank's arrays are, for its append kernels.
-template <class S>
-struct DeviceBankArrays {
-  S* keys;                // (H, C, csz, dh)
-  S* values;              // (H, C, csz, dh)
-  float* chunk_keys;      // (H, C, dh)
-  S* pending_keys;        // (H, csz, dh)
-  S* pending_values;      // (H, csz, dh)
-  double* pending_sum;    // (H, dh)
-  index_t capacity;       // C
-  int n_head, head_dim, chunk_size;
-};
-
-/// Tokens [t0, t0 + count) of keys/values (T, H, dh) go to pending positions
-/// [pending_before, pending_before + count). The key sum continues from the stored one, or starts
-/// at 0 when `fresh`. When commit_slot >= 0 the pending chunk is then complete: it is copied to
-/// that slot and its chunk key written. Grid: one block per head; threads stride over d.
-template <class S>
-__global__ void bank_append_pending_kernel(const float* __restrict__ keys, const float* __restrict__ values,
-                                           index_t t0, int count, int pending_before, bool fresh,
-                                           index_t commit_slot, DeviceBankArrays<S> a) {
-  const int h = static_cast<int>(blockIdx.x);
-  const index_t H = a.n_head, dh = a.head_dim, csz = a.chunk_size, C = a.capacity;
-  const double inv = 1.0 / static_cast<double>(csz);
-  for (index_t d = threadIdx.x; d < dh; d += blockDim.x) {
-    double sum = fresh ? 0.0 : a.pending_sum[h * dh + d];
-    for (int j = 0; j < count; ++j) {
-      const index_t src = ((t0 + j) * H + h) * dh + d;
-      const index_t dst = (h * csz + pending_before + j) * dh + d;
-      const float k = keys[src];
-      a.pending_keys[dst] = device_store<S>(k);
-      a.pending_values[dst] = device_store<S>(values[src]);
-      sum += static_cast<double>(k);
-    }
-    if (commit_slot >= 0) {
-      // Positions written by earlier launches for this (h, d) column are visible: same column,
-      // earlier kernel on the same stream.
-      for (index_t j = 0; j < csz; ++j) {
-        const index_t p = (h * csz + j) * dh + d;
-        const index_t s = ((h * C + commit_slot) * csz + j) * dh + d;
-        a.keys[s] = a.pending_keys[p];
-        a.values[s] = a.pending_values[p];
-      }
-      a.chunk_keys[(h * C + commit_slot) * dh + d] = static_cast<float>(sum * inv);
-      sum = 0.0;
-    }
-    a.pending_sum[h * dh + d] = sum;
-  }
-}
-
-/// n_whole complete chunks: chunk j is tokens [t0 + j*csz, t0 + (j+1)*csz) of keys/values
-/// (T, H, dh) and goes to slot (first_sequence + j) % C. Grid: (n_whole, H); threads stride over d.
-template <class S>
-__global__ void bank_append_chunks_kernel(const float* __restrict__ keys, const float* __restrict__ values,
-                                          index_t t0, index_t first_sequence, DeviceBankArrays<S> a) {
-  const index_t j = blockIdx.x;
-  const int h = static_cast<int>(blockIdx.y);
-  const index_t H = a.n_head, dh = a.head_dim, csz = a.chunk_size, C = a.capacity;
-  const index_t slot = (first_sequence + j) % C;
-  const double inv = 1.0 / static_cast<double>(csz);
-  for (index_t d = threadIdx.x; d < dh; d += blockDim.x) {
-    double sum = 0.0;  // as the host's sum after a commit (or reset): 0, then each token in order
-    for (index_t i = 0; i < csz; ++i) {
-      const index_t src = ((t0 + j * csz + i) * H + h) * dh + d;
-      const index_t dst = ((h * C + slot) * csz + i) * dh + d;
-      const float k = keys[src];
-      a.keys[dst] = device_store<S>(k);
-      a.values[dst] = device_store<S>(values[src]);
-      sum += static_cast<double>(k);
-    }
-    a.chunk_keys[(h * C + slot) * dh + d] = static_cast<float>(sum * inv);
-  }
-}
-
-/// Threads per append block: the head dimension rounded up to a warp, at most 256.
-inline unsigned bank_append_threads(int head_dim) {
-  const int warps = std::min(8, (head_dim + 31) / 32);
-  return static_cast<unsigned>(std::max(1, warps) * 32);
-}
-
-}  // namespace detail
 
 template <DeviceStorageType S>
 class DeviceMemoryBank {
@@ -261,50 +151,29 @@ class DeviceMemoryBank {
     if (n_tok > max_stream_tokens - tokens_appended()) {
       detail::fail<InputError>("DeviceMemoryBank::append: ", n_tok, " more tokens exceed the 2^53 tokens a stream can hold");
     }
+    const detail::BankAppendPlan plan = detail::plan_bank_append(chunks_appended_, pending_, n_tok, csz, C);
     const detail::DeviceBankArrays<S> a = arrays();
     const unsigned threads = detail::bank_append_threads(geom_.head_dim);
     const dim3 heads(static_cast<unsigned>(geom_.n_head));
-    index_t chunks = chunks_appended_, pending = pending_, t = 0;
-
-    // 1. The pending chunk's missing tokens (and its commit when it fills).
-    if (pending > 0) {
-      const index_t m = std::min(n_tok, csz - pending);
-      const bool completes = pending + m == csz;
+    if (plan.complete_count > 0) {
       detail::bank_append_pending_kernel<S><<<heads, threads, 0, stream_>>>(
-          keys.data(), values.data(), 0, static_cast<int>(m), static_cast<int>(pending), false,
-          completes ? chunks % C : index_t{-1}, a);
+          keys.data(), values.data(), 0, static_cast<int>(plan.complete_count), static_cast<int>(pending_), false,
+          plan.complete_commit_slot, a);
       check_launch("completing the pending chunk");
-      t = m;
-      pending += m;
-      if (completes) {
-        pending = 0;
-        ++chunks;
-      }
     }
-    // 2. Whole chunks; when more than C, the oldest of them would be evicted in this same call.
-    index_t whole = (n_tok - t) / csz;
-    if (whole > C) {
-      chunks += whole - C;
-      t += (whole - C) * csz;
-      whole = C;
-    }
-    if (whole > 0) {
-      const dim3 grid(static_cast<unsigned>(whole), static_cast<unsigned>(geom_.n_head));
-      detail::bank_append_chunks_kernel<S><<<grid, threads, 0, stream_>>>(keys.data(), values.data(), t, chunks, a);
+    if (plan.whole_count > 0) {
+      const dim3 grid(static_cast<unsigned>(plan.whole_count), static_cast<unsigned>(geom_.n_head));
+      detail::bank_append_chunks_kernel<S><<<grid, threads, 0, stream_>>>(keys.data(), values.data(), plan.whole_t0,
+                                                                           plan.whole_first_sequence, a);
       check_launch("writing whole chunks");
-      chunks += whole;
-      t += whole * csz;
     }
-    // 3. A trailing remainder: the new pending chunk.
-    if (t < n_tok) {
-      const index_t r = n_tok - t;
+    if (plan.tail_count > 0) {
       detail::bank_append_pending_kernel<S><<<heads, threads, 0, stream_>>>(
-          keys.data(), values.data(), t, static_cast<int>(r), 0, true, index_t{-1}, a);
+          keys.data(), values.data(), plan.tail_t0, static_cast<int>(plan.tail_count), 0, true, index_t{-1}, a);
       check_launch("starting the pending chunk");
-      pending = r;
     }
-    chunks_appended_ = chunks;
-    pending_ = pending;
+    chunks_appended_ = plan.chunks_after;
+    pending_ = plan.pending_after;
   }
 
   /// Convenience: append from owning device tensors or mutable views.

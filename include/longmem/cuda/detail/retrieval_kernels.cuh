@@ -29,7 +29,7 @@
 
 #include <cstdint>
 
-#include "longmem/cuda/device_memory_bank.cuh"
+#include "longmem/cuda/detail/retrieval_storage.cuh"
 #include "longmem/tensor.hpp"
 
 namespace longmem::detail {
