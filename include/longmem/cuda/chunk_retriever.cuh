@@ -43,6 +43,12 @@
 #include "longmem/tensor.hpp"
 
 namespace longmem {
+namespace detail {
+template <class M>
+inline constexpr bool is_device_memory_bank_v = false;
+template <class S>
+inline constexpr bool is_device_memory_bank_v<DeviceMemoryBank<S>> = true;
+}  // namespace detail
 
 /// Knobs of the fused retriever.
 struct FusedRetrieverTuning {
@@ -89,6 +95,14 @@ class FusedChunkRetriever {
     }
   void retrieve(const DeviceMemoryBank<S>& bank, const Q& queries, int k, Retrieved<float, Device>& out) {
     retrieve(bank, cview(queries), k, out);
+  }
+
+  /// Any other bank: a compile error that says what to use instead.
+  template <class M, class Q>
+    requires(!detail::is_device_memory_bank_v<M>)
+  void retrieve(const M&, const Q&, int, Retrieved<float, Device>&) {
+    static_assert(detail::is_device_memory_bank_v<M>,
+                  "FusedChunkRetriever searches DeviceMemoryBank<S> banks: use ExactChunkRetriever for a HostMemoryBank");
   }
 
   /// Only the top-k slots and scores (T, H, k'), no gather; returns k'.
