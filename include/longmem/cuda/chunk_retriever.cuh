@@ -20,8 +20,8 @@
 // first, equal scores older chunk (smaller chunk_sequence) first, also on a wrapped ring; a NaN
 // score counts as -infinity and is reported as -infinity.
 //
-// Limits, refused with ConfigError: k' <= 128 chunks, and the tiles of head_dim must fit the
-// device's shared memory (head_dim up to about 200 with k' = 16 on an H100/H200).
+// Limits, refused with ConfigError: k' <= 128 chunks, and the tiles must fit the device's shared
+// memory (on an H100/H200, 227 KiB a block: k' = 128 up to head_dim 128; k' = 16 up to head_dim 280).
 // The retriever keeps its workspace between calls: one retriever serves one caller at a time.
 // Outputs are resized (cudaMalloc when they grow, which synchronises); kernels are queued and the
 // call returns without waiting for them.

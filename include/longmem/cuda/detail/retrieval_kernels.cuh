@@ -8,8 +8,8 @@
 //       One block: 128 queries of one head of one bank against the chunks of its split
 //       [c_begin, c_end). The query tile (dh, 128) stays in shared memory; chunk keys come in
 //       tiles of 64: each thread computes an 8 x 4 register tile of scores with fp32 FMA, the
-//       (128, 64) tile goes to shared memory, and each warp merges 16 query rows into their
-//       running top-kk lists (shared memory, best first). Only the S per-split lists of kk
+//       (128, 64) tile goes to shared memory (over the chunk keys it was computed from), and each
+//       warp merges 16 query rows into their running top-kk lists (shared memory, best first). Only the S per-split lists of kk
 //       entries per query reach global memory; the score matrix never does.
 //   retrieval_merge_kernel    grid (ceil(T * H / 8), B), 256 threads
 //       One warp per (bank, t, h): merges the S lists (each sorted, so a list is read only as far
@@ -167,14 +167,16 @@ struct RetrievalWarpList {
   }
 };
 
-/// Dynamic shared memory of the select kernel, in bytes.
+/// Dynamic shared memory of the select kernel, in bytes: the lists, the query tile, and one buffer
+/// that holds the chunk-key tile during the FMAs and the score tile during the merge.
 inline std::size_t retrieval_select_smem(int head_dim, int kept) {
   using Tl = RetrievalTile;
   const std::size_t k_stride = static_cast<std::size_t>(head_dim | 1);  // odd: conflict-free column reads
+  const std::size_t key_tile = static_cast<std::size_t>(Tl::chunks) * k_stride * sizeof(float);
+  const std::size_t score_tile = static_cast<std::size_t>(Tl::queries) * (Tl::chunks + 1) * sizeof(float);
   return static_cast<std::size_t>(Tl::queries) * static_cast<std::size_t>(kept) * sizeof(std::uint64_t) +  // lists
          static_cast<std::size_t>(head_dim) * Tl::queries * sizeof(float) +                                // query tile
-         static_cast<std::size_t>(Tl::chunks) * k_stride * sizeof(float) +                                 // chunk-key tile
-         static_cast<std::size_t>(Tl::queries) * (Tl::chunks + 1) * sizeof(float);                         // score tile
+         (key_tile > score_tile ? key_tile : score_tile);
 }
 
 template <class S>
@@ -197,8 +199,8 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
   extern __shared__ __align__(16) unsigned char retrieval_smem[];
   auto* lists = reinterpret_cast<std::uint64_t*>(retrieval_smem);  // (128, kk)
   float* q_s = reinterpret_cast<float*>(lists + Tl::queries * kk);  // (dh, 128): query tile, transposed
-  float* k_s = q_s + dh * Tl::queries;                              // (64, k_stride): chunk keys
-  float* s_s = k_s + Tl::chunks * k_stride;                         // (128, 65): scores
+  float* k_s = q_s + dh * Tl::queries;                              // (64, k_stride): chunk keys, then
+  float* s_s = k_s;                                                 // (128, 65): scores, in the same bytes
 
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int tx = tid & 15, ty = tid >> 4;
@@ -243,6 +245,7 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
         for (int j = 0; j < Tl::cols_per_thread; ++j) acc[i][j] = fmaf(qv[i], kv[j], acc[i][j]);
       }
     }
+    __syncthreads();  // every warp is done with the chunk keys: the scores overwrite them
 #pragma unroll
     for (int i = 0; i < Tl::rows_per_thread; ++i) {
 #pragma unroll
@@ -267,7 +270,7 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
       }
       list.store(lists + qi * kk);
     }
-    __syncthreads();  // the next tile overwrites k_s and s_s
+    __syncthreads();  // the next tile's chunk keys overwrite the scores
   }
 
   // This split's lists (all zeros when the split is empty) to the workspace.
