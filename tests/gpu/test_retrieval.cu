@@ -698,6 +698,8 @@ void test_edges() {
       FusedChunkRetriever retriever;
       Retrieved<float, Device> out;
       poison(out, 50, 4, 16, 4, 64);
+      // The poison (cudaMemset on the legacy stream) must land first: a non-blocking stream does not wait for it.
+      detail::cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize", 0);
       retriever.retrieve(dev, qd, 16, out);
       detail::cuda_check(cudaStreamSynchronize(stream), "cudaStreamSynchronize", 0);
       if (device_ok("own stream")) {
