@@ -222,7 +222,7 @@ def main():
     ap.add_argument("--linear-dtypes", nargs="*", default=["fp32", "bf16", "fp16"], help="also: tf32")
     ap.add_argument("--cases", nargs="*", default=ALL_CASES, choices=ALL_CASES)
     args = ap.parse_args()
-    if any(c < 1 or args.K % c for c in args.csz) or args.bank % max(args.csz):
+    if any(c < 1 or args.K % c or args.bank % c for c in args.csz):
         raise SystemExit("--csz must divide --K and --bank")
     if not torch.cuda.is_available():
         raise SystemExit("attention_torch_gpu.py: no CUDA device")
