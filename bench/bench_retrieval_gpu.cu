@@ -4,6 +4,9 @@
 //   Retrieve/<memory tokens>/<queries>/<storage>   ... + gather of the chosen chunks' keys and values
 //   SelectSplits/65536/1024/half/<S>               select with S chunk-range splits (how the
 //                                                  automatic choice is judged)
+//   SelectUnfiltered/<memory>/<queries>/half       select with FusedRetrieverTuning::threshold_filter
+//                                                  off (every score tile merged for every row: the
+//                                                  earlier path), automatic splits
 // Memories: 65,536 tokens with 1,024 queries, 1 Mi tokens with 1,024, 4 Mi tokens with 256
 // (bench/peers/retrieval_torch.py measures PyTorch's bmm + topk at the same shapes).
 //
@@ -158,9 +161,9 @@ void timed(benchmark::State& state, Setup<S>& s, F&& call) {
 }
 
 template <class S>
-void BM_Select(benchmark::State& state, index_t memory, index_t queries, int splits) {
+void BM_Select(benchmark::State& state, index_t memory, index_t queries, int splits, bool filter) {
   Setup<S>& s = setup<S>(memory, queries);
-  FusedChunkRetriever retriever(FusedRetrieverTuning{splits});
+  FusedChunkRetriever retriever(FusedRetrieverTuning{splits, filter});
   Tensor<std::int32_t, Device> slots;
   Tensor<float, Device> scores;
   timed(state, s, [&](const DeviceMemoryBank<S>& bank, const Tensor<float, Device>& q) {
@@ -214,16 +217,17 @@ int main(int argc, char** argv) {
   };
   for (const Shape sh : {Shape{65536, 1024}, Shape{1048576, 1024}, Shape{4194304, 256}}) {
     const std::string args = detail::concat('/', sh.memory, '/', sh.queries, '/');
-    reg("Select" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0);
+    reg("Select" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, true);
     reg("Retrieve" + args + storage_name<__half>(), BM_Retrieve<__half>, sh.memory, sh.queries);
+    reg("SelectUnfiltered" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, false);
     if (sh.memory == 65536) {
       for (int splits : {1, 2, 4, 8, 16, 32}) {
         reg(detail::concat("SelectSplits", args, storage_name<__half>(), '/', splits), BM_Select<__half>, sh.memory,
-            sh.queries, splits);
+            sh.queries, splits, true);
       }
     }
   }
-  reg("Select/65536/1024/float", BM_Select<float>, index_t{65536}, index_t{1024}, 0);
+  reg("Select/65536/1024/float", BM_Select<float>, index_t{65536}, index_t{1024}, 0, true);
   reg("Retrieve/65536/1024/float", BM_Retrieve<float>, index_t{65536}, index_t{1024});
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -13,6 +13,9 @@
 //        NaN-poisoned before each run.
 //     3. Exact ties (small integer keys, duplicated chunk keys, wrapped rings, ties across splits):
 //        slots and scores must equal the reference's exactly, tie rule included.
+//     3b. The running-threshold filter on adversarial scores (all equal, rising, falling, two
+//        levels, plateaus; wrapped rings): exact against the float64 reference with the filter on
+//        and off; and the two paths bit for bit on random data.
 //     4. The batched entry point equals one retrieval per bank, bit for bit.
 //     5. NaN queries, an empty bank, no queries, a bank on its own non-blocking stream.
 //     6. Bad inputs give the library's exceptions.
@@ -539,6 +542,139 @@ void test_exact_ties() {
   std::printf("exact ties: %d retrievals equal the float64 reference and ExactChunkRetriever exactly\n", runs);
 }
 
+// ------------------------------------------- 3b. the running-threshold filter on adversarial scores
+// Chunk keys chosen so that the per-row threshold sits on ties: every score equal, scores rising
+// or falling with age (every tile improves on the last, or none does), two score levels with the
+// k'-th and (k'+1)-th equal, and ties across tile and split borders on a wrapped ring. Small
+// integers, so fp32 scores are exact and must equal the float64 reference bit for bit (slots by
+// the tie rule). Both select paths (threshold_filter on and off) and several splits.
+void test_threshold_filter() {
+  int runs = 0;
+  const char* names[] = {"all equal", "rising", "falling", "two levels", "plateaus"};
+  for (int pattern = 0; pattern < 5; ++pattern) {
+    for (int csz : {1, 4}) {
+      for (int dh : {8, 64}) {
+        const int H = 2;
+        const index_t C = pattern == 0 ? 300 : 1000;
+        const MemoryGeometry g{H, dh, csz, C};
+        DeviceMemoryBank<float> dev(g);
+        HostMemoryBank<float> host(g);
+        // Wrapped with the oldest slot two thirds in: the scan (slot order) meets the newest chunks
+        // first, so equal-scored older chunks arrive later and must still displace them.
+        const index_t chunks = 2 * C + (2 * C) / 3 + 1;
+        Tensor<float, Host> k({chunks * csz, H, dh});
+        for (index_t seq = 0; seq < chunks; ++seq) {
+          for (index_t j = 0; j < csz; ++j) {
+            for (int h = 0; h < H; ++h) {
+              for (int d = 0; d < dh; ++d) {
+                float x = 0.0f;
+                if (d == 0) {
+                  switch (pattern) {
+                    case 0: x = 1.0f; break;
+                    case 1: x = static_cast<float>(seq % 251); break;
+                    case 2: x = -static_cast<float>(seq % 251); break;
+                    case 3: x = (seq % 97 == 5) ? 1.0f : 0.0f; break;
+                    default: x = static_cast<float>((seq / 64) % 5); break;  // runs of 64 equal scores
+                  }
+                } else if (d == 1) {
+                  x = static_cast<float>(h);  // head 1 adds a constant: same order, other values
+                }
+                k.data()[((seq * csz + j) * H + h) * dh + d] = x;
+              }
+            }
+          }
+        }
+        for (index_t t0 = 0; t0 < chunks * csz;) {
+          const index_t len = std::min<index_t>(chunks * csz - t0, 1 + (t0 * 13) % 301);
+          Tensor<float, Host> piece({len, H, dh});
+          std::copy_n(k.data() + t0 * H * dh, len * H * dh, piece.data());
+          append_both(dev, host, piece, piece);
+          t0 += len;
+        }
+        const index_t Tq = csz == 1 && dh == 8 ? 130 : 3;  // one case past the 128-query tile
+        Tensor<float, Host> queries({Tq, H, dh});
+        for (index_t t = 0; t < Tq; ++t) {
+          for (int h = 0; h < H; ++h) {
+            for (int d = 0; d < dh; ++d) {
+              // Query 1 of every three is all zeros: every score is 0 (pure tie rule).
+              queries.data()[(t * H + h) * dh + d] = t % 3 == 1 ? 0.0f : (d == 0 ? 1.0f + static_cast<float>(t % 2) : (d == 1 ? 1.0f : 0.0f));
+            }
+          }
+        }
+        const Tensor<float, Device> qd = to_device(queries);
+        for (bool filter : {true, false}) {
+          for (int splits : {0, 1, 2, 5}) {
+            FusedChunkRetriever retriever(FusedRetrieverTuning{splits, filter});
+            for (int kq : {1, 16, 17, 128}) {
+              const std::string ctx = detail::concat("threshold ", names[pattern], " ", geometry_str(g), " T=", Tq,
+                                                     " k=", kq, " splits=", splits, " filter=", filter);
+              Retrieved<float, Device> out;
+              poison(out, Tq, H, std::min<index_t>(kq, dev.num_chunks()), csz, dh);
+              retriever.retrieve(dev, qd, kq, out);
+              if (!device_ok(ctx)) continue;
+              const HostResult r = fetch(out);
+              const reference::RetrievedF64 ref = reference::retrieve(host, cview(queries), kq);
+              CHECK(r.chunks == ref.chunks, "%s: chunks %d vs %d", ctx.c_str(), r.chunks, ref.chunks);
+              if (r.chunks != ref.chunks) continue;
+              std::size_t bad_slots = 0, bad_scores = 0, bad_kv = 0, first_bad = ref.slots.size();
+              for (std::size_t i = 0; i < ref.slots.size(); ++i) {
+                const bool slot_bad = r.slots.data()[i] != ref.slots[i];
+                bad_slots += slot_bad;
+                if (slot_bad && first_bad == ref.slots.size()) first_bad = i;
+                bad_scores += static_cast<double>(r.scores.data()[i]) != ref.scores[i];
+              }
+              for (std::size_t i = 0; i < ref.keys.size(); ++i) {
+                bad_kv += static_cast<double>(r.keys.data()[i]) != ref.keys[i];
+                bad_kv += static_cast<double>(r.values.data()[i]) != ref.values[i];
+              }
+              CHECK(bad_slots == 0, "%s: %zu slots differ from the exact reference (first at flat index %zu: %d, expected %d)",
+                    ctx.c_str(), bad_slots, first_bad, first_bad < ref.slots.size() ? r.slots.data()[first_bad] : 0,
+                    first_bad < ref.slots.size() ? ref.slots[first_bad] : 0);
+              CHECK(bad_scores == 0, "%s: %zu scores differ from the exact reference", ctx.c_str(), bad_scores);
+              CHECK(bad_kv == 0, "%s: %zu gathered elements differ", ctx.c_str(), bad_kv);
+              ++runs;
+            }
+          }
+        }
+      }
+    }
+  }
+  std::printf("threshold filter: %d adversarial retrievals (ties at the threshold, monotone scores) equal the "
+              "float64 reference exactly, filter on and off\n",
+              runs);
+}
+
+// The two select paths (threshold filter on and off) on random data: the same bits.
+void test_filter_paths_agree() {
+  int runs = 0;
+  const MemoryGeometry geometries[] = {{16, 64, 4, 4096}, {3, 33, 2, 777}, {2, 96, 1, 1000}};
+  for (const MemoryGeometry& g : geometries) {
+    const std::uint64_t seed = 8080u + static_cast<std::uint64_t>(g.capacity_chunks + g.head_dim);
+    std::mt19937_64 rng(seed);
+    const Banks<__half> b = make_banks<__half>(rng, g, 2 * g.capacity_chunks + 5, 1);
+    for (index_t Tq : {index_t{1}, index_t{200}}) {
+      const Tensor<float, Device> qd = to_device(random_tensor(rng, {Tq, g.n_head, g.head_dim}));
+      for (int kq : {1, 16, 100}) {
+        FusedChunkRetriever on(FusedRetrieverTuning{0, true}), off(FusedRetrieverTuning{1, false});
+        Retrieved<float, Device> a, c;
+        on.retrieve(*b.dev, qd, kq, a);
+        off.retrieve(*b.dev, qd, kq, c);
+        const std::string ctx = detail::concat("filter paths ", geometry_str(g), " T=", Tq, " k=", kq);
+        if (!device_ok(ctx)) continue;
+        const HostResult ra = fetch(a), rc = fetch(c);
+        const bool same = ra.chunks == rc.chunks && ra.slots.numel() == rc.slots.numel() &&
+                          std::memcmp(ra.slots.data(), rc.slots.data(), ra.slots.bytes()) == 0 &&
+                          std::memcmp(ra.scores.data(), rc.scores.data(), ra.scores.bytes()) == 0 &&
+                          std::memcmp(ra.keys.data(), rc.keys.data(), ra.keys.bytes()) == 0 &&
+                          std::memcmp(ra.values.data(), rc.values.data(), ra.values.bytes()) == 0;
+        CHECK(same, "%s: the filtered and unfiltered paths differ", ctx.c_str());
+        ++runs;
+      }
+    }
+  }
+  std::printf("threshold filter: %d random retrievals identical with the filter on and off\n", runs);
+}
+
 // ---------------------------------------------------------------- 4. batched
 
 void test_batched() {
@@ -814,6 +950,8 @@ int main() {
     test_retriever_random<__half>();
     test_retriever_random<__nv_bfloat16>();
     test_exact_ties();
+    test_threshold_filter();
+    test_filter_paths_agree();
     test_batched();
     test_edges();
     test_refusals_with_device();

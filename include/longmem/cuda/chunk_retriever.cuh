@@ -7,7 +7,9 @@
 //
 // Two kernels on the bank's CUDA stream (detail/retrieval_kernels.cuh):
 //   1. select: one pass over the chunk keys; per block a (128 queries, 64 chunks) score tile in
-//      registers and shared memory, merged at once into per-query running top-k' lists. The chunk
+//      registers, compared with each query's running k'-th best score; rows with a score that can
+//      still enter (at or above it: equal scores are decided by age) are merged at once into
+//      their running top-k' lists (after the first tiles almost none). The chunk
 //      range is split S ways so that small T still fills the GPU; each split leaves k' candidates
 //      per (query, head) in a workspace, (H, T, S, k') 64-bit keys. The (T, n) score matrix is
 //      never written anywhere.
@@ -53,10 +55,14 @@ inline constexpr bool is_device_memory_bank_v<DeviceMemoryBank<S>> = true;
 /// Knobs of the fused retriever.
 struct FusedRetrieverTuning {
   int splits = 0;  ///< chunk-range splits per (query tile, head); 0: chosen from the device's SM count
+  /// true: a score tile is merged only for rows with a score that can still enter their top-k'
+  /// list (per-row running threshold; the default). false: every tile is merged for every row
+  /// (the earlier path, kept so that benchmarks and tests can compare the two; same results).
+  bool threshold_filter = true;
 
   friend bool operator==(const FusedRetrieverTuning&, const FusedRetrieverTuning&) = default;
   friend std::ostream& operator<<(std::ostream& os, const FusedRetrieverTuning& t) {
-    return os << "FusedRetrieverTuning{splits=" << t.splits << "}";
+    return os << "FusedRetrieverTuning{splits=" << t.splits << ", threshold_filter=" << t.threshold_filter << "}";
   }
 };
 
@@ -147,13 +153,18 @@ class FusedChunkRetriever {
   }
 
   /// The splits the next call would use for `pairs` (query tile, head) blocks and at most
-  /// `max_chunks_of_a_bank` chunks (for benchmarks and tests).
+  /// `max_chunks_of_a_bank` chunks (for benchmarks and tests). Automatic: as many splits as keep
+  /// the whole grid within one wave of resident blocks (SMs x blocks per SM, the latter measured
+  /// at the last launch, 2 before any), since every split restarts its lists (its first tiles
+  /// merge nearly everything) and adds a list to the final merge; and each split keeps at least
+  /// eight chunk tiles. (At 64 Ki tokens, 1,024 queries, 16 heads on an H200, the old choice of
+  /// about 4 blocks per SM took 3 splits where 2 was measured best.)
   int splits_for(index_t pairs, index_t max_chunks_of_a_bank) {
     if (tuning_.splits > 0) return tuning_.splits;
-    const index_t target = 4 * static_cast<index_t>(multiprocessors());
-    index_t s = (target + std::max<index_t>(pairs, 1) - 1) / std::max<index_t>(pairs, 1);
-    // Each split keeps at least two chunk tiles, so the merge stays small next to the scoring.
-    s = std::min(s, std::max<index_t>(1, max_chunks_of_a_bank / (2 * detail::RetrievalTile::chunks)));
+    const index_t resident =
+        static_cast<index_t>(multiprocessors()) * static_cast<index_t>(blocks_per_sm_ > 0 ? blocks_per_sm_ : 2);
+    index_t s = std::max<index_t>(1, resident / std::max<index_t>(pairs, 1));
+    s = std::min(s, std::max<index_t>(1, max_chunks_of_a_bank / (8 * detail::RetrievalTile::chunks)));
     return static_cast<int>(std::clamp<index_t>(s, 1, max_splits));
   }
 
@@ -252,6 +263,14 @@ class FusedChunkRetriever {
                                 " bytes of shared memory per block, the device allows ", smem_optin_,
                                 "; use fewer retrieved chunks or a smaller head dimension");
     }
+    auto select = tuning_.threshold_filter ? detail::retrieval_select_kernel<S, true> : detail::retrieval_select_kernel<S, false>;
+    // Beyond 48 KiB a kernel needs a raised limit (per kernel instantiation and device; a cheap host call).
+    if (smem > 48 * 1024) {
+      detail::cuda_check(cudaFuncSetAttribute(select, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                         "cudaFuncSetAttribute (retrieval shared memory)", smem);
+    }
+    detail::cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm_, select, Tl::threads, smem),
+                       "cudaOccupancyMaxActiveBlocksPerMultiprocessor (retrieval select)", smem);
     const int splits = splits_for(pairs, max_n);
 
     detail::RetrievalLaunch<S> L;
@@ -288,12 +307,6 @@ class FusedChunkRetriever {
       offset += H * Tq * splits * kk;
     }
 
-    auto select = detail::retrieval_select_kernel<S>;
-    // Beyond 48 KiB a kernel needs a raised limit (per kernel instantiation and device; a cheap host call).
-    if (smem > 48 * 1024) {
-      detail::cuda_check(cudaFuncSetAttribute(select, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                         "cudaFuncSetAttribute (retrieval shared memory)", smem);
-    }
     const dim3 select_grid(static_cast<unsigned>(splits), static_cast<unsigned>((max_T + Tl::queries - 1) / Tl::queries),
                            static_cast<unsigned>(H * L.n_banks));
     select<<<select_grid, Tl::threads, smem, stream>>>(L);
@@ -320,6 +333,7 @@ class FusedChunkRetriever {
   FusedRetrieverTuning tuning_{};
   int sm_count_ = 0;
   int smem_optin_ = 0;
+  int blocks_per_sm_ = 0;  // select blocks resident per SM at the last launch (0: none yet)
   Tensor<std::uint64_t, Device> partial_;  // (sum over banks of H * T * splits * k') candidate keys
 };
 

@@ -7,10 +7,15 @@
 //   retrieval_select_kernel   grid (S, ceil(T / 128), H * B), 256 threads
 //       One block: 128 queries of one head of one bank against the chunks of its split
 //       [c_begin, c_end). The query tile (dh, 128) stays in shared memory; chunk keys come in
-//       tiles of 64: each thread computes an 8 x 4 register tile of scores with fp32 FMA, the
-//       (128, 64) tile goes to shared memory (over the chunk keys it was computed from), and each
-//       warp merges 16 query rows into their running top-kk lists (shared memory, best first). Only the S per-split lists of kk
-//       entries per query reach global memory; the score matrix never does.
+//       tiles of 64 (the next tile's loads in flight, in registers, during this tile's FMAs): each
+//       thread computes an 8 x 4 register tile of scores with fp32 FMA. With the threshold filter
+//       (the default) each thread then compares its scores with its rows' running thresholds (the
+//       k'-th best score so far, shared memory); only when some row of the block has a score at or
+//       above its threshold does the (128, 64) tile go to shared memory (over the chunk keys it was
+//       computed from), and then only the flagged rows are merged, each by a warp, into their
+//       running top-kk lists (shared memory, best first). Without the filter every row of every
+//       tile is merged. Only the S per-split lists of kk entries per query reach global memory;
+//       the score matrix never does.
 //   retrieval_merge_kernel    grid (ceil(T * H / 8), B), 256 threads
 //       One warp per (bank, t, h): merges the S lists (each sorted, so a list is read only as far
 //       as it still beats the running k'-th), writes slots and scores, and (optionally) gathers
@@ -28,6 +33,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "longmem/cuda/detail/retrieval_storage.cuh"
 #include "longmem/tensor.hpp"
@@ -77,13 +84,20 @@ struct RetrievalLaunch {
   int splits = 1;
 };
 
-__device__ inline std::uint64_t retrieval_key(float score, index_t slot, index_t oldest, index_t capacity) {
+/// The score as an order-preserving uint32 (NaN as -inf, -0 as +0): the high half of a key.
+__device__ __forceinline__ std::uint32_t retrieval_order(float score) {
   if (score != score) score = -__int_as_float(0x7f800000);  // NaN ranks as -inf
   if (score == 0.0f) score = 0.0f;                          // -0 ties with +0, as float == says
-  std::uint32_t u = __float_as_uint(score);
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  const auto age = static_cast<std::uint32_t>((slot - oldest + capacity) % capacity);
-  return (static_cast<std::uint64_t>(u) << 32) | static_cast<std::uint64_t>(0xffffffffu - age);
+  const std::uint32_t u = __float_as_uint(score);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/// Key of a chunk in `slot` (0 <= slot, oldest < capacity): no division, the age is one conditional add.
+__device__ __forceinline__ std::uint64_t retrieval_key(float score, index_t slot, index_t oldest, index_t capacity) {
+  index_t a = slot - oldest;
+  if (a < 0) a += capacity;
+  const auto age = static_cast<std::uint32_t>(a);
+  return (static_cast<std::uint64_t>(retrieval_order(score)) << 32) | static_cast<std::uint64_t>(0xffffffffu - age);
 }
 
 __device__ inline float retrieval_key_score(std::uint64_t key) {
@@ -94,7 +108,7 @@ __device__ inline float retrieval_key_score(std::uint64_t key) {
 
 __device__ inline index_t retrieval_key_slot(std::uint64_t key, index_t oldest, index_t capacity) {
   const index_t age = static_cast<index_t>(0xffffffffu - static_cast<std::uint32_t>(key));
-  return (oldest + age) % capacity;
+  return (oldest + age) % capacity;  // once per output entry
 }
 
 /// A warp's top-kk list, best first: entry e (< kk) is v[e / 32] on lane e % 32. Entries beyond
@@ -167,22 +181,38 @@ struct RetrievalWarpList {
   }
 };
 
-/// Dynamic shared memory of the select kernel, in bytes: the lists, the query tile, and one buffer
-/// that holds the chunk-key tile during the FMAs and the score tile during the merge.
+/// Dynamic shared memory of the select kernel, in bytes: the lists, the per-row thresholds and
+/// flags, the query tile, and one buffer that holds the chunk-key tile during the FMAs and the
+/// score tile during the merge.
 inline std::size_t retrieval_select_smem(int head_dim, int kept) {
   using Tl = RetrievalTile;
   const std::size_t k_stride = static_cast<std::size_t>(head_dim | 1);  // odd: conflict-free column reads
   const std::size_t key_tile = static_cast<std::size_t>(Tl::chunks) * k_stride * sizeof(float);
   const std::size_t score_tile = static_cast<std::size_t>(Tl::queries) * (Tl::chunks + 1) * sizeof(float);
   return static_cast<std::size_t>(Tl::queries) * static_cast<std::size_t>(kept) * sizeof(std::uint64_t) +  // lists
+         static_cast<std::size_t>(Tl::queries) * (sizeof(std::uint32_t) + 1) +                            // thresholds, flags
          static_cast<std::size_t>(head_dim) * Tl::queries * sizeof(float) +                                // query tile
          (key_tile > score_tile ? key_tile : score_tile);
 }
 
-template <class S>
+/// Chunk-key elements per thread that the select kernel fetches into registers one tile ahead
+/// (all of a tile up to head_dim 64; the rest of a wider tile is read when it is stored).
+inline constexpr int retrieval_prefetch = RetrievalTile::chunks * 64 / RetrievalTile::threads;
+
+/// The select kernel. Filter = true (the default path): each query row keeps the high half of its
+/// k'-th key (the order-mapped score, retrieval_order) in shared memory; after the FMAs every
+/// thread compares its scores with its rows' thresholds, flags the rows that have a score >= the
+/// threshold (equal scores must still be compared by the full key: an older chunk beats a newer
+/// one), and the tile is written to shared memory and merged only when some row of the block is
+/// flagged (__syncthreads_or), and then only the flagged rows. The merge itself is unchanged
+/// (it compares full keys), so the filter only skips candidates that could not enter a list:
+/// a candidate with retrieval_order(score) < threshold's high half has key < threshold.
+/// Filter = false: every tile is merged for every row (the previous path, kept for comparison).
+template <class S, bool Filter>
 __global__ void __launch_bounds__(RetrievalTile::threads)
     retrieval_select_kernel(const __grid_constant__ RetrievalLaunch<S> L) {
   using Tl = RetrievalTile;
+  constexpr int PF = retrieval_prefetch;
   const int H = L.n_head, dh = L.head_dim, splits = L.splits;
   const int split = static_cast<int>(blockIdx.x);
   const int q0 = static_cast<int>(blockIdx.y) * Tl::queries;
@@ -195,34 +225,68 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
   const index_t per_split = (n + splits - 1) / splits;
   const index_t c_begin = min(n, split * per_split), c_end = min(n, c_begin + per_split);
   const int k_stride = dh | 1;
+  const int k_pad = k_stride - dh;  // element e = c * dh + d of a tile goes to c * k_stride + d = e + k_pad * c
+  const float inv_dh = 1.0f / static_cast<float>(dh);
+  const int tile_elems = Tl::chunks * dh;
 
   extern __shared__ __align__(16) unsigned char retrieval_smem[];
-  auto* lists = reinterpret_cast<std::uint64_t*>(retrieval_smem);  // (128, kk)
-  float* q_s = reinterpret_cast<float*>(lists + Tl::queries * kk);  // (dh, 128): query tile, transposed
-  float* k_s = q_s + dh * Tl::queries;                              // (64, k_stride): chunk keys, then
-  float* s_s = k_s;                                                 // (128, 65): scores, in the same bytes
+  auto* lists = reinterpret_cast<std::uint64_t*>(retrieval_smem);            // (128, kk)
+  auto* thr_s = reinterpret_cast<std::uint32_t*>(lists + Tl::queries * kk);  // (128): high half of the kk-th key
+  auto* flag_s = reinterpret_cast<unsigned char*>(thr_s + Tl::queries);     // (128): row has a candidate
+  float* q_s = reinterpret_cast<float*>(flag_s + Tl::queries);              // (dh, 128): query tile, transposed
+  float* k_s = q_s + dh * Tl::queries;                                      // (64, k_stride): chunk keys, then
+  float* s_s = k_s;                                                         // (128, 65): scores, in the same bytes
 
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int tx = tid & 15, ty = tid >> 4;
 
   for (int e = tid; e < Tl::queries * kk; e += Tl::threads) lists[e] = 0;
+  for (int e = tid; e < Tl::queries; e += Tl::threads) {
+    thr_s[e] = 0;  // an empty list takes anything
+    flag_s[e] = 0;
+  }
   for (int e = tid; e < Tl::queries * dh; e += Tl::threads) {
     const int qi = e / dh, d = e % dh;
     const int t = q0 + qi;
     q_s[d * Tl::queries + qi] = t < T ? bank.queries[(static_cast<index_t>(t) * H + h) * dh + d] : 0.0f;
   }
-  __syncthreads();
 
   const float* ck = bank.chunk_keys + static_cast<index_t>(h) * C * dh;  // (C, dh) of head h
+  // Tile c0's first PF * 256 elements in registers (slots c0 .. c0 + nc - 1 are contiguous).
+  float pf[PF];
+  auto fetch = [&](index_t c0) {
+    const int valid = static_cast<int>(min(static_cast<index_t>(Tl::chunks), c_end - c0)) * dh;
+    const float* src = ck + c0 * dh;
+#pragma unroll
+    for (int r = 0; r < PF; ++r) {
+      const int e = tid + Tl::threads * r;
+      pf[r] = e < valid ? src[e] : 0.0f;
+    }
+  };
+  if (c_begin < c_end) fetch(c_begin);
+  __syncthreads();  // lists, thresholds and flags initialised (the query tile is covered by the next barrier)
+
   for (index_t c0 = c_begin; c0 < c_end; c0 += Tl::chunks) {
     const int nc = static_cast<int>(min(static_cast<index_t>(Tl::chunks), c_end - c0));
-    // Tile of chunk keys: contiguous in global memory (slots c0 .. c0 + nc - 1).
-    const float* src = ck + c0 * dh;
-    for (int e = tid; e < Tl::chunks * dh; e += Tl::threads) {
-      const int c = e / dh, d = e % dh;
-      k_s[c * k_stride + d] = c < nc ? src[e] : 0.0f;
+    {  // Store the fetched tile (and, past head_dim 64, read the rest of it).
+      const int valid = nc * dh;
+      const float* src = ck + c0 * dh;
+#pragma unroll
+      for (int r = 0; r < PF; ++r) {
+        const int e = tid + Tl::threads * r;
+        // c = e / dh exactly: (e + 0.5) / dh is at least 0.5 / dh away from an integer, far more
+        // than the float rounding of (e + 0.5) * inv_dh (e < 64 * dh).
+        const int c = static_cast<int>((static_cast<float>(e) + 0.5f) * inv_dh);
+        if (e < tile_elems) k_s[e + k_pad * c] = pf[r];
+      }
+      for (int e = tid + Tl::threads * PF; e < tile_elems; e += Tl::threads) {
+        const int c = static_cast<int>((static_cast<float>(e) + 0.5f) * inv_dh);
+        k_s[e + k_pad * c] = e < valid ? src[e] : 0.0f;
+      }
     }
     __syncthreads();
+    // The next tile's loads are in flight during this tile's FMAs.
+    if (c0 + Tl::chunks < c_end) fetch(c0 + Tl::chunks);
 
     float acc[Tl::rows_per_thread][Tl::cols_per_thread];
 #pragma unroll
@@ -245,7 +309,32 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
         for (int j = 0; j < Tl::cols_per_thread; ++j) acc[i][j] = fmaf(qv[i], kv[j], acc[i][j]);
       }
     }
-    __syncthreads();  // every warp is done with the chunk keys: the scores overwrite them
+
+    bool merge = true;
+    if constexpr (Filter) {
+      // Flag the rows with a score that might enter their list (order >= the threshold's high half).
+      int any = 0;
+#pragma unroll
+      for (int i = 0; i < Tl::rows_per_thread; ++i) {
+        const int qi = ty * Tl::rows_per_thread + i;
+        const std::uint32_t thr = thr_s[qi];
+        bool pass = false;
+#pragma unroll
+        for (int j = 0; j < Tl::cols_per_thread; ++j) {
+          pass |= (tx + 16 * j < nc) && retrieval_order(acc[i][j]) >= thr;
+        }
+        if (pass && q0 + qi < T) {
+          flag_s[qi] = 1;
+          any = 1;
+        }
+      }
+      // Every warp is done with the chunk keys (the scores may overwrite them), and the flags are visible.
+      merge = __syncthreads_or(any) != 0;
+    } else {
+      __syncthreads();  // every warp is done with the chunk keys: the scores overwrite them
+    }
+    if (!merge) continue;  // uniform: no row of the block has a candidate in this tile
+
 #pragma unroll
     for (int i = 0; i < Tl::rows_per_thread; ++i) {
 #pragma unroll
@@ -255,9 +344,15 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
     }
     __syncthreads();
 
-    // Merge: warp w takes query rows w, w + 8, ... (the condition is uniform per warp).
+    // Merge: warp w takes query rows w, w + 8, ... (the conditions are uniform per warp).
     for (int qi = warp; qi < Tl::queries; qi += Tl::merge_warps) {
       if (q0 + qi >= T) break;
+      if constexpr (Filter) {
+        const bool flagged = flag_s[qi] != 0;
+        __syncwarp();  // every lane has read the flag before lane 0 clears it
+        if (!flagged) continue;
+        if (lane == 0) flag_s[qi] = 0;
+      }
       RetrievalWarpList list{{}, kk, lane};
       list.load(lists + qi * kk);
       std::uint64_t thr = list.threshold();
@@ -269,8 +364,11 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
         list.offer(key, thr);
       }
       list.store(lists + qi * kk);
+      if constexpr (Filter) {
+        if (lane == 0) thr_s[qi] = static_cast<std::uint32_t>(thr >> 32);  // thr is the list's kk-th key
+      }
     }
-    __syncthreads();  // the next tile's chunk keys overwrite the scores
+    __syncthreads();  // the next tile's chunk keys overwrite the scores; thresholds and flags visible
   }
 
   // This split's lists (all zeros when the split is empty) to the workspace.
@@ -279,6 +377,30 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
     if (t >= T) break;
     std::uint64_t* dst = bank.partial + ((static_cast<index_t>(h) * T + t) * splits + split) * kk;
     for (int e = lane; e < kk; e += 32) dst[e] = lists[qi * kk + e];
+  }
+}
+
+/// Eight consecutive elements from 16-byte aligned `src` (32-byte for float), as float.
+template <class S>
+__device__ __forceinline__ void retrieval_load8(const S* src, float (&dst)[8]) {
+  if constexpr (std::is_same_v<S, float>) {
+    const float4 a = reinterpret_cast<const float4*>(src)[0];
+    const float4 b = reinterpret_cast<const float4*>(src)[1];
+    dst[0] = a.x, dst[1] = a.y, dst[2] = a.z, dst[3] = a.w;
+    dst[4] = b.x, dst[5] = b.y, dst[6] = b.z, dst[7] = b.w;
+  } else {
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
+    const std::uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      S lo, hi;
+      const std::uint16_t lo_bits = static_cast<std::uint16_t>(w[p] & 0xffffu);
+      const std::uint16_t hi_bits = static_cast<std::uint16_t>(w[p] >> 16);
+      memcpy(&lo, &lo_bits, 2);
+      memcpy(&hi, &hi_bits, 2);
+      dst[2 * p] = device_load(lo);
+      dst[2 * p + 1] = device_load(hi);
+    }
   }
 }
 
@@ -320,6 +442,31 @@ __global__ void __launch_bounds__(256) retrieval_merge_kernel(const __grid_const
   }
   if (bank.out_keys == nullptr) return;
   const index_t chunk = static_cast<index_t>(csz) * dh;
+  const auto addr_bits = reinterpret_cast<std::uintptr_t>(bank.keys) | reinterpret_cast<std::uintptr_t>(bank.values) |
+                         reinterpret_cast<std::uintptr_t>(bank.out_keys) |
+                         reinterpret_cast<std::uintptr_t>(bank.out_values);
+  if (chunk % 8 == 0 && addr_bits % 16 == 0) {
+    // 8 elements a lane at a time: 16-byte loads (two for float) and two 16-byte stores; every
+    // chunk starts at a multiple of 8 elements, so every access is aligned.
+#pragma unroll 2
+    for (int i = 0; i < kk; ++i) {
+      const index_t slot = retrieval_key_slot(list.at(i), bank.oldest, C);
+      const S* sk = bank.keys + (static_cast<index_t>(h) * C + slot) * chunk;
+      const S* sv = bank.values + (static_cast<index_t>(h) * C + slot) * chunk;
+      float* dk = bank.out_keys + (o + i) * chunk;
+      float* dv = bank.out_values + (o + i) * chunk;
+      for (index_t e = 8 * lane; e < chunk; e += 8 * 32) {
+        float fk[8], fv[8];
+        retrieval_load8(sk + e, fk);
+        retrieval_load8(sv + e, fv);
+        reinterpret_cast<float4*>(dk + e)[0] = make_float4(fk[0], fk[1], fk[2], fk[3]);
+        reinterpret_cast<float4*>(dk + e)[1] = make_float4(fk[4], fk[5], fk[6], fk[7]);
+        reinterpret_cast<float4*>(dv + e)[0] = make_float4(fv[0], fv[1], fv[2], fv[3]);
+        reinterpret_cast<float4*>(dv + e)[1] = make_float4(fv[4], fv[5], fv[6], fv[7]);
+      }
+    }
+    return;
+  }
   for (int i = 0; i < kk; ++i) {
     const index_t slot = retrieval_key_slot(list.at(i), bank.oldest, C);
     const S* sk = bank.keys + (static_cast<index_t>(h) * C + slot) * chunk;
