@@ -324,13 +324,21 @@ int run(const Options& o) {
   std::uniform_int_distribution<int> key_dist(0, 99999);
   const std::int64_t distances[] = {1024, 4096, 16384, 65536};
   std::printf("\npasskey  \"The pass key is NNNNN. Remember it. NNNNN is the pass key.\", then N bytes of held-out text\n"
-              "         (The Devil's Dictionary), then \"What is the pass key? The pass key is\"; greedy, all 5 digits must match;\n"
-              "         %d trials per N, chance 1 in 100000\n\n", o.trials);
-  std::printf("%-10s %22s %22s\n", "N", "backbone alone", "LongMem");
+              "         (The Devil's Dictionary), then \"What is the pass key? The pass key is\"; greedy; a key is right when all\n"
+              "         5 digits match (chance 1 in 100000), a digit when it is in its place (chance 1 in 10); %d trials per N\n\n",
+              o.trials);
+  std::printf("%-10s %22s %22s %24s %24s\n", "N", "backbone: keys right", "LongMem: keys right", "backbone: digits right",
+              "LongMem: digits right");
   const int total = o.trials * 4;
   int done = 0;
   for (std::int64_t n : distances) {
-    int right_backbone = 0, right_longmem = 0;
+    int right_backbone = 0, right_longmem = 0, digits_backbone = 0, digits_longmem = 0;
+    // digits in the right place (chance 1 in 10 each): a finer measure beside the strict 5-digit match
+    auto digits_right = [](const std::string& answer, const char* key) {
+      int n = 0;
+      for (std::size_t i = 0; i < 5 && i < answer.size(); ++i) n += answer[i] == key[i];
+      return n;
+    };
     for (int t = 0; t < o.trials; ++t) {
       char key[6];
       std::snprintf(key, sizeof key, "%05d", key_dist(rng));
@@ -340,13 +348,17 @@ int run(const Options& o) {
       model.forward(ByteTokenizer::encode(statement));  // the key becomes memory
       model.bank(0).append(cview(filler_k).slice(0, n), cview(filler_v).slice(0, n));
       model.set_remember(false);
-      right_longmem += continue_greedy(nullptr, &model, question, 5) == key;
-      right_backbone += continue_greedy(&backbone, nullptr, question, 5) == key;
+      const std::string by_longmem = continue_greedy(nullptr, &model, question, 5);
+      const std::string by_backbone = continue_greedy(&backbone, nullptr, question, 5);
+      right_longmem += by_longmem == key;
+      right_backbone += by_backbone == key;
+      digits_longmem += digits_right(by_longmem, key);
+      digits_backbone += digits_right(by_backbone, key);
       bar.show(static_cast<double>(++done) / total, "passkey trials");
     }
     bar.done();
-    std::printf("%-10s %15d / %-4d %15d / %-4d\n", (std::to_string(n / 1024) + " Ki").c_str(), right_backbone, o.trials, right_longmem,
-                o.trials);
+    std::printf("%-10s %15d / %-4d %15d / %-4d %16d / %-5d %16d / %-5d\n", (std::to_string(n / 1024) + " Ki").c_str(), right_backbone,
+                o.trials, right_longmem, o.trials, digits_backbone, 5 * o.trials, digits_longmem, 5 * o.trials);
   }
   std::printf("\ndone in %.0f s\n", seconds_since(t_start));
   return 0;

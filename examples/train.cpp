@@ -59,6 +59,7 @@ struct Options {
   std::string corpus;
   int batch = 8;
   int recall_practice = 0;
+  bool recall_only = false;
   RecallPractice practice;
   // run
   TrainConfig run;
@@ -108,7 +109,14 @@ Options parse(int argc, char** argv) {
   data->add_option("--recall-practice", o.recall_practice,
                    "add N recall-practice documents (facts stated, real training text, then asked) to the training data")
       ->check(CLI::Range(0, 1 << 24));
-  data->add_option("--recall-facts", o.practice.facts, "facts per recall-practice document")->capture_default_str();
+  data->add_option("--recall-facts", o.practice.facts, "facts per recall-practice document (at most, with --recall-min-facts)")
+      ->check(CLI::Range(1, 64))
+      ->capture_default_str();
+  data->add_option("--recall-min-facts", o.practice.min_facts, "at least this many facts per document (uniform count; 0: exactly --recall-facts)")
+      ->check(CLI::Range(0, 64))
+      ->capture_default_str();
+  data->add_flag("--recall-only", o.recall_only,
+                 "train on the recall-practice documents alone (their text still comes from the training split)");
   data->add_option("--recall-min-gap", o.practice.min_gap, "bytes of text between facts and questions, at least")->capture_default_str();
   data->add_option("--recall-max-gap", o.practice.max_gap, "and at most")->capture_default_str();
   data->add_option("--batch", o.batch, "streams (B)")->check(CLI::Range(1, 1 << 16))->capture_default_str();
@@ -159,6 +167,8 @@ Options parse(int argc, char** argv) {
     usage("--save-gradients needs --tokens (the stream to differentiate)");
   }
   if (o.mode == "pretrain" && (!o.sidenet.empty() || o.no_memory)) usage("--sidenet and --no-memory are for adapt");
+  if (o.recall_only && o.recall_practice == 0) usage("--recall-only needs --recall-practice N (N > 0)");
+  if (o.practice.min_facts > o.practice.facts) usage("--recall-min-facts must not exceed --recall-facts");
   return o;
 }
 
@@ -221,7 +231,7 @@ int train(const Options& o, Task& task, const std::string& model_file, const std
   if (!o.valid.empty()) valid_docs = read_documents(o.valid);
   if (o.recall_practice > 0) {
     auto practice = recall_practice_documents(train_docs, o.recall_practice, o.practice, o.run.seed);
-    train_docs = interleave(std::move(train_docs), std::move(practice));
+    train_docs = o.recall_only ? std::move(practice) : interleave(std::move(train_docs), std::move(practice));
   }
   Trainer<Task> trainer(task, train_docs, valid_docs, o.run);
   fs::create_directories(o.out);

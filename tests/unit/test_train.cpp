@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -560,4 +561,53 @@ TEST_CASE("train: a SideNet learns to recall a table from memory, which without 
   CHECK(with <= 0.5 * without);
   CHECK(acc_with >= 0.5);
   CHECK(acc_without <= 0.25);
+}
+
+TEST_CASE("train: recall practice states facts, then real text, then recalls every fact", "[train][data]") {
+  std::string text;
+  for (int i = 0; i < 400; ++i) text += "Line " + std::to_string(i) + " of a long training document.\n";
+  const std::vector<Document> source{{"src", ByteTokenizer::encode(text), {}}};
+  RecallPractice spec;
+  spec.facts = 4;
+  spec.min_gap = 300;
+  spec.max_gap = 900;
+  const auto a = recall_practice_documents(source, 5, spec, 9), b = recall_practice_documents(source, 5, spec, 9);
+  REQUIRE(a.size() == 5);
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    CHECK(a[i].tokens == b[i].tokens);  // same seed, same documents
+    const std::string s = ByteTokenizer::decode(a[i].tokens);
+    CAPTURE(s.substr(0, 200));
+    CHECK(s.find("pass key") == std::string::npos);  // never the evaluation's template
+    // every stated fact is recalled later with the same words, after the filler
+    std::size_t pos = 0, facts = 0;
+    while ((pos = s.find("Remember: the number for ", pos)) != std::string::npos) {
+      const std::size_t end = s.find(".\n", pos);
+      const std::string fact = s.substr(pos + 10, end - pos - 10);  // "the number for NAME is DIGITS"
+      const std::size_t recall = s.find("\nRecall: " + fact + ".");
+      CHECK(recall != std::string::npos);
+      CHECK(recall > end + static_cast<std::size_t>(spec.min_gap));
+      pos = end;
+      ++facts;
+    }
+    CHECK(facts == 4);
+  }
+  std::vector<Document> docs{{"x", {1, 2}, {}}, {"y", {3}, {}}, {"z", {4}, {}}};
+  const auto mixed = interleave(std::move(docs), recall_practice_documents(source, 2, spec, 1));
+  REQUIRE(mixed.size() == 5);
+  CHECK(mixed[0].name == "x");
+  CHECK(mixed[4].name.starts_with("recall practice"));
+  CHECK_THROWS_WITH(recall_practice_documents(source, 1, RecallPractice{.facts = 2, .min_gap = 10, .max_gap = 100000}, 1),
+                    Catch::Contains("fewer than the largest gap"));
+  CHECK_THROWS_WITH(recall_practice_documents(source, 1, RecallPractice{.facts = 2, .min_facts = 3}, 1), Catch::Contains("min_facts"));
+  // a fact count drawn per document: every count in [min_facts, facts] occurs, nothing outside it
+  RecallPractice varied = spec;
+  varied.min_facts = 1;
+  std::set<int> counts;
+  for (const auto& d : recall_practice_documents(source, 60, varied, 3)) {
+    const std::string s = ByteTokenizer::decode(d.tokens);
+    int n = 0;
+    for (std::size_t p = s.find("Remember: "); p != std::string::npos; p = s.find("Remember: ", p + 1)) ++n;
+    counts.insert(n);
+  }
+  CHECK(counts == std::set<int>{1, 2, 3, 4});
 }

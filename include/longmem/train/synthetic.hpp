@@ -4,7 +4,7 @@
 // memory for what its window cannot see (the paper's adaptation data is plain long text; small
 // models and short runs need this nudge).
 //
-//   Remember: the number for amber falcon is 48213.\n  ... (`facts` lines)
+//   Remember: the number for amber falcon is 48213.\n  ... (`facts` lines, or a count in [min_facts, facts])
 //   <filler: a slice of a training document, between min_gap and max_gap bytes>
 //   \nRecall: the number for amber falcon is 48213.  ... (every fact, shuffled)
 //
@@ -26,7 +26,8 @@
 namespace longmem {
 
 struct RecallPractice {
-  int facts = 3;
+  int facts = 3;                 ///< facts per document, at most
+  int min_facts = 0;             ///< and at least (0: exactly `facts`); the count is uniform in between
   std::int64_t min_gap = 1024;   ///< filler bytes between the facts and the questions, at least
   std::int64_t max_gap = 16384;  ///< and at most
 };
@@ -43,6 +44,11 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
     detail::fail<ConfigError>("recall practice: need facts > 0 and 0 <= min_gap <= max_gap, got ", spec.facts, ", ",
                               spec.min_gap, ", ", spec.max_gap);
   }
+  if (spec.min_facts < 0 || spec.min_facts > spec.facts) {
+    detail::fail<ConfigError>("recall practice: need 0 <= min_facts <= facts, got ", spec.min_facts, " and ", spec.facts);
+  }
+  // 256 distinct names exist (16 x 16 words)
+  if (spec.facts > 64) detail::fail<ConfigError>("recall practice: at most 64 facts per document, got ", spec.facts);
   std::int64_t longest = 0;
   for (const auto& d : text) longest = std::max<std::int64_t>(longest, static_cast<std::int64_t>(d.tokens.size()));
   if (longest < spec.max_gap) {
@@ -52,6 +58,7 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int> word(0, 15), digit(0, 9);
   std::uniform_int_distribution<std::int64_t> gap(spec.min_gap, spec.max_gap);
+  std::uniform_int_distribution<int> fact_count(spec.min_facts > 0 ? spec.min_facts : spec.facts, spec.facts);
   std::vector<const Document*> long_enough;
   for (const auto& d : text) {
     if (static_cast<std::int64_t>(d.tokens.size()) >= spec.max_gap) long_enough.push_back(&d);
@@ -60,7 +67,8 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
   std::vector<Document> out;
   for (int n = 0; n < count; ++n) {
     std::vector<std::pair<std::string, std::string>> facts;
-    while (static_cast<int>(facts.size()) < spec.facts) {
+    const int wanted = spec.min_facts > 0 ? fact_count(rng) : spec.facts;  // (no draw otherwise: old runs resume alike)
+    while (static_cast<int>(facts.size()) < wanted) {
       std::string name = std::string(first[word(rng)]) + " " + second[word(rng)];
       if (std::any_of(facts.begin(), facts.end(), [&](const auto& f) { return f.first == name; })) continue;
       std::string number;
