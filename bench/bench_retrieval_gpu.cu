@@ -4,6 +4,9 @@
 //   Retrieve/<memory tokens>/<queries>/<storage>   ... + gather of the chosen chunks' keys and values
 //   SelectSplits/65536/1024/half/<S>               select with S chunk-range splits (how the
 //                                                  automatic choice is judged)
+//   SelectTC/<memory>/<queries>/half, RetrieveTC/...  FusedRetrieverTuning::tensor_core_prefilter on
+//                                                  (bf16 tensor-core scores as an exact prefilter)
+//   SelectTCSplits/65536/1024/half/<S>             the same with S splits
 //   SelectUnfiltered/<memory>/<queries>/half       select with FusedRetrieverTuning::threshold_filter
 //                                                  off (every score tile merged for every row: the
 //                                                  earlier path), automatic splits
@@ -161,9 +164,9 @@ void timed(benchmark::State& state, Setup<S>& s, F&& call) {
 }
 
 template <class S>
-void BM_Select(benchmark::State& state, index_t memory, index_t queries, int splits, bool filter) {
+void BM_Select(benchmark::State& state, index_t memory, index_t queries, int splits, bool filter, bool tc) {
   Setup<S>& s = setup<S>(memory, queries);
-  FusedChunkRetriever retriever(FusedRetrieverTuning{splits, filter});
+  FusedChunkRetriever retriever(FusedRetrieverTuning{splits, filter, tc});
   Tensor<std::int32_t, Device> slots;
   Tensor<float, Device> scores;
   timed(state, s, [&](const DeviceMemoryBank<S>& bank, const Tensor<float, Device>& q) {
@@ -175,9 +178,9 @@ void BM_Select(benchmark::State& state, index_t memory, index_t queries, int spl
 }
 
 template <class S>
-void BM_Retrieve(benchmark::State& state, index_t memory, index_t queries) {
+void BM_Retrieve(benchmark::State& state, index_t memory, index_t queries, bool tc) {
   Setup<S>& s = setup<S>(memory, queries);
-  FusedChunkRetriever retriever;
+  FusedChunkRetriever retriever(FusedRetrieverTuning{0, true, tc});
   Retrieved<float, Device> out;
   timed(state, s, [&](const DeviceMemoryBank<S>& bank, const Tensor<float, Device>& q) {
     retriever.retrieve(bank, cview(q), kRetrievedTokens / kChunk, out);
@@ -217,18 +220,22 @@ int main(int argc, char** argv) {
   };
   for (const Shape sh : {Shape{65536, 1024}, Shape{1048576, 1024}, Shape{4194304, 256}}) {
     const std::string args = detail::concat('/', sh.memory, '/', sh.queries, '/');
-    reg("Select" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, true);
-    reg("Retrieve" + args + storage_name<__half>(), BM_Retrieve<__half>, sh.memory, sh.queries);
-    reg("SelectUnfiltered" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, false);
+    reg("Select" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, true, false);
+    reg("Retrieve" + args + storage_name<__half>(), BM_Retrieve<__half>, sh.memory, sh.queries, false);
+    reg("SelectUnfiltered" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, false, false);
+    reg("SelectTC" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, true, true);
+    reg("RetrieveTC" + args + storage_name<__half>(), BM_Retrieve<__half>, sh.memory, sh.queries, true);
     if (sh.memory == 65536) {
       for (int splits : {1, 2, 4, 8, 16, 32}) {
         reg(detail::concat("SelectSplits", args, storage_name<__half>(), '/', splits), BM_Select<__half>, sh.memory,
-            sh.queries, splits, true);
+            sh.queries, splits, true, false);
+        reg(detail::concat("SelectTCSplits", args, storage_name<__half>(), '/', splits), BM_Select<__half>, sh.memory,
+            sh.queries, splits, true, true);
       }
     }
   }
-  reg("Select/65536/1024/float", BM_Select<float>, index_t{65536}, index_t{1024}, 0, true);
-  reg("Retrieve/65536/1024/float", BM_Retrieve<float>, index_t{65536}, index_t{1024});
+  reg("Select/65536/1024/float", BM_Select<float>, index_t{65536}, index_t{1024}, 0, true, false);
+  reg("Retrieve/65536/1024/float", BM_Retrieve<float>, index_t{65536}, index_t{1024}, false);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -602,12 +602,13 @@ void test_threshold_filter() {
           }
         }
         const Tensor<float, Device> qd = to_device(queries);
-        for (bool filter : {true, false}) {
+        for (int mode = 0; mode < 3; ++mode) {  // 0: threshold filter, 1: none, 2: tensor-core prefilter
+          const bool filter = mode != 1;
           for (int splits : {0, 1, 2, 5}) {
-            FusedChunkRetriever retriever(FusedRetrieverTuning{splits, filter});
+            FusedChunkRetriever retriever(FusedRetrieverTuning{splits, filter, mode == 2});
             for (int kq : {1, 16, 17, 128}) {
               const std::string ctx = detail::concat("threshold ", names[pattern], " ", geometry_str(g), " T=", Tq,
-                                                     " k=", kq, " splits=", splits, " filter=", filter);
+                                                     " k=", kq, " splits=", splits, " mode=", mode);
               Retrieved<float, Device> out;
               poison(out, Tq, H, std::min<index_t>(kq, dev.num_chunks()), csz, dh);
               retriever.retrieve(dev, qd, kq, out);
@@ -640,39 +641,71 @@ void test_threshold_filter() {
     }
   }
   std::printf("threshold filter: %d adversarial retrievals (ties at the threshold, monotone scores) equal the "
-              "float64 reference exactly, filter on and off\n",
+              "float64 reference exactly (threshold filter, none, tensor-core prefilter)\n",
               runs);
 }
 
-// The two select paths (threshold filter on and off) on random data: the same bits.
+// The three select paths (threshold filter, no filter, tensor-core prefilter) on random data: the
+// same bits. Also data over a wide range of magnitudes (2^-40 .. 2^40 per element, exact zeros,
+// subnormals), where the tensor-core error bound is the least comfortable.
 void test_filter_paths_agree() {
   int runs = 0;
-  const MemoryGeometry geometries[] = {{16, 64, 4, 4096}, {3, 33, 2, 777}, {2, 96, 1, 1000}};
-  for (const MemoryGeometry& g : geometries) {
+  const MemoryGeometry geometries[] = {{16, 64, 4, 4096}, {3, 33, 2, 777}, {2, 96, 1, 1000}, {2, 64, 2, 900}};
+  for (std::size_t gi = 0; gi < std::size(geometries); ++gi) {
+    const MemoryGeometry& g = geometries[gi];
+    const bool wide = gi == 3;
     const std::uint64_t seed = 8080u + static_cast<std::uint64_t>(g.capacity_chunks + g.head_dim);
     std::mt19937_64 rng(seed);
-    const Banks<__half> b = make_banks<__half>(rng, g, 2 * g.capacity_chunks + 5, 1);
+    auto widen = [&](Tensor<float, Host> t) {
+      std::uniform_int_distribution<int> ex(-40, 40), kind(0, 19);
+      for (float& x : t) {
+        const int k = kind(rng);
+        x = k == 0 ? 0.0f : k == 1 ? x * 1e-39f : std::ldexp(x, ex(rng));
+      }
+      return t;
+    };
+    Banks<__half> b;
+    if (wide) {
+      b = Banks<__half>{std::make_unique<DeviceMemoryBank<__half>>(g), std::make_unique<HostMemoryBank<HostTwin<__half>::type>>(g)};
+      for (int piece = 0; piece < 5; ++piece) {
+        const index_t len = g.capacity_chunks * g.chunk_size / 2 + 3;
+        append_both(*b.dev, *b.host, widen(random_tensor(rng, {len, g.n_head, g.head_dim})),
+                    random_tensor(rng, {len, g.n_head, g.head_dim}));
+      }
+    } else {
+      b = make_banks<__half>(rng, g, 2 * g.capacity_chunks + 5, 1);
+    }
     for (index_t Tq : {index_t{1}, index_t{200}}) {
-      const Tensor<float, Device> qd = to_device(random_tensor(rng, {Tq, g.n_head, g.head_dim}));
+      Tensor<float, Host> q = random_tensor(rng, {Tq, g.n_head, g.head_dim});
+      if (wide) q = widen(std::move(q));
+      const Tensor<float, Device> qd = to_device(q);
       for (int kq : {1, 16, 100}) {
-        FusedChunkRetriever on(FusedRetrieverTuning{0, true}), off(FusedRetrieverTuning{1, false});
-        Retrieved<float, Device> a, c;
+        FusedChunkRetriever on(FusedRetrieverTuning{0, true, false}), off(FusedRetrieverTuning{1, false, false}),
+            tc(FusedRetrieverTuning{0, true, true});
+        Retrieved<float, Device> a, c, t;
         on.retrieve(*b.dev, qd, kq, a);
         off.retrieve(*b.dev, qd, kq, c);
-        const std::string ctx = detail::concat("filter paths ", geometry_str(g), " T=", Tq, " k=", kq);
+        tc.retrieve(*b.dev, qd, kq, t);
+        const std::string ctx = detail::concat("select paths ", wide ? "(wide range) " : "", geometry_str(g), " T=", Tq,
+                                               " k=", kq);
         if (!device_ok(ctx)) continue;
-        const HostResult ra = fetch(a), rc = fetch(c);
-        const bool same = ra.chunks == rc.chunks && ra.slots.numel() == rc.slots.numel() &&
-                          std::memcmp(ra.slots.data(), rc.slots.data(), ra.slots.bytes()) == 0 &&
-                          std::memcmp(ra.scores.data(), rc.scores.data(), ra.scores.bytes()) == 0 &&
-                          std::memcmp(ra.keys.data(), rc.keys.data(), ra.keys.bytes()) == 0 &&
-                          std::memcmp(ra.values.data(), rc.values.data(), ra.values.bytes()) == 0;
-        CHECK(same, "%s: the filtered and unfiltered paths differ", ctx.c_str());
+        const HostResult ra = fetch(a), rc = fetch(c), rt = fetch(t);
+        auto same = [](const HostResult& x, const HostResult& y) {
+          return x.chunks == y.chunks && x.slots.numel() == y.slots.numel() &&
+                 std::memcmp(x.slots.data(), y.slots.data(), x.slots.bytes()) == 0 &&
+                 std::memcmp(x.scores.data(), y.scores.data(), x.scores.bytes()) == 0 &&
+                 std::memcmp(x.keys.data(), y.keys.data(), x.keys.bytes()) == 0 &&
+                 std::memcmp(x.values.data(), y.values.data(), x.values.bytes()) == 0;
+        };
+        CHECK(same(ra, rc), "%s: the filtered and unfiltered paths differ", ctx.c_str());
+        CHECK(same(rt, rc), "%s: the tensor-core prefilter path differs from the unfiltered one", ctx.c_str());
         ++runs;
       }
     }
   }
-  std::printf("threshold filter: %d random retrievals identical with the filter on and off\n", runs);
+  std::printf("select paths: %d random retrievals identical with the threshold filter, without it and with the "
+              "tensor-core prefilter\n",
+              runs);
 }
 
 // ---------------------------------------------------------------- 4. batched

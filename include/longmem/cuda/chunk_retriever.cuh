@@ -59,10 +59,17 @@ struct FusedRetrieverTuning {
   /// list (per-row running threshold; the default). false: every tile is merged for every row
   /// (the earlier path, kept so that benchmarks and tests can compare the two; same results).
   bool threshold_filter = true;
+  /// true: approximate scores on the tensor cores (bf16 inputs, fp32 accumulation) decide which
+  /// rows of a tile are rescored exactly (fp32 FMA, as without it) and merged, with an error bound
+  /// from the inputs' norms (see retrieval_select_tc_kernel), so the results stay exact. Needs
+  /// head_dim % 16 == 0 and the larger tiles to fit shared memory; otherwise ignored. Off by
+  /// default until measured on a GPU.
+  bool tensor_core_prefilter = false;
 
   friend bool operator==(const FusedRetrieverTuning&, const FusedRetrieverTuning&) = default;
   friend std::ostream& operator<<(std::ostream& os, const FusedRetrieverTuning& t) {
-    return os << "FusedRetrieverTuning{splits=" << t.splits << ", threshold_filter=" << t.threshold_filter << "}";
+    return os << "FusedRetrieverTuning{splits=" << t.splits << ", threshold_filter=" << t.threshold_filter
+              << ", tensor_core_prefilter=" << t.tensor_core_prefilter << "}";
   }
 };
 
@@ -257,13 +264,19 @@ class FusedChunkRetriever {
     if (pairs == 0) return;  // nothing stored or no queries: k' = 0 or T = 0 everywhere
 
     multiprocessors();
-    const std::size_t smem = detail::retrieval_select_smem(dh, max_kk);
-    if (smem > static_cast<std::size_t>(smem_optin_)) {
-      detail::fail<ConfigError>(who, ": head_dim ", dh, " with k' = ", max_kk, " needs ", smem,
+    const std::size_t fma_smem = detail::retrieval_select_smem(dh, max_kk);
+    if (fma_smem > static_cast<std::size_t>(smem_optin_)) {
+      detail::fail<ConfigError>(who, ": head_dim ", dh, " with k' = ", max_kk, " needs ", fma_smem,
                                 " bytes of shared memory per block, the device allows ", smem_optin_,
                                 "; use fewer retrieved chunks or a smaller head dimension");
     }
-    auto select = tuning_.threshold_filter ? detail::retrieval_select_kernel<S, true> : detail::retrieval_select_kernel<S, false>;
+    const std::size_t tc_smem = dh % 16 == 0 ? detail::retrieval_select_tc_smem(dh, max_kk) : 0;
+    const bool tensor_cores =
+        tuning_.tensor_core_prefilter && dh % 16 == 0 && tc_smem <= static_cast<std::size_t>(smem_optin_);
+    const std::size_t smem = tensor_cores ? tc_smem : fma_smem;
+    auto select = tensor_cores ? detail::retrieval_select_tc_kernel<S>
+                  : tuning_.threshold_filter ? detail::retrieval_select_kernel<S, true>
+                                             : detail::retrieval_select_kernel<S, false>;
     // Beyond 48 KiB a kernel needs a raised limit (per kernel instantiation and device; a cheap host call).
     if (smem > 48 * 1024) {
       detail::cuda_check(cudaFuncSetAttribute(select, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),

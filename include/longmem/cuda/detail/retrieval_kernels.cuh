@@ -380,6 +380,255 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Tensor-core prefilter (FusedRetrieverTuning::tensor_core_prefilter; head_dim a multiple of 16).
+//
+// The same blocks, tiles, lists and merge as retrieval_select_kernel, but the (128, 64) tile of
+// scores is first computed APPROXIMATELY on the tensor cores (mma.sync m16n8k16, bf16 inputs
+// rounded to nearest, fp32 accumulation; warp w owns query rows 16w .. 16w + 15 of all 64 chunks).
+// A row is rescored exactly (the same fp32 FMA chain over d = 0 .. dh-1 as retrieval_select_kernel,
+// so bit-identical scores) and merged only when one of its approximate scores a satisfies
+//     a + E >= thr   (thr: the row's k'-th best exact score so far, -inf while the list is not full)
+// where E bounds |a - s| for the exact fp32 score s:
+//     E = (2^-7 + 2^-11) (1 + 2^-8) ||q||_1 ||k||_inf + 2^-124 (||q||_1 + ||k||_1 + dh).
+// Derivation (u = 2^-8, bf16 round to nearest; subnormal inputs rounded or flushed: +2^-126 each):
+//   |q~k~ - qk| <= (2u + u^2)|q||k| + 2^-125 (|q| + |k| + 2^-126) per product;
+//   tensor-core fp32 accumulation (products exact, sums aligned/truncated, any order): assumed
+//   <= 2^-12 sum |q~k~| + dh 2^-125, far above the ~dh 2^-23 of the published measurements (Fasi
+//   et al. 2021; NVIDIA does not document it);
+//   the exact chain: <= gamma_dh sum |qk| + dh 2^-149, gamma_dh <= 2^-14 for dh <= 1024;
+//   sum |qk| <= ||q||_1 ||k||_inf; the (1 + 2^-8) absorbs the rounding of the norms and of E.
+// A pair with ||q||_1 ||k||_inf above 2^100 (or inf/NaN) always passes (no overflow anywhere
+// below), as does a NaN a. Any chunk whose exact key could enter (key > the list's kk-th key)
+// has s >= thr, hence a + E >= thr: the filter only skips chunks the exact merge would reject,
+// and the lists come out bit for bit as retrieval_select_kernel's.
+
+/// Shared memory of the tensor-core select kernel, in bytes (head_dim % 16 == 0).
+inline std::size_t retrieval_select_tc_smem(int head_dim, int kept) {
+  using Tl = RetrievalTile;
+  const std::size_t dh = static_cast<std::size_t>(head_dim), ldb = dh + 8;
+  const std::size_t k_stride = static_cast<std::size_t>(head_dim | 1);
+  return static_cast<std::size_t>(Tl::queries) * static_cast<std::size_t>(kept) * sizeof(std::uint64_t) +  // lists
+         static_cast<std::size_t>(Tl::queries) * 2 * sizeof(float) +    // thresholds, ||q||_1
+         static_cast<std::size_t>(Tl::chunks) * 2 * sizeof(float) +     // ||k||_1, ||k||_inf
+         dh * Tl::queries * sizeof(float) +                             // query tile, fp32, transposed
+         static_cast<std::size_t>(Tl::chunks) * k_stride * sizeof(float) +  // chunk keys, fp32
+         static_cast<std::size_t>(Tl::queries) * ldb * 2 +              // query tile, bf16, row-major
+         static_cast<std::size_t>(Tl::chunks) * ldb * 2;                // chunk keys, bf16
+}
+
+/// D += A B on the tensor cores: m16n8k16, A row-major bf16 (a0..a3), B col-major bf16 (b0, b1), fp32.
+__device__ __forceinline__ void retrieval_mma_bf16(float (&d)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
+                                                   std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
+#if defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#elif defined(LONGMEM_SIMT_MMA_BF16)
+  LONGMEM_SIMT_MMA_BF16(d, a0, a1, a2, a3, b0, b1);  // a host simulator's stand-in
+#else
+  (void)d, (void)a0, (void)a1, (void)a2, (void)a3, (void)b0, (void)b1;
+#endif
+}
+
+__device__ __forceinline__ std::uint32_t retrieval_ld_pair(const __nv_bfloat16* p) {
+  return *reinterpret_cast<const std::uint32_t*>(p);
+}
+
+template <class S>
+__global__ void __launch_bounds__(RetrievalTile::threads)
+    retrieval_select_tc_kernel(const __grid_constant__ RetrievalLaunch<S> L) {
+  using Tl = RetrievalTile;
+  constexpr int PF = retrieval_prefetch;
+  const int H = L.n_head, dh = L.head_dim, splits = L.splits;
+  const int split = static_cast<int>(blockIdx.x);
+  const int q0 = static_cast<int>(blockIdx.y) * Tl::queries;
+  const int b = static_cast<int>(blockIdx.z) / H, h = static_cast<int>(blockIdx.z) % H;
+  const RetrievalBank<S>& bank = L.bank[b];
+  const int T = bank.n_queries, kk = bank.kept;
+  if (q0 >= T || kk == 0) return;  // uniform over the block, before any barrier
+
+  const index_t n = bank.chunks, C = bank.capacity;
+  const index_t per_split = (n + splits - 1) / splits;
+  const index_t c_begin = min(n, split * per_split), c_end = min(n, c_begin + per_split);
+  const int k_stride = dh | 1;
+  const int k_pad = k_stride - dh;
+  const int ldb = dh + 8;  // bf16 rows padded by 16 bytes: conflict-free fragment loads
+  const float inv_dh = 1.0f / static_cast<float>(dh);
+  const int tile_elems = Tl::chunks * dh;
+  const float neg_inf = -__int_as_float(0x7f800000);
+
+  extern __shared__ __align__(16) unsigned char retrieval_smem[];
+  auto* lists = reinterpret_cast<std::uint64_t*>(retrieval_smem);  // (128, kk)
+  float* thr_s = reinterpret_cast<float*>(lists + Tl::queries * kk);  // (128): k'-th best exact score, -inf: not full
+  float* q1_s = thr_s + Tl::queries;                                  // (128): ||q||_1
+  float* k1_s = q1_s + Tl::queries;                                   // (64): ||k||_1
+  float* kinf_s = k1_s + Tl::chunks;                                  // (64): ||k||_inf
+  float* q_s = kinf_s + Tl::chunks;                                   // (dh, 128)
+  float* k_s = q_s + dh * Tl::queries;                                // (64, k_stride)
+  auto* qb_s = reinterpret_cast<__nv_bfloat16*>(k_s + Tl::chunks * k_stride);  // (128, ldb)
+  __nv_bfloat16* kb_s = qb_s + Tl::queries * ldb;                               // (64, ldb)
+
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, tig = lane & 3;
+
+  for (int e = tid; e < Tl::queries * kk; e += Tl::threads) lists[e] = 0;
+  for (int e = tid; e < Tl::queries; e += Tl::threads) thr_s[e] = neg_inf;
+  for (int e = tid; e < Tl::queries * dh; e += Tl::threads) {
+    const int qi = e / dh, d = e % dh;
+    const int t = q0 + qi;
+    const float x = t < T ? bank.queries[(static_cast<index_t>(t) * H + h) * dh + d] : 0.0f;
+    q_s[d * Tl::queries + qi] = x;
+    qb_s[qi * ldb + d] = __float2bfloat16_rn(x);
+  }
+
+  const float* ck = bank.chunk_keys + static_cast<index_t>(h) * C * dh;
+  float pf[PF];
+  auto fetch = [&](index_t c0) {
+    const int valid = static_cast<int>(min(static_cast<index_t>(Tl::chunks), c_end - c0)) * dh;
+    const float* src = ck + c0 * dh;
+#pragma unroll
+    for (int r = 0; r < PF; ++r) {
+      const int e = tid + Tl::threads * r;
+      pf[r] = e < valid ? src[e] : 0.0f;
+    }
+  };
+  if (c_begin < c_end) fetch(c_begin);
+  __syncthreads();
+  if (tid < Tl::queries) {
+    float s1 = 0.0f;
+    for (int d = 0; d < dh; ++d) s1 += fabsf(q_s[d * Tl::queries + tid]);
+    q1_s[tid] = s1;  // read after the tile loop's first barrier
+  }
+
+  constexpr float coef = (0x1p-7f + 0x1p-11f) * (1.0f + 0x1p-8f);
+  for (index_t c0 = c_begin; c0 < c_end; c0 += Tl::chunks) {
+    const int nc = static_cast<int>(min(static_cast<index_t>(Tl::chunks), c_end - c0));
+    {
+      const int valid = nc * dh;
+      const float* src = ck + c0 * dh;
+#pragma unroll
+      for (int r = 0; r < PF; ++r) {
+        const int e = tid + Tl::threads * r;
+        const int c = static_cast<int>((static_cast<float>(e) + 0.5f) * inv_dh);  // e / dh, exactly
+        if (e < tile_elems) {
+          k_s[e + k_pad * c] = pf[r];
+          kb_s[c * ldb + (e - c * dh)] = __float2bfloat16_rn(pf[r]);
+        }
+      }
+      for (int e = tid + Tl::threads * PF; e < tile_elems; e += Tl::threads) {
+        const int c = static_cast<int>((static_cast<float>(e) + 0.5f) * inv_dh);
+        const float x = e < valid ? src[e] : 0.0f;
+        k_s[e + k_pad * c] = x;
+        kb_s[c * ldb + (e - c * dh)] = __float2bfloat16_rn(x);
+      }
+    }
+    __syncthreads();
+    if (c0 + Tl::chunks < c_end) fetch(c0 + Tl::chunks);
+
+    {  // ||k||_1 and ||k||_inf of each chunk: four threads a chunk
+      const int c = tid >> 2, part = tid & 3;
+      float s1 = 0.0f, si = 0.0f;
+      for (int d = part; d < dh; d += 4) {
+        const float x = fabsf(k_s[c * k_stride + d]);
+        s1 += x;
+        si = x > si || x != x ? x : si;  // a NaN stays (fmaxf would drop it)
+      }
+#pragma unroll
+      for (int m = 1; m <= 2; m <<= 1) {
+        s1 += __shfl_xor_sync(0xffffffffu, s1, m);
+        const float o = __shfl_xor_sync(0xffffffffu, si, m);
+        si = o > si || o != o ? o : si;
+      }
+      if (part == 0) {
+        k1_s[c] = s1;
+        kinf_s[c] = si;
+      }
+    }
+
+    // Approximate scores: warp w, rows 16w + g and 16w + g + 8, chunks nt * 8 + 2 tig + {0, 1}.
+    float acc[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+    }
+    {
+      const __nv_bfloat16* qa = qb_s + (16 * warp + g) * ldb + 2 * tig;
+      const __nv_bfloat16* kbp = kb_s + g * ldb + 2 * tig;
+      for (int k0 = 0; k0 < dh; k0 += 16) {
+        const std::uint32_t a0 = retrieval_ld_pair(qa + k0), a1 = retrieval_ld_pair(qa + 8 * ldb + k0);
+        const std::uint32_t a2 = retrieval_ld_pair(qa + k0 + 8), a3 = retrieval_ld_pair(qa + 8 * ldb + k0 + 8);
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const __nv_bfloat16* p = kbp + nt * 8 * ldb + k0;
+          retrieval_mma_bf16(acc[nt], a0, a1, a2, a3, retrieval_ld_pair(p), retrieval_ld_pair(p + 8));
+        }
+      }
+    }
+    __syncthreads();  // the chunk norms are visible
+
+    bool pass_lo = false, pass_hi = false;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int qi = 16 * warp + g + 8 * half;
+      const float thr = thr_s[qi], qn = q1_s[qi];
+      bool pass = false;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int c = nt * 8 + 2 * tig + j;
+          const float a = acc[nt][2 * half + j];
+          const float bound = qn * kinf_s[c];
+          const float err = coef * bound + 0x1p-124f * (qn + k1_s[c] + static_cast<float>(dh));
+          pass |= c < nc && (!(bound <= 0x1p100f) || !(a + err < thr));
+        }
+      }
+      pass = pass && q0 + qi < T;
+      if (half == 0) pass_lo = pass;
+      else pass_hi = pass;
+    }
+    const unsigned m_lo = __ballot_sync(0xffffffffu, pass_lo), m_hi = __ballot_sync(0xffffffffu, pass_hi);
+    unsigned rows = 0;
+#pragma unroll
+    for (int gg = 0; gg < 8; ++gg) {
+      if ((m_lo >> (4 * gg)) & 0xfu) rows |= 1u << gg;
+      if ((m_hi >> (4 * gg)) & 0xfu) rows |= 1u << (gg + 8);
+    }
+    // Exact rescoring and merge of the flagged rows, by the warp that owns them.
+    while (rows != 0) {
+      const int qi = 16 * warp + __ffs(static_cast<int>(rows)) - 1;
+      rows &= rows - 1;
+      float s0 = 0.0f, s1 = 0.0f;
+      const float* kr0 = k_s + lane * k_stride;
+      const float* kr1 = k_s + (lane + 32) * k_stride;
+      for (int d = 0; d < dh; ++d) {
+        const float qv = q_s[d * Tl::queries + qi];
+        s0 = fmaf(qv, kr0[d], s0);
+        s1 = fmaf(qv, kr1[d], s1);
+      }
+      RetrievalWarpList list{{}, kk, lane};
+      list.load(lists + qi * kk);
+      std::uint64_t thr = list.threshold();
+      list.offer(lane < nc ? retrieval_key(s0, c0 + lane, bank.oldest, C) : 0, thr);
+      list.offer(lane + 32 < nc ? retrieval_key(s1, c0 + lane + 32, bank.oldest, C) : 0, thr);
+      list.store(lists + qi * kk);
+      if (lane == 0) thr_s[qi] = thr == 0 ? neg_inf : retrieval_key_score(thr);
+    }
+    __syncthreads();  // the next tile overwrites the chunk keys
+  }
+
+  for (int qi = warp; qi < Tl::queries; qi += Tl::merge_warps) {
+    const int t = q0 + qi;
+    if (t >= T) break;
+    std::uint64_t* dst = bank.partial + ((static_cast<index_t>(h) * T + t) * splits + split) * kk;
+    for (int e = lane; e < kk; e += 32) dst[e] = lists[qi * kk + e];
+  }
+}
+
 /// Eight consecutive elements from 16-byte aligned `src` (32-byte for float), as float.
 template <class S>
 __device__ __forceinline__ void retrieval_load8(const S* src, float (&dst)[8]) {
