@@ -17,7 +17,8 @@
 //      and gathers the chosen chunks' token keys and values (converted to float).
 // Every head of every bank (and every query) is in the same two launches.
 //
-// Scores are fp32 FMA (no tensor cores; see the kernels' header for why), so the selection is
+// Scores are fp32 FMA (tensor cores at most as a bounded prefilter, FusedRetrieverTuning::
+// tensor_core_prefilter, off by default; see the kernels' header for why), so the selection is
 // exact: it is the brute-force top-k of the fp32 scores. Ordering is the library's: higher score
 // first, equal scores older chunk (smaller chunk_sequence) first, also on a wrapped ring; a NaN
 // score counts as -infinity and is reported as -infinity.

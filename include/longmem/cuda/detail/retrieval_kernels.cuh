@@ -23,7 +23,9 @@
 //
 // Exactness: scores are fp32 FMA chains over d = 0 .. dh-1 in order, the same for a chunk in
 // every tile and split, so duplicated chunk keys give bit-identical scores and the tie rule is
-// applied exactly. No tensor cores: fp16/bf16/TF32 products would change which chunks win.
+// applied exactly. Tensor-core scores (fp16/bf16/TF32 products) would change which chunks win, so
+// they are never the scores: the optional tensor-core prefilter (retrieval_select_tc_kernel) uses
+// them, with an error bound, only to skip chunks, and rescores the rest with this fp32 chain.
 //
 // Ordering key: one uint64 per (chunk, score): the score mapped to an order-preserving uint32
 // (NaN as -inf, -0 as +0) in the high half, and 0xffffffff - age in the low half, where age is
@@ -386,8 +388,9 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
 // The same blocks, tiles, lists and merge as retrieval_select_kernel, but the (128, 64) tile of
 // scores is first computed APPROXIMATELY on the tensor cores (mma.sync m16n8k16, bf16 inputs
 // rounded to nearest, fp32 accumulation; warp w owns query rows 16w .. 16w + 15 of all 64 chunks).
-// A row is rescored exactly (the same fp32 FMA chain over d = 0 .. dh-1 as retrieval_select_kernel,
-// so bit-identical scores) and merged only when one of its approximate scores a satisfies
+// A (row, chunk) pair is a candidate, rescored exactly (the same fp32 FMA chain over d = 0 .. dh-1
+// as retrieval_select_kernel, so bit-identical scores; one candidate a lane, 32 at a time) and
+// offered to its row's list, only when its approximate score a satisfies
 //     a + E >= thr   (thr: the row's k'-th best exact score so far, -inf while the list is not full)
 // where E bounds |a - s| for the exact fp32 score s:
 //     E = (2^-7 + 2^-11) (1 + 2^-8) ||q||_1 ||k||_inf + 2^-124 (||q||_1 + ||k||_1 + dh).
@@ -414,7 +417,8 @@ inline std::size_t retrieval_select_tc_smem(int head_dim, int kept) {
          dh * Tl::queries * sizeof(float) +                             // query tile, fp32, transposed
          static_cast<std::size_t>(Tl::chunks) * k_stride * sizeof(float) +  // chunk keys, fp32
          static_cast<std::size_t>(Tl::queries) * ldb * 2 +              // query tile, bf16, row-major
-         static_cast<std::size_t>(Tl::chunks) * ldb * 2;                // chunk keys, bf16
+         static_cast<std::size_t>(Tl::chunks) * ldb * 2 +               // chunk keys, bf16
+         static_cast<std::size_t>(Tl::queries) * Tl::chunks * 2;        // candidates, (row << 6 | chunk) per warp
 }
 
 /// D += A B on the tensor cores: m16n8k16, A row-major bf16 (a0..a3), B col-major bf16 (b0, b1), fp32.
@@ -470,6 +474,7 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
   float* k_s = q_s + dh * Tl::queries;                                // (64, k_stride)
   auto* qb_s = reinterpret_cast<__nv_bfloat16*>(k_s + Tl::chunks * k_stride);  // (128, ldb)
   __nv_bfloat16* kb_s = qb_s + Tl::queries * ldb;                               // (64, ldb)
+  auto* cand_s = reinterpret_cast<std::uint16_t*>(kb_s + Tl::chunks * ldb);      // (8 warps, 16 * 64)
 
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tig = lane & 3;
@@ -570,12 +575,13 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
     }
     __syncthreads();  // the chunk norms are visible
 
-    bool pass_lo = false, pass_hi = false;
+    // This lane's candidates: bit half * 16 + nt * 2 + j for row 16w + g + 8 half, chunk nt * 8 + 2 tig + j.
+    std::uint32_t cand = 0;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int qi = 16 * warp + g + 8 * half;
       const float thr = thr_s[qi], qn = q1_s[qi];
-      bool pass = false;
+      const bool live = q0 + qi < T;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
@@ -584,39 +590,57 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
           const float a = acc[nt][2 * half + j];
           const float bound = qn * kinf_s[c];
           const float err = coef * bound + 0x1p-124f * (qn + k1_s[c] + static_cast<float>(dh));
-          pass |= c < nc && (!(bound <= 0x1p100f) || !(a + err < thr));
+          const bool pass = live && c < nc && (!(bound <= 0x1p100f) || !(a + err < thr));
+          cand |= static_cast<std::uint32_t>(pass) << (half * 16 + nt * 2 + j);
         }
       }
-      pass = pass && q0 + qi < T;
-      if (half == 0) pass_lo = pass;
-      else pass_hi = pass;
     }
-    const unsigned m_lo = __ballot_sync(0xffffffffu, pass_lo), m_hi = __ballot_sync(0xffffffffu, pass_hi);
-    unsigned rows = 0;
+    // Compact the warp's candidates into its slice of cand_s, as (row - 16w) << 6 | chunk.
+    const int mine = __popc(cand);
+    int upto = mine;  // inclusive prefix sum over the lanes
 #pragma unroll
-    for (int gg = 0; gg < 8; ++gg) {
-      if ((m_lo >> (4 * gg)) & 0xfu) rows |= 1u << gg;
-      if ((m_hi >> (4 * gg)) & 0xfu) rows |= 1u << (gg + 8);
+    for (int off = 1; off < 32; off <<= 1) {
+      const int o = __shfl_up_sync(0xffffffffu, upto, off);
+      if (lane >= off) upto += o;
     }
-    // Exact rescoring and merge of the flagged rows, by the warp that owns them.
-    while (rows != 0) {
-      const int qi = 16 * warp + __ffs(static_cast<int>(rows)) - 1;
-      rows &= rows - 1;
-      float s0 = 0.0f, s1 = 0.0f;
-      const float* kr0 = k_s + lane * k_stride;
-      const float* kr1 = k_s + (lane + 32) * k_stride;
-      for (int d = 0; d < dh; ++d) {
-        const float qv = q_s[d * Tl::queries + qi];
-        s0 = fmaf(qv, kr0[d], s0);
-        s1 = fmaf(qv, kr1[d], s1);
+    const int total = __shfl_sync(0xffffffffu, upto, 31);
+    std::uint16_t* cw = cand_s + warp * (16 * Tl::chunks);
+    {
+      int slot = upto - mine;
+      for (std::uint32_t m = cand; m != 0; m &= m - 1) {
+        const int bit = __ffs(static_cast<int>(m)) - 1;
+        const int r = g + 8 * (bit >> 4), c = ((bit >> 1) & 7) * 8 + 2 * tig + (bit & 1);
+        cw[slot++] = static_cast<std::uint16_t>((r << 6) | c);
       }
-      RetrievalWarpList list{{}, kk, lane};
-      list.load(lists + qi * kk);
-      std::uint64_t thr = list.threshold();
-      list.offer(lane < nc ? retrieval_key(s0, c0 + lane, bank.oldest, C) : 0, thr);
-      list.offer(lane + 32 < nc ? retrieval_key(s1, c0 + lane + 32, bank.oldest, C) : 0, thr);
-      list.store(lists + qi * kk);
-      if (lane == 0) thr_s[qi] = thr == 0 ? neg_inf : retrieval_key_score(thr);
+    }
+    __syncwarp();
+    // Exact rescoring, 32 candidates at a time (one per lane), then each row's keys into its list.
+    for (int p0 = 0; p0 < total; p0 += 32) {
+      const int idx = p0 + lane;
+      int r = -1;
+      std::uint64_t key = 0;
+      if (idx < total) {
+        const int e = cw[idx];
+        r = e >> 6;
+        const int c = e & 63, qi = 16 * warp + r;
+        const float* kr = k_s + c * k_stride;
+        float sc = 0.0f;
+        for (int d = 0; d < dh; ++d) sc = fmaf(q_s[d * Tl::queries + qi], kr[d], sc);  // the FMA path's chain
+        key = retrieval_key(sc, c0 + c, bank.oldest, C);
+      }
+      unsigned present = r >= 0 ? 1u << r : 0u;
+#pragma unroll
+      for (int off = 16; off >= 1; off >>= 1) present |= __shfl_xor_sync(0xffffffffu, present, off);
+      for (unsigned m = present; m != 0; m &= m - 1) {
+        const int rr = __ffs(static_cast<int>(m)) - 1, qi = 16 * warp + rr;
+        RetrievalWarpList list{{}, kk, lane};
+        list.load(lists + qi * kk);
+        std::uint64_t thr = list.threshold();
+        list.offer(r == rr ? key : 0, thr);
+        list.store(lists + qi * kk);
+        if (lane == 0) thr_s[qi] = thr == 0 ? neg_inf : retrieval_key_score(thr);
+        __syncwarp();  // the list's stores before the next pass loads it
+      }
     }
     __syncthreads();  // the next tile overwrites the chunk keys
   }
