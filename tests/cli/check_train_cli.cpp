@@ -181,6 +181,13 @@ int main(int argc, char** argv) {
     check(run(tool + " adapt --out " + quote(scratch / "x") + " --train " + quote(scratch / "train.txt") + " 2>/dev/null") == 64,
           "adapt without --backbone is a usage error (64)");
     check(run(tool + " pretrain --out " + quote(scratch / "x") + " 2>/dev/null") == 64, "no training data is a usage error (64)");
+    check(run(tool + " pretrain --recall-only --out " + quote(scratch / "x") + " --train " + quote(scratch / "train.txt") + " 2> " +
+              quote(scratch / "err0")) == 64 &&
+              slurp(scratch / "err0").find("--recall-practice") != std::string::npos,
+          "--recall-only without recall-practice documents is a usage error (64) naming --recall-practice");
+    check(run(tool + " pretrain --recall-practice 2 --recall-facts 2 --recall-min-facts 3 --out " + quote(scratch / "x") +
+              " --train " + quote(scratch / "train.txt") + " 2>/dev/null") == 64,
+          "--recall-min-facts above --recall-facts is a usage error (64)");
     check(run(tool + " pretrain --lr -1 --out " + quote(scratch / "x") + " --train " + quote(scratch / "train.txt") +
               " 2> " + quote(scratch / "err1")) == 2 &&
               slurp(scratch / "err1").find("learning rate") != std::string::npos,
