@@ -38,13 +38,17 @@ void BM_Gpt2Forward(benchmark::State& state) {
   state.SetLabel(parallel ? "gpt2-star" : "gpt2");
 }
 
-// T, d, L, V, parallel block (GPT-2*)
+// T, d, L, V, parallel block (GPT-2*): the same list as SHAPES in bench/peers/backbone_torch.py
 BENCHMARK(BM_Gpt2Forward)
     ->ArgNames({"T", "d", "L", "V", "star"})
     ->Args({1024, 256, 4, 256, 0})
     ->Args({1024, 256, 4, 256, 1})
     ->Args({1024, 256, 4, 50257, 0})
     ->Args({256, 256, 4, 256, 0})
+    ->Args({128, 256, 4, 256, 0})
+    ->Args({4096, 256, 4, 256, 0})
+    ->Args({1024, 512, 12, 256, 0})
+    ->Args({512, 1024, 24, 256, 1})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->MinTime(2.0);

@@ -61,6 +61,7 @@ struct Options {
   int recall_practice = 0;
   bool recall_only = false;
   RecallPractice practice;
+  std::string recall_wording = "fixed", recall_targets = "all";
   // run
   TrainConfig run;
   std::string decay = "polynomial";
@@ -117,6 +118,14 @@ Options parse(int argc, char** argv) {
       ->capture_default_str();
   data->add_flag("--recall-only", o.recall_only,
                  "train on the recall-practice documents alone (their text still comes from the training split)");
+  data->add_option("--recall-wording", o.recall_wording,
+                   "fixed: one sentence (\"Remember: the number for NAME is N.\"); varied: many phrasings and lead-ins, 4-6 digits")
+      ->check(CLI::IsMember({"fixed", "varied"}))
+      ->capture_default_str();
+  data->add_option("--recall-targets", o.recall_targets,
+                   "all: every token of a recall-practice document is scored; answers: only the recalled digits")
+      ->check(CLI::IsMember({"all", "answers"}))
+      ->capture_default_str();
   data->add_option("--recall-min-gap", o.practice.min_gap, "bytes of text between facts and questions, at least")->capture_default_str();
   data->add_option("--recall-max-gap", o.practice.max_gap, "and at most")->capture_default_str();
   data->add_option("--batch", o.batch, "streams (B)")->check(CLI::Range(1, 1 << 16))->capture_default_str();
@@ -169,6 +178,8 @@ Options parse(int argc, char** argv) {
   if (o.mode == "pretrain" && (!o.sidenet.empty() || o.no_memory)) usage("--sidenet and --no-memory are for adapt");
   if (o.recall_only && o.recall_practice == 0) usage("--recall-only needs --recall-practice N (N > 0)");
   if (o.practice.min_facts > o.practice.facts) usage("--recall-min-facts must not exceed --recall-facts");
+  o.practice.varied_wording = o.recall_wording == "varied";
+  o.practice.score_answers_only = o.recall_targets == "answers";
   return o;
 }
 

@@ -611,3 +611,51 @@ TEST_CASE("train: recall practice states facts, then real text, then recalls eve
   }
   CHECK(counts == std::set<int>{1, 2, 3, 4});
 }
+
+TEST_CASE("train: varied recall practice repeats each fact's words, and can score only the recalled digits", "[train][data]") {
+  // filler without digits, stops or words, so the statements and recalls stand out
+  std::string text;
+  for (int i = 0; i < 1000; ++i) text += "~~~~ ~~ ~~~\n";
+  const std::vector<Document> source{{"src", ByteTokenizer::encode(text), {}}};
+  RecallPractice spec{.facts = 5, .min_facts = 1, .min_gap = 300, .max_gap = 900, .varied_wording = true, .score_answers_only = true};
+  const auto docs = recall_practice_documents(source, 80, spec, 5);
+  CHECK(recall_practice_documents(source, 80, spec, 5)[79].tokens == docs[79].tokens);
+  std::set<std::string> contexts;
+  std::set<std::size_t> lengths;
+  for (const Document& d : docs) {
+    REQUIRE(d.scored.size() == d.tokens.size());
+    const std::string s = ByteTokenizer::decode(d.tokens);
+    CAPTURE(s.substr(0, 300));
+    CHECK(s.find("pass key") == std::string::npos);
+    const std::size_t filler = s.find('~');
+    REQUIRE(filler != std::string::npos);
+    // every scored run is a whole recalled number after the filler, stated before it in the same words
+    int answers = 0;
+    for (std::size_t i = 0; i < s.size(); ++i) {
+      if (!d.scored[i]) continue;
+      std::size_t j = i;
+      while (j < s.size() && d.scored[j]) ++j;
+      const std::string number = s.substr(i, j - i), context = s.substr(i - 6, 6);
+      CHECK(std::all_of(number.begin(), number.end(), [](char c) { return c >= '0' && c <= '9'; }));
+      CHECK(i > filler + spec.min_gap);
+      CHECK(s[i - 1] != '\n');
+      CHECK((j < s.size() && s[j] == '.'));
+      CHECK(s.substr(0, filler).find(context + number + ".\n") != std::string::npos);
+      contexts.insert(context);
+      lengths.insert(number.size());
+      ++answers;
+      i = j;
+    }
+    // as many answers as statements
+    int stated = 0;
+    for (std::size_t p = s.find(".\n"); p != std::string::npos && p < filler; p = s.find(".\n", p + 1)) ++stated;
+    CHECK(answers == stated);
+    CHECK(answers >= 1);
+    CHECK(answers <= 5);
+  }
+  CHECK(contexts.size() >= 20);  // many phrasings and names, not one sentence
+  CHECK(lengths == std::set<std::size_t>{4, 5, 6});
+  // without score_answers_only every token is a target (no mask)
+  spec.score_answers_only = false;
+  CHECK(recall_practice_documents(source, 1, spec, 5)[0].scored.empty());
+}

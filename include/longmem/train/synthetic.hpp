@@ -4,14 +4,21 @@
 // memory for what its window cannot see (the paper's adaptation data is plain long text; small
 // models and short runs need this nudge).
 //
+// Fixed wording (the default):
 //   Remember: the number for amber falcon is 48213.\n  ... (`facts` lines, or a count in [min_facts, facts])
 //   <filler: a slice of a training document, between min_gap and max_gap bytes>
 //   \nRecall: the number for amber falcon is 48213.  ... (every fact, shuffled)
+// Varied wording (`varied_wording`): each fact draws one of several phrasings ("the silver anchor
+// code is", "Fact: copper heron = ", ...), a lead-in for its statement and another for its
+// recall, and a 4- to 6-digit number, so that what is learnt is "continue a context from
+// memory", not one sentence.
 //
-// The recall repeats the fact's words, so the digits follow the same context as where they were
-// stated: what a model learns is to continue a context from memory (an induction step over memory).
+// The recall repeats the words just before the number, so the digits follow the same context as
+// where they were stated: what a model learns is an induction step over memory. With
+// `score_answers_only` only the recalled digits are targets (Document::scored): the statements
+// and the filler carry no loss, so every gradient of a recall-only run is about memory.
 //
-// Names are two words from fixed lists, numbers are random 5-digit strings. Everything comes from
+// Names are two words from fixed lists, numbers are random digit strings. Everything comes from
 // the caller's training text and RNG: nothing of an evaluation (its template, filler or keys).
 #include <algorithm>
 #include <cstdint>
@@ -30,7 +37,49 @@ struct RecallPractice {
   int min_facts = 0;             ///< and at least (0: exactly `facts`); the count is uniform in between
   std::int64_t min_gap = 1024;   ///< filler bytes between the facts and the questions, at least
   std::int64_t max_gap = 16384;  ///< and at most
+  bool varied_wording = false;   ///< many phrasings, lead-ins and number lengths (else the fixed wording)
+  bool score_answers_only = false;  ///< only the recalled digits are targets
 };
+
+namespace detail {
+// Phrasings of a fact: the words before the number, shared by statement and recall ("%" = the name).
+inline constexpr const char* kRecallCores[] = {
+    "the number for % is ", "the % is ", "the % code is ", "% = ", "%: ", "the % has the number ",
+    "the combination of the % lock is ", "% was given the number ", "the % is number ", "the % reads "};
+inline constexpr const char* kStatementLeads[] = {"Remember: ", "Note: ", "", "Keep in mind that ", "For the record, ",
+                                                  "Fact: ", "Write this down: ", "Listen: "};
+inline constexpr const char* kRecallLeads[] = {"Recall: ", "Earlier it was said that ", "As noted before, ", "",
+                                               "Again: ", "Answer: ", "From memory: ", "So "};
+inline constexpr const char* kNameFirst[] = {
+    "amber", "silver", "quiet", "northern", "crimson", "hollow", "golden", "bitter", "ancient", "gentle", "frozen",
+    "hidden", "wild", "narrow", "distant", "iron", "copper", "pale", "velvet", "broken", "rusty", "scarlet",
+    "lonely", "misty", "brave", "swift", "marble", "wooden", "eastern", "little", "heavy", "sleepy"};
+inline constexpr const char* kNameSecond[] = {
+    "falcon", "river", "lantern", "meadow", "harbor", "compass", "orchard", "tower", "violin", "garden", "anchor",
+    "mirror", "valley", "candle", "bridge", "forest", "heron", "kettle", "chapel", "saddle", "ladder", "island",
+    "cellar", "engine", "fox", "thistle", "beacon", "barrel", "quarry", "glacier", "pigeon", "window"};
+
+inline std::string recall_sentence(const char* lead, const char* core, const std::string& name) {
+  std::string s = lead;
+  for (const char* c = core; *c; ++c) {
+    if (*c == '%') s += name;
+    else s.push_back(*c);
+  }
+  if (*lead == 0 && !s.empty() && s[0] >= 'a' && s[0] <= 'z') s[0] = static_cast<char>(s[0] - 'a' + 'A');
+  return s;
+}
+
+// Appends `prefix` then `answer` to d; answer_mask[i] = 1 for each digit of `answer`.
+inline void append_recall(Document& d, std::vector<std::uint8_t>& answer_mask, const std::string& prefix,
+                          const std::string& answer) {
+  for (const std::string* part : {&prefix, &answer}) {
+    for (const std::int32_t t : ByteTokenizer::encode(*part)) {
+      d.tokens.push_back(t);
+      answer_mask.push_back(part == &answer && t >= '0' && t <= '9');
+    }
+  }
+}
+}  // namespace detail
 
 /// `count` recall-practice documents whose filler comes from `text` (training documents).
 inline std::vector<Document> recall_practice_documents(const std::vector<Document>& text, int count,
@@ -65,6 +114,54 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
   }
   std::uniform_int_distribution<std::size_t> pick(0, long_enough.size() - 1);
   std::vector<Document> out;
+  if (spec.varied_wording) {
+    constexpr int n_cores = std::size(detail::kRecallCores), n_slead = std::size(detail::kStatementLeads),
+                  n_rlead = std::size(detail::kRecallLeads), n_names = std::size(detail::kNameFirst);
+    std::uniform_int_distribution<int> core(0, n_cores - 1), slead(0, n_slead - 1), rlead(0, n_rlead - 1),
+        name_word(0, n_names - 1), digits(4, 6);
+    struct Fact {
+      std::string name, number;
+      int core, statement_lead, recall_lead;
+    };
+    for (int n = 0; n < count; ++n) {
+      std::vector<Fact> facts;
+      const int wanted = spec.min_facts > 0 ? fact_count(rng) : spec.facts;
+      while (static_cast<int>(facts.size()) < wanted) {
+        Fact f;
+        f.name = std::string(detail::kNameFirst[name_word(rng)]) + " " + detail::kNameSecond[name_word(rng)];
+        if (std::any_of(facts.begin(), facts.end(), [&](const Fact& g) { return g.name == f.name; })) continue;
+        for (int i = 0, len = digits(rng); i < len; ++i) f.number.push_back(static_cast<char>('0' + digit(rng)));
+        f.core = core(rng);
+        f.statement_lead = slead(rng);
+        f.recall_lead = rlead(rng);
+        facts.push_back(std::move(f));
+      }
+      std::string head;
+      for (const Fact& f : facts) {
+        head += detail::recall_sentence(detail::kStatementLeads[f.statement_lead], detail::kRecallCores[f.core], f.name) +
+                f.number + ".\n";
+      }
+      const Document& src = *long_enough[pick(rng)];
+      const std::int64_t len = gap(rng);
+      std::uniform_int_distribution<std::int64_t> start(0, static_cast<std::int64_t>(src.tokens.size()) - len);
+      const std::int64_t s0 = start(rng);
+      std::shuffle(facts.begin(), facts.end(), rng);
+      Document d;
+      d.name = "recall practice " + std::to_string(n);
+      d.tokens = ByteTokenizer::encode(head);
+      d.tokens.insert(d.tokens.end(), src.tokens.begin() + s0, src.tokens.begin() + s0 + len);
+      std::vector<std::uint8_t> answer(d.tokens.size(), 0);
+      for (const Fact& f : facts) {
+        detail::append_recall(d, answer,
+                              "\n" + detail::recall_sentence(detail::kRecallLeads[f.recall_lead], detail::kRecallCores[f.core], f.name),
+                              f.number + ".");
+      }
+      detail::append_recall(d, answer, "\n", "");
+      if (spec.score_answers_only) d.scored = std::move(answer);
+      out.push_back(std::move(d));
+    }
+    return out;
+  }
   for (int n = 0; n < count; ++n) {
     std::vector<std::pair<std::string, std::string>> facts;
     const int wanted = spec.min_facts > 0 ? fact_count(rng) : spec.facts;  // (no draw otherwise: old runs resume alike)
@@ -84,15 +181,14 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
     std::uniform_int_distribution<std::int64_t> start(0, static_cast<std::int64_t>(src.tokens.size()) - len);
     const std::int64_t s0 = start(rng);
     std::shuffle(facts.begin(), facts.end(), rng);
-    std::string tail;
-    for (const auto& f : facts) tail += "\nRecall: the number for " + f.first + " is " + f.second + ".";
-    tail += "\n";
     Document d;
     d.name = "recall practice " + std::to_string(n);
     d.tokens = ByteTokenizer::encode(head);
     d.tokens.insert(d.tokens.end(), src.tokens.begin() + s0, src.tokens.begin() + s0 + len);
-    const auto t = ByteTokenizer::encode(tail);
-    d.tokens.insert(d.tokens.end(), t.begin(), t.end());
+    std::vector<std::uint8_t> answer(d.tokens.size(), 0);
+    for (const auto& f : facts) detail::append_recall(d, answer, "\nRecall: the number for " + f.first + " is ", f.second + ".");
+    detail::append_recall(d, answer, "\n", "");
+    if (spec.score_answers_only) d.scored = std::move(answer);
     out.push_back(std::move(d));
   }
   return out;
