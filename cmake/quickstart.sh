@@ -26,7 +26,7 @@ cd "$root"
 say() { printf '\n== %s\n' "$*"; }
 
 # --- packages ---------------------------------------------------------------------------
-packages=(ca-certificates cmake ninja-build g++ make pkg-config libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev libcli11-dev gnuplot-nox)
+packages=(ca-certificates cmake ninja-build g++ make pkg-config libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev libcli11-dev gnuplot-nox libdnnl-dev)
 if [ "$cmd" = bench ]; then
   packages+=(libfaiss-dev libblas-dev liblapack-dev libopenblas0-pthread python3 python3-numpy python3-torch)
 fi

@@ -126,6 +126,10 @@ Options parse(int argc, char** argv) {
                    "all: every token of a recall-practice document is scored; answers: only the recalled digits")
       ->check(CLI::IsMember({"all", "answers"}))
       ->capture_default_str();
+  data->add_option("--recall-text-targets", o.practice.text_targets,
+                   "with --recall-targets answers: also score this random fraction of the other tokens (keeps the text modelled)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
   data->add_option("--recall-min-gap", o.practice.min_gap, "bytes of text between facts and questions, at least")->capture_default_str();
   data->add_option("--recall-max-gap", o.practice.max_gap, "and at most")->capture_default_str();
   data->add_option("--batch", o.batch, "streams (B)")->check(CLI::Range(1, 1 << 16))->capture_default_str();
@@ -180,6 +184,7 @@ Options parse(int argc, char** argv) {
   if (o.practice.min_facts > o.practice.facts) usage("--recall-min-facts must not exceed --recall-facts");
   o.practice.varied_wording = o.recall_wording == "varied";
   o.practice.score_answers_only = o.recall_targets == "answers";
+  if (o.practice.text_targets > 0 && !o.practice.score_answers_only) usage("--recall-text-targets needs --recall-targets answers");
   return o;
 }
 

@@ -655,6 +655,25 @@ TEST_CASE("train: varied recall practice repeats each fact's words, and can scor
   }
   CHECK(contexts.size() >= 20);  // many phrasings and names, not one sentence
   CHECK(lengths == std::set<std::size_t>{4, 5, 6});
+  // text_targets: the answers plus about that fraction of the other tokens
+  spec.text_targets = 0.25;
+  const auto some = recall_practice_documents(source, 20, spec, 5);
+  std::size_t kept = 0, others = 0;
+  for (std::size_t i = 0; i < some.size(); ++i) {
+    CHECK(some[i].tokens == docs[i].tokens);  // the same words
+    for (std::size_t j = 0; j < some[i].tokens.size(); ++j) {
+      if (docs[i].scored[j]) {
+        CHECK(some[i].scored[j]);
+      } else {
+        ++others;
+        kept += some[i].scored[j];
+      }
+    }
+  }
+  CHECK(std::abs(static_cast<double>(kept) / static_cast<double>(others) - 0.25) < 0.02);
+  spec.text_targets = 1.5;
+  CHECK_THROWS_WITH(recall_practice_documents(source, 1, spec, 5), Catch::Contains("text_targets"));
+  spec.text_targets = 0;
   // without score_answers_only every token is a target (no mask)
   spec.score_answers_only = false;
   CHECK(recall_practice_documents(source, 1, spec, 5)[0].scored.empty());

@@ -16,7 +16,9 @@
 // The recall repeats the words just before the number, so the digits follow the same context as
 // where they were stated: what a model learns is an induction step over memory. With
 // `score_answers_only` only the recalled digits are targets (Document::scored): the statements
-// and the filler carry no loss, so every gradient of a recall-only run is about memory.
+// and the filler carry no loss, so every gradient of a recall-only run is about memory;
+// `text_targets` keeps a random fraction of the other tokens as targets, so that the model keeps
+// modelling text while the recalls weigh 1 / text_targets times more than before.
 //
 // Names are two words from fixed lists, numbers are random digit strings. Everything comes from
 // the caller's training text and RNG: nothing of an evaluation (its template, filler or keys).
@@ -38,7 +40,8 @@ struct RecallPractice {
   std::int64_t min_gap = 1024;   ///< filler bytes between the facts and the questions, at least
   std::int64_t max_gap = 16384;  ///< and at most
   bool varied_wording = false;   ///< many phrasings, lead-ins and number lengths (else the fixed wording)
-  bool score_answers_only = false;  ///< only the recalled digits are targets
+  bool score_answers_only = false;  ///< only the recalled digits are targets, and:
+  double text_targets = 0;          ///< with score_answers_only: this fraction of the other tokens too (random)
 };
 
 namespace detail {
@@ -79,6 +82,16 @@ inline void append_recall(Document& d, std::vector<std::uint8_t>& answer_mask, c
     }
   }
 }
+
+// The answer mask plus a random `fraction` of the other tokens (an RNG of its own, so the
+// documents' words do not depend on it).
+inline std::vector<std::uint8_t> with_text_targets(std::vector<std::uint8_t> mask, double fraction, std::uint64_t seed, int doc) {
+  if (fraction <= 0) return mask;
+  std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + 0x7F4A7C15ull + static_cast<std::uint64_t>(doc));
+  std::bernoulli_distribution keep(fraction);
+  for (auto& m : mask) m = m || keep(rng);
+  return mask;
+}
 }  // namespace detail
 
 /// `count` recall-practice documents whose filler comes from `text` (training documents).
@@ -95,6 +108,9 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
   }
   if (spec.min_facts < 0 || spec.min_facts > spec.facts) {
     detail::fail<ConfigError>("recall practice: need 0 <= min_facts <= facts, got ", spec.min_facts, " and ", spec.facts);
+  }
+  if (!(spec.text_targets >= 0 && spec.text_targets <= 1)) {
+    detail::fail<ConfigError>("recall practice: text_targets is a fraction in [0, 1], got ", spec.text_targets);
   }
   // 256 distinct names exist (16 x 16 words)
   if (spec.facts > 64) detail::fail<ConfigError>("recall practice: at most 64 facts per document, got ", spec.facts);
@@ -157,7 +173,7 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
                               f.number + ".");
       }
       detail::append_recall(d, answer, "\n", "");
-      if (spec.score_answers_only) d.scored = std::move(answer);
+      if (spec.score_answers_only) d.scored = detail::with_text_targets(std::move(answer), spec.text_targets, seed, n);
       out.push_back(std::move(d));
     }
     return out;
@@ -188,7 +204,7 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
     std::vector<std::uint8_t> answer(d.tokens.size(), 0);
     for (const auto& f : facts) detail::append_recall(d, answer, "\nRecall: the number for " + f.first + " is ", f.second + ".");
     detail::append_recall(d, answer, "\n", "");
-    if (spec.score_answers_only) d.scored = std::move(answer);
+    if (spec.score_answers_only) d.scored = detail::with_text_targets(std::move(answer), spec.text_targets, seed, n);
     out.push_back(std::move(d));
   }
   return out;

@@ -1,11 +1,57 @@
 #pragma once
-// Host linear layer in PyTorch Linear layout, forward and backward, as Eigen GEMMs on row-major maps.
+// Host linear layer in PyTorch Linear layout, forward and backward, as GEMMs on row-major buffers.
 //   linear           out (N, O) [+]= in (N, I) W (O, I)^T + b (O)
 //   linear_backward  d_in (N, I) [+]= d_out W;  d_W (O, I) += d_out^T in;  d_b (O) += sum_n d_out
+// Float GEMMs go to oneDNN's sgemm when the build found it (LONGMEM_HAVE_DNNL, CMake option
+// LONGMEM_DNNL): at the backbone's shapes it is 2-3x Eigen's on 16 cores and level or better on
+// 2 (bench/RESULTS.md). Double GEMMs, and every GEMM without oneDNN, are Eigen's.
+#include <type_traits>
+
 #include "longmem/cpu/ops/common.hpp"
 #include "longmem/ops.hpp"
 
+#if defined(LONGMEM_HAVE_DNNL)
+#include <dnnl.h>
+#endif
+
 namespace longmem::detail::cpu {
+
+/// C (M, N) = op(A) op(B) + beta C, row-major; op(A) is (M, K), op(B) is (K, N); A^T when ta
+/// (A stored (K, M)), B^T when tb (B stored (N, K)); lda, ldb, ldc are the stored row lengths.
+template <class T>
+void gemm(bool ta, bool tb, index_t M, index_t N, index_t K, const T* A, index_t lda, const T* B, index_t ldb, T beta,
+          T* C, index_t ldc) {
+#if defined(LONGMEM_HAVE_DNNL)
+  if constexpr (std::is_same_v<T, float>) {
+    const dnnl_status_t st = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+    if (st != dnnl_success) {
+      fail<BackendError>("linear: oneDNN sgemm failed (status ", static_cast<int>(st), ") for ", M, " x ", N, " x ", K);
+    }
+    return;
+  }
+#endif
+  using Stride = Eigen::OuterStride<>;
+  MatrixMap<T> Cm(C, M, N, Stride(ldc));
+  auto product = [&](const auto& a) {
+    auto run = [&](const auto& b) {
+      if (beta == T(0)) {
+        Cm.noalias() = a * b;
+      } else {
+        Cm.noalias() += a * b;  // beta is 0 or 1 here
+      }
+    };
+    if (tb) {
+      run(ConstMatrixMap<T>(B, N, K, Stride(ldb)).transpose());
+    } else {
+      run(ConstMatrixMap<T>(B, K, N, Stride(ldb)));
+    }
+  };
+  if (ta) {
+    product(ConstMatrixMap<T>(A, K, M, Stride(lda)).transpose());
+  } else {
+    product(ConstMatrixMap<T>(A, M, K, Stride(lda)));
+  }
+}
 
 /// Validates weight (O, I) and the optional bias (O).
 template <class W, class B>
@@ -32,14 +78,9 @@ void linear(TensorView<T, Host> out, TensorView<const T, Host> in, TensorView<co
   expect_separate(out, weight, "linear", "weight");
   if (has_bias) expect_separate(out, bias, "linear", "bias");
   if (N == 0) return;
-  ConstMatrixMap<T> X(in.data(), N, I, Eigen::OuterStride<>(I));      // (N, I)
-  ConstMatrixMap<T> W(weight.data(), O, I, Eigen::OuterStride<>(I));  // (O, I)
-  MatrixMap<T> Y(out.data(), N, O, Eigen::OuterStride<>(O));          // (N, O)
-  if (acc == Accumulate::Yes) {
-    Y.noalias() += X * W.transpose();
-  } else {
-    Y.noalias() = X * W.transpose();
-  }
+  // Y (N, O) [+]= X (N, I) W (O, I)^T
+  gemm<T>(false, true, N, O, I, in.data(), I, weight.data(), I, acc == Accumulate::Yes ? T(1) : T(0), out.data(), O);
+  MatrixMap<T> Y(out.data(), N, O, Eigen::OuterStride<>(O));  // (N, O)
   if (has_bias) Y.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias.data(), O);
 }
 
@@ -68,21 +109,11 @@ void linear_backward(TensorView<T, Host> d_in, TensorView<T, Host> d_weight, Ten
     if (!absent(in)) expect_separate(g, in, op, (std::string("in (as ") + name + ")").c_str());
   }
   if (N == 0) return;
-  ConstMatrixMap<T> G(d_out.data(), N, O, Eigen::OuterStride<>(O));   // (N, O)
-  ConstMatrixMap<T> W(weight.data(), O, I, Eigen::OuterStride<>(I));  // (O, I)
-  if (want_in) {
-    MatrixMap<T> DX(d_in.data(), N, I, Eigen::OuterStride<>(I));  // (N, I)
-    if (acc == Accumulate::Yes) {
-      DX.noalias() += G * W;
-    } else {
-      DX.noalias() = G * W;
-    }
-  }
-  if (want_w) {
-    ConstMatrixMap<T> X(in.data(), N, I, Eigen::OuterStride<>(I));          // (N, I)
-    MatrixMap<T> DW(d_weight.data(), O, I, Eigen::OuterStride<>(I));        // (O, I)
-    DW.noalias() += G.transpose() * X;
-  }
+  ConstMatrixMap<T> G(d_out.data(), N, O, Eigen::OuterStride<>(O));  // (N, O)
+  // d_in (N, I) [+]= G (N, O) W (O, I)
+  if (want_in) gemm<T>(false, false, N, I, O, d_out.data(), O, weight.data(), I, acc == Accumulate::Yes ? T(1) : T(0), d_in.data(), I);
+  // d_W (O, I) += G^T (O, N) X (N, I)
+  if (want_w) gemm<T>(true, false, O, I, N, d_out.data(), O, in.data(), I, T(1), d_weight.data(), I);
   if (want_b) {
     // Rows added one after another (vectorised across the O columns): independent of threads.
     Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> db(d_bias.data(), O);
