@@ -23,7 +23,7 @@ struct DevicePlacement {
 
 int run_on_cuda(const RunOptions& o, const std::vector<std::int32_t>& ids) {
   // A BackendError naming what was asked when the machine has no usable GPU (the caller turns it into exit 2).
-  detail::require_cuda_device("longmem-run --device cuda");
+  detail::require_cuda_device("--device cuda");
   return run<DevicePlacement, float>(o, ids);
 }
 
