@@ -6,6 +6,12 @@
 //
 // Token files: text ids (whitespace or one per line) or raw little-endian int32
 // (--format int32, the default for *.i32 and *.bin files).
+//
+// --device cuda runs the same computation on the GPU (float only). The device ops are CUDA
+// kernels, which g++ cannot compile, so that path lives in cli_device.cu, compiled by nvcc and
+// added to this tool by examples/CMakeLists.txt only when the CUDA backend is built
+// (LONGMEM_CUDA); CMake then defines LONGMEM_RUN_CUDA here. What both paths run is in
+// cli_run.hpp. Without it, --device cuda is refused (exit 2) with a message saying so.
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -22,18 +28,26 @@
 
 #include <longmem/longmem.hpp>
 
+#include "cli_run.hpp"
 #include "cli_support.hpp"
+
+#if defined(LONGMEM_RUN_CUDA)
+namespace longmem::cli {
+/// The run on the GPU (cli_device.cu): the backbone or LongMem, in float.
+int run_on_cuda(const RunOptions& o, const std::vector<std::int32_t>& ids);
+}  // namespace longmem::cli
+#endif
 
 namespace {
 
 using longmem::cli::read_tokens;
+using Options = longmem::cli::RunOptions;
 
-struct Options {
-  std::string backbone, sidenet, tokens, out, format, dtype = "f32", fusion = "gated";
-  int segment_length = 0;
-  bool hidden_states = false, no_memory = false, allow_other = false, quiet = false;
-  std::optional<int> memory_tokens, chunk_size, retrieved_tokens;
-};
+#if defined(LONGMEM_RUN_CUDA)
+constexpr bool built_with_cuda = true;
+#else
+constexpr bool built_with_cuda = false;
+#endif
 
 Options parse(int argc, char** argv) {
   Options o;
@@ -63,6 +77,11 @@ Options parse(int argc, char** argv) {
   app.add_flag("--no-memory", o.no_memory, "LongMem without memory (the baseline)");
   app.add_flag("--allow-other-backbone", o.allow_other, "accept a SideNet made for another backbone");
   app.add_flag("--quiet", o.quiet, "print nothing but errors");
+  app.add_option("--device", o.device,
+                 built_with_cuda ? "where the model runs: cpu, or cuda (the GPU, float only)"
+                                 : "where the model runs: cpu (this build has no CUDA support; cuda is refused)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
   longmem::cli::parse(app, "longmem-run", argc, argv);
   if (o.sidenet.empty() && (o.no_memory || o.memory_tokens || o.chunk_size || o.retrieved_tokens)) {
     longmem::cli::usage_error(app, "longmem-run", "memory options need --sidenet");
@@ -70,116 +89,17 @@ Options parse(int argc, char** argv) {
   if (!o.sidenet.empty() && o.hidden_states) {
     longmem::cli::usage_error(app, "longmem-run", "--hidden-states is for backbone runs (without --sidenet)");
   }
+  if (o.device == "cuda" && o.dtype != "f32") {
+    longmem::cli::usage_error(app, "longmem-run", "--device cuda computes in float: use --dtype f32 (the default)");
+  }
+  if (o.device == "cuda" && !built_with_cuda) {
+    // A capability this binary lacks, not a malformed command line: exit 2 (refused), no help text.
+    std::cerr << "longmem-run: --device cuda: this longmem-run was built without CUDA support; rebuild with nvcc "
+                 "available and -DLONGMEM_CUDA=ON, or use --device cpu\n";
+    std::exit(longmem::cli::exit_refused);
+  }
   if (o.format.empty()) o.format = longmem::cli::token_format_for(o.tokens);
   return o;
-}
-
-template <class T>
-void write_f32(longmem::SafetensorsWriter& w, const std::string& name, longmem::TensorView<const T, longmem::Host> t) {
-  longmem::Tensor<float, longmem::Host> f(t.shape());
-  for (longmem::index_t i = 0; i < t.numel(); ++i) f.data()[i] = static_cast<float>(t.data()[i]);
-  w.add<float>(name, f.view());
-}
-
-template <class T>
-int run_backbone(const Options& o, const std::vector<std::int32_t>& ids) {
-  using namespace longmem;
-  auto backbone = Gpt2Backbone<T>::load(o.backbone);
-  const auto& cfg = backbone.config();
-  const index_t N = static_cast<index_t>(ids.size());
-  const int seg = o.segment_length ? o.segment_length : static_cast<int>(N);
-  if (!o.segment_length && N > cfg.n_positions) {
-    detail::fail<InputError>(o.tokens, ": ", N, " tokens exceed the backbone's n_positions (", cfg.n_positions,
-                             "); pass --segment-length to run independent segments");
-  }
-  Tensor<T, Host> logits({N, cfg.vocab_size});
-  Tensor<T, Host> hidden;
-  if (o.hidden_states) hidden.resize({cfg.n_layer + 1, N, cfg.n_embd});
-  BackboneOutput<T> out;
-  for (index_t b = 0; b < N; b += seg) {
-    const index_t len = std::min<index_t>(seg, N - b);
-    backbone.forward(std::span<const std::int32_t>(ids).subspan(static_cast<std::size_t>(b), static_cast<std::size_t>(len)),
-                     BackboneRequest{true, o.hidden_states, -1}, out);
-    copy(cview(out.logits), logits.view().slice(b, b + len));
-    if (o.hidden_states) {
-      for (int j = 0; j <= cfg.n_layer; ++j) copy(cview(out.hidden)[j], hidden.view()[j].slice(b, b + len));
-    }
-  }
-  SafetensorsWriter w;
-  w.set_metadata({{"generator", "longmem-run"}, {"longmem_version", version_string}, {"segment_length", std::to_string(seg)},
-                  {"mode", "backbone"}});
-  Tensor<std::int32_t, Host> tok({N});
-  std::copy(ids.begin(), ids.end(), tok.begin());
-  w.add<std::int32_t>("tokens", tok.view());
-  write_f32<T>(w, "logits", logits.view());
-  if (o.hidden_states) write_f32<T>(w, "hidden_states", hidden.view());
-  w.write(o.out);
-  if (!o.quiet) {
-    std::cout << "backbone " << cfg.architecture << " (L=" << cfg.n_layer << ", d=" << cfg.n_embd << ", H=" << cfg.n_head
-              << ", V=" << cfg.vocab_size << "): " << N << " tokens in segments of " << seg << " -> " << o.out << "\n";
-  }
-  return 0;
-}
-
-template <class T, class Fusion>
-int run_longmem(const Options& o, const std::vector<std::int32_t>& ids) {
-  using namespace longmem;
-  using M = Model<Gpt2Backbone<T>, HostMemoryBank<float>, ExactChunkRetriever, Fusion>;
-  auto backbone = Gpt2Backbone<T>::load(o.backbone);
-  auto side_net = SideNet<T>::load(o.sidenet);
-  MemoryConfig mem = side_net.recommended_memory().value_or(MemoryConfig{});
-  if (o.memory_tokens) mem.memory_tokens = *o.memory_tokens;
-  if (o.chunk_size) mem.chunk_size = *o.chunk_size;
-  if (o.retrieved_tokens) mem.retrieved_tokens = *o.retrieved_tokens;
-  mem.enabled = !o.no_memory;
-  const int seg = o.segment_length ? o.segment_length : backbone.config().n_positions;
-  const index_t V = backbone.config().vocab_size;
-  M model(std::move(backbone), std::move(side_net), mem, 1, ExactChunkRetriever{}, o.allow_other);
-  const index_t N = static_cast<index_t>(ids.size());
-  Tensor<float, Host> logits({N, V});
-  double nll = 0;
-  std::int64_t counted = 0;
-  std::span<const std::int32_t> all(ids);
-  for (index_t b = 0; b < N; b += seg) {
-    const index_t len = std::min<index_t>(seg, N - b);
-    // Targets: the next token of the stream (-1 past its end).
-    std::vector<std::int32_t> targets(static_cast<std::size_t>(len));
-    for (index_t t = 0; t < len; ++t) targets[static_cast<std::size_t>(t)] = b + t + 1 < N ? ids[static_cast<std::size_t>(b + t + 1)] : -1;
-    const auto& out = model.forward(all.subspan(static_cast<std::size_t>(b), static_cast<std::size_t>(len)), targets);
-    for (index_t i = 0; i < len * V; ++i) logits.data()[b * V + i] = static_cast<float>(out.logits[0].data()[i]);
-    nll += out.loss_sum;
-    counted += out.loss_tokens;
-  }
-  SafetensorsWriter w;
-  w.set_metadata({{"generator", "longmem-run"},
-                  {"longmem_version", version_string},
-                  {"mode", "longmem"},
-                  {"segment_length", std::to_string(seg)},
-                  {"memory", mem.enabled ? "on" : "off"},
-                  {"memory_tokens", std::to_string(mem.memory_tokens)},
-                  {"chunk_size", std::to_string(mem.chunk_size)},
-                  {"retrieved_tokens", std::to_string(mem.retrieved_tokens)},
-                  {"fusion", Fusion::name},
-                  {"mean_nll", detail::format_double(counted ? nll / static_cast<double>(counted) : 0.0)}});
-  Tensor<std::int32_t, Host> tok({N});
-  std::copy(ids.begin(), ids.end(), tok.begin());
-  w.add<std::int32_t>("tokens", tok.view());
-  w.add<float>("logits", logits.view());
-  w.write(o.out);
-  if (!o.quiet) {
-    const double mean = counted ? nll / static_cast<double>(counted) : 0.0;
-    std::cout << "longmem: " << N << " tokens in segments of " << seg << ", memory " << (mem.enabled ? "on" : "off")
-              << " (msz " << mem.memory_tokens << ", csz " << mem.chunk_size << ", K " << mem.retrieved_tokens << ", "
-              << Fusion::name << "), mean NLL " << mean << " nats, perplexity " << std::exp(mean) << " -> " << o.out << "\n";
-  }
-  return 0;
-}
-
-template <class T>
-int run(const Options& o, const std::vector<std::int32_t>& ids) {
-  if (o.sidenet.empty()) return run_backbone<T>(o, ids);
-  if (o.fusion == "joint") return run_longmem<T, longmem::JointFusion>(o, ids);
-  return run_longmem<T, longmem::GatedFusion>(o, ids);
 }
 
 }  // namespace
@@ -188,6 +108,10 @@ int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
   return longmem::cli::guarded("longmem-run", [&] {
     const auto ids = read_tokens(o.tokens, o.format);
-    return o.dtype == "f64" ? run<double>(o, ids) : run<float>(o, ids);
+#if defined(LONGMEM_RUN_CUDA)
+    if (o.device == "cuda") return longmem::cli::run_on_cuda(o, ids);
+#endif
+    using longmem::cli::HostPlacement;
+    return o.dtype == "f64" ? longmem::cli::run<HostPlacement, double>(o, ids) : longmem::cli::run<HostPlacement, float>(o, ids);
   });
 }

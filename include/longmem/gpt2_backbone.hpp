@@ -487,6 +487,28 @@ class Gpt2Backbone {
   const BlockWeights<T, L>& block(int j) const { return params_.blocks.at(static_cast<std::size_t>(j)); }
   TensorView<const T, L> ln_f_weight() const { return params_.ln_f_weight.view(); }
   TensorView<const T, L> ln_f_bias() const { return params_.ln_f_bias.view(); }
+  /// The same backbone with every weight copied to location L2: load (or make) a host backbone,
+  /// then `to<Device>()` (or to_device()) for the GPU. The fingerprint is carried over, so a
+  /// device model checks its SideNet without reading wte back. Throws BackendError when L2 is
+  /// Device and the CUDA runtime sees no usable device.
+  template <class L2>
+  Gpt2Backbone<T, L2> to() const {
+    detail::Allocator<L2>::require_usable("Gpt2Backbone::to_device (copying the backbone's weights to the GPU)");
+    Gpt2Parameters<T, L2> p;
+    p.blocks.resize(params_.blocks.size());
+    std::vector<Tensor<T, L2>*> dst;
+    visit_gpt2_tensors(config_, p, [&](const std::string&, Tensor<T, L2>& t, const Shape&) { dst.push_back(&t); });
+    std::size_t i = 0;
+    visit_gpt2_tensors(config_, params_, [&](const std::string&, const Tensor<T, L>& t, const Shape&) {
+      dst[i]->resize(t.shape());
+      copy(cview(t), dst[i++]->view());
+    });
+    Gpt2Backbone<T, L2> moved(config_, std::move(p));
+    moved.fingerprint_ = fingerprint();
+    return moved;
+  }
+  Gpt2Backbone<T, Device> to_device() const { return to<Device>(); }
+
   /// An independent copy (a backbone is move-only because its tensors are).
   Gpt2Backbone clone() const {
     Gpt2Parameters<T, L> p;
@@ -668,6 +690,9 @@ class Gpt2Backbone {
       expect_shape(t, shape, name.c_str());
     });
   }
+
+  template <ComputeType, class>
+  friend class Gpt2Backbone;  // to<L2>() hands its fingerprint over
 
   BackboneConfig config_;
   Gpt2Parameters<T, L> params_;

@@ -10,6 +10,24 @@
 //   backbone(segment_b) -> hidden states, layer-m keys/values
 //   SideNet(hidden)      -> logits, retrieving only from bank_b (earlier segments)
 //   bank_b.append(keys, values)                       this segment becomes memory
+//
+// On the GPU the same policies have device twins, and the model is the same class:
+//
+//   using DevModel = longmem::Model<longmem::Gpt2Backbone<float, longmem::Device>,
+//                                   longmem::DeviceMemoryBank<float>,
+//                                   longmem::FusedChunkRetriever>;   // <longmem/cuda/...>, nvcc
+//   DevModel model{Gpt2Backbone<float>::load(b).to_device(), SideNet<float>::load(s).to_device(), config};
+//
+// Two ways to run the streams of one call, with the same results (up to float summation order):
+//   per stream  one stream after another: backbone, SideNet, append (the host default)
+//   batched     one backbone pass and one SideNet pass over N = sum T_b rows, so every GEMM sees
+//               all streams (attention, positions and retrieval stay within each stream's rows),
+//               then every stream's keys/values join its bank (the device default)
+// Each bank is read only by its own stream and only before that stream's append, so the order
+// within a call does not change what is retrieved. set_batched_streams() picks one; the CPU unit
+// tests check on the host that both agree, since that is where the batched composition can run
+// without a GPU. Device logits stay on the device (SegmentResult<float, Device>); to_host()
+// copies a result back.
 #include <cstdint>
 #include <span>
 #include <string>
@@ -39,6 +57,18 @@ struct SegmentResult {
 
   double mean_loss() const { return loss_tokens ? loss_sum / static_cast<double>(loss_tokens) : 0.0; }
 };
+
+/// A host copy of a result (device logits need <longmem/cuda/storage.hpp>; host ones are cloned).
+template <class T, class L>
+SegmentResult<T, Host> to_host(const SegmentResult<T, L>& r) {
+  SegmentResult<T, Host> h;
+  h.logits.reserve(r.logits.size());
+  for (const Tensor<T, L>& l : r.logits) h.logits.push_back(to_host(l));
+  h.retrieved_chunks = r.retrieved_chunks;
+  h.loss_sum = r.loss_sum;
+  h.loss_tokens = r.loss_tokens;
+  return h;
+}
 
 template <Backbone B, MemoryBank M, ChunkRetriever R, Fusion F = GatedFusion>
 class Model {
@@ -87,7 +117,11 @@ class Model {
     memory_.validate();
     if (streams <= 0) detail::fail<ConfigError>("Model: streams must be positive, got ", streams);
     geometry_ = MemoryGeometry{bc.n_head, bc.head_dim(), memory_.chunk_size, memory_.capacity_chunks()};
-    if constexpr (requires { M::bytes_for(geometry_); }) {
+    // A device model on a machine without a usable GPU: one clear BackendError before any bank.
+    detail::Allocator<location>::require_usable("longmem::Model with device policies (its memory banks)");
+    // Host banks are checked against host memory here; device banks check the device's free
+    // memory themselves, each before it allocates.
+    if constexpr (std::is_same_v<location, Host> && requires { M::bytes_for(geometry_); }) {
       // All banks at once, before the first is built (each bank also claims its own share).
       const auto one = M::bytes_for(geometry_);
       detail::require_host_memory(one ? detail::checked_bytes(*one, {streams}) : std::nullopt,
@@ -97,6 +131,7 @@ class Model {
     }
     banks_.reserve(static_cast<std::size_t>(streams));
     for (int s = 0; s < streams; ++s) banks_.emplace_back(geometry_);
+    stream_retrieved_.resize(static_cast<std::size_t>(streams));  // batched mode: one retrieval per stream
     request_.logits = false;
     request_.hidden_states = true;
     request_.memory_layer = side_net_.config().memory_layer;
@@ -139,25 +174,31 @@ class Model {
     result_.retrieved_chunks.assign(segments.size(), 0);
     result_.loss_sum = 0;
     result_.loss_tokens = 0;
-    const int k_chunks = memory_.retrieved_chunks();
-    for (std::size_t b = 0; b < segments.size(); ++b) {
-      M& bank = banks_[b];
-      backbone_.forward(segments[b], request_, out_);
-      auto& logits = result_.logits[b];
-      logits.resize({static_cast<index_t>(segments[b].size()), backbone_.config().vocab_size});
-      auto retrieve = [&](TensorView<const value_type, location> q) -> const Retrieved<value_type, location>* {
-        if (!memory_.enabled || bank.num_chunks() == 0) return nullptr;
-        retriever_.retrieve(bank, q, k_chunks, retrieved_);
-        result_.retrieved_chunks[b] = retrieved_.chunks;
-        return &retrieved_;
-      };
-      side_net_.template forward<F>(cview(out_.hidden), backbone_.token_embedding(), retrieve, logits.view());
-      if (!targets.empty()) {
-        auto [sum, count] = ops::cross_entropy(cview(logits), targets[b], TensorView<float, location>{});
-        result_.loss_sum += sum;
-        result_.loss_tokens += count;
+    if (batched_) {
+      forward_batched(segments, targets);
+    } else {
+      // One stream after another.
+      const int k_chunks = memory_.retrieved_chunks();
+      for (std::size_t b = 0; b < segments.size(); ++b) {
+        M& bank = banks_[b];
+        backbone_.forward(segments[b], request_, out_);
+        auto& logits = result_.logits[b];
+        logits.resize({static_cast<index_t>(segments[b].size()), backbone_.config().vocab_size});
+        auto retrieve = [&](TensorView<const value_type, location> q) -> const Retrieved<value_type, location>* {
+          if (!memory_.enabled || bank.num_chunks() == 0) return nullptr;
+          retriever_.retrieve(bank, q, k_chunks, retrieved_);
+          result_.retrieved_chunks[b] = retrieved_.chunks;
+          last_retrieving_stream_ = -1;  // last_retrieval() is retrieved_
+          return &retrieved_;
+        };
+        side_net_.template forward<F>(cview(out_.hidden), backbone_.token_embedding(), retrieve, logits.view());
+        if (!targets.empty()) {
+          auto [sum, count] = ops::cross_entropy(cview(logits), targets[b], TensorView<float, location>{});
+          result_.loss_sum += sum;
+          result_.loss_tokens += count;
+        }
+        if (memory_.enabled && remember_) bank.append(cview(out_.mem_keys), cview(out_.mem_values));
       }
-      if (memory_.enabled && remember_) bank.append(cview(out_.mem_keys), cview(out_.mem_values));
     }
     return result_;
   }
@@ -199,10 +240,69 @@ class Model {
   R& retriever() { return retriever_; }
   const MemoryConfig& memory_config() const { return memory_; }
   const MemoryGeometry& geometry() const { return geometry_; }
-  /// The retrieval of the last stream processed by the last forward (for inspection).
-  const Retrieved<value_type, location>& last_retrieval() const { return retrieved_; }
+  /// Batched (one pass over all streams of a call) or per stream; see the header comment. The
+  /// default is per stream on the host (the reference order) and batched on the device.
+  void set_batched_streams(bool on) { batched_ = on; }
+  bool batched_streams() const { return batched_; }
+
+  /// The retrieval of the last stream that retrieved (for inspection).
+  const Retrieved<value_type, location>& last_retrieval() const {
+    return last_retrieving_stream_ < 0 ? retrieved_ : stream_retrieved_[static_cast<std::size_t>(last_retrieving_stream_)];
+  }
+  /// Batched mode keeps every stream's retrieval: stream b's of the last batched call in which it
+  /// retrieved (empty before).
+  const Retrieved<value_type, location>& retrieval(int stream) const {
+    return stream_retrieved_.at(static_cast<std::size_t>(stream));
+  }
 
  private:
+  // All streams in one backbone pass and one SideNet pass (see the header comment).
+  // Workspaces (the backbone's and SideNet's scratch, out_, logits_, every stream's retrieval)
+  // are members and only grow. Nothing is copied to the host here except what the ops do
+  // themselves: token ids and targets go up, cross_entropy brings back its two sums.
+  void forward_batched(std::span<const std::span<const std::int32_t>> segments,
+                       std::span<const std::span<const std::int32_t>> targets) {
+    const int k_chunks = memory_.retrieved_chunks();
+    const index_t V = backbone_.config().vocab_size;
+    backbone_.forward(segments, request_, out_);  // hidden (L+1, N, d), mem_keys / mem_values (N, H, dh)
+    const std::vector<index_t>& offsets = out_.offsets;  // B+1 row offsets of the streams
+    const index_t N = offsets.back();
+    logits_.resize({N, V});  // every stream's logits, rows as in out_.hidden
+    // Called by the SideNet's memory layer for each stream, with that stream's queries (T_b, H, dh),
+    // before any bank has been appended to in this call: bank b holds earlier segments only.
+    auto retrieve = [&](std::size_t b, TensorView<const value_type, location> q) -> const Retrieved<value_type, location>* {
+      M& bank = banks_[b];
+      if (!memory_.enabled || bank.num_chunks() == 0) return nullptr;
+      Retrieved<value_type, location>& r = stream_retrieved_[b];  // its own buffers: kernels still read the last one's
+      retriever_.retrieve(bank, q, k_chunks, r);                  // keys/values (T_b, H, k' csz, dh), as on the host
+      result_.retrieved_chunks[b] = r.chunks;
+      last_retrieving_stream_ = static_cast<int>(b);
+      return &r;
+    };
+    side_net_.template forward<F>(cview(out_.hidden), std::span<const index_t>(offsets), backbone_.token_embedding(),
+                                  retrieve, logits_.view());
+    for (std::size_t b = 0; b < segments.size(); ++b) {
+      auto& logits = result_.logits[b];
+      logits.resize({offsets[b + 1] - offsets[b], V});  // (T_b, V); reallocates only for a longer segment
+      copy(cview(logits_).slice(offsets[b], offsets[b + 1]), logits.view());
+    }
+    if (!targets.empty()) {
+      // One cross_entropy over all N rows: it waits for the device once to return its sums.
+      targets_.clear();
+      for (const auto& t : targets) targets_.insert(targets_.end(), t.begin(), t.end());
+      auto [sum, count] = ops::cross_entropy(cview(logits_), std::span<const std::int32_t>(targets_),
+                                             TensorView<float, location>{});
+      result_.loss_sum = sum;
+      result_.loss_tokens = count;
+    }
+    if (memory_.enabled && remember_) {
+      for (std::size_t b = 0; b < segments.size(); ++b) {
+        banks_[b].append(cview(out_.mem_keys).slice(offsets[b], offsets[b + 1]),
+                         cview(out_.mem_values).slice(offsets[b], offsets[b + 1]));
+      }
+    }
+  }
+
   B backbone_;
   side_net_type side_net_;
   MemoryConfig memory_;
@@ -214,6 +314,12 @@ class Model {
   BackboneOutput<value_type, location> out_;
   Retrieved<value_type, location> retrieved_;
   SegmentResult<value_type, location> result_;
+  bool batched_ = !std::is_same_v<location, Host>;
+  // Batched mode.
+  std::vector<Retrieved<value_type, location>> stream_retrieved_;  // per stream
+  int last_retrieving_stream_ = -1;  // whose retrieval last_retrieval() is (-1: retrieved_)
+  Tensor<value_type, location> logits_;  // (N, V) all streams' logits of the last call
+  std::vector<std::int32_t> targets_;    // (N) all streams' targets of the last call
 };
 
 }  // namespace longmem

@@ -355,6 +355,25 @@ class SideNet {
   const std::optional<MemoryConfig>& recommended_memory() const { return recommended_; }
   const SideNetLayerWeights<T, L>& layer(int i) const { return params_.layers.at(static_cast<std::size_t>(i)); }
   SideNetLayerWeights<T, L>& layer(int i) { return params_.layers.at(static_cast<std::size_t>(i)); }
+  /// The same SideNet with every weight copied to location L2: load a host SideNet, then
+  /// `to<Device>()` (or to_device()) for the GPU. Throws BackendError when L2 is Device and the
+  /// CUDA runtime sees no usable device.
+  template <class L2>
+  SideNet<T, L2> to() const {
+    detail::Allocator<L2>::require_usable("SideNet::to_device (copying the SideNet's weights to the GPU)");
+    SideNetParameters<T, L2> p;
+    p.layers.resize(params_.layers.size());
+    std::vector<Tensor<T, L2>*> dst;
+    visit_side_net_tensors(config_, p, [&](const std::string&, Tensor<T, L2>& t, const Shape&) { dst.push_back(&t); });
+    std::size_t i = 0;
+    visit_side_net_tensors(config_, params_, [&](const std::string&, const Tensor<T, L>& t, const Shape&) {
+      dst[i]->resize(t.shape());
+      copy(cview(t), dst[i++]->view());
+    });
+    return SideNet<T, L2>(config_, std::move(p), recommended_);
+  }
+  SideNet<T, Device> to_device() const { return to<Device>(); }
+
   /// An independent copy (a SideNet is move-only because its tensors are).
   SideNet clone() const {
     SideNetParameters<T, L> p;

@@ -201,6 +201,8 @@ struct Allocator<Host> {
     return p;
   }
   static void deallocate(void* p) noexcept { std::free(p); }
+  /// Host memory is always there (Allocator<Device>::require_usable checks for a GPU).
+  static void require_usable(const char* /*what*/) {}
 };
 
 template <class L>
@@ -322,6 +324,19 @@ void copy(TensorView<const T, Host> src, TensorView<T, Host> dst) {
     detail::fail<ShapeError>("copy: source shape ", src.shape().str(), " differs from destination shape ", dst.shape().str());
   }
   if (src.numel() > 0) std::memcpy(dst.data(), src.data(), src.bytes());
+}
+
+/// A host copy of a view or tensor at any location (device data needs <longmem/cuda/storage.hpp>).
+template <class T, class L>
+Tensor<std::remove_const_t<T>, Host> to_host(TensorView<T, L> v) {
+  using U = std::remove_const_t<T>;
+  Tensor<U, Host> h(v.shape());
+  if (v.numel() > 0) copy(TensorView<const U, L>(v), h.view());
+  return h;
+}
+template <class T, class L>
+Tensor<T, Host> to_host(const Tensor<T, L>& t) {
+  return to_host(t.view());
 }
 
 /// Throws ShapeError unless v has exactly the expected shape; `what` names the tensor.

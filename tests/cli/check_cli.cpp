@@ -174,6 +174,42 @@ int main(int argc, char** argv) {
       refused(" --backbone " + quote(bb) + " --sidenet " + quote(sn) + " --memory-tokens 1073741824 --chunk-size 1",
               "this machine has", "a 2^30-token memory");
     }
+
+    // 5. --device cuda. Without CUDA compiled in: exit 2 saying so. With it: on a GPU machine the
+    //    LongMem run of section 2 on the device, whose logits must match the reference as the CPU's
+    //    do; on a machine without a usable GPU, exit 2 saying a CUDA device is needed.
+    {
+      auto text_of = [](const fs::path& p) {
+        std::ifstream in(p, std::ios::binary);
+        return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      };
+      const fs::path out = scratch / "lm_cuda.safetensors", err = scratch / "cuda.err";
+      fs::remove(out);
+      const std::string lm_args = " --backbone " + quote(lm / "backbone.safetensors") + " --sidenet " +
+                                  quote(lm / "sidenet.safetensors") + " --tokens " + quote(scratch / "lm_tokens.txt") +
+                                  " --segment-length " + md.at("segment_length") + " --memory-tokens " + md.at("memory_tokens") +
+                                  " --chunk-size " + md.at("chunk_size") + " --retrieved-tokens " + md.at("retrieved_tokens");
+      const int rc = run(quote(tool) + lm_args + " --out " + quote(out) + " --device cuda --quiet 2> " + quote(err));
+      const std::string text = text_of(err);
+      std::cout << text;
+      const bool no_unexpected = text.find("unexpected") == std::string::npos;
+      if (!LONGMEM_CLI_CUDA) {
+        check(rc == 2 && no_unexpected && text.find("built without CUDA") != std::string::npos && !fs::exists(out),
+              "--device cuda in a build without CUDA: exit 2, 'built without CUDA', no output");
+      } else if (rc == 0) {
+        auto dgot = SafetensorsFile::open(out).read<float>("logits", Shape{llogits.dim(1), llogits.dim(2)});
+        const double e = relative_error(dgot.data(), llogits.data(), dgot.numel());
+        std::cout << "--device cuda logits: max |err| / max |ref| = " << e << "\n";
+        check(e <= 1e-4, "LongMem on --device cuda matches the PyTorch port of the reference");
+      } else {
+        check(rc == 2 && no_unexpected && text.find("needs a CUDA device") != std::string::npos,
+              "--device cuda without a usable GPU: exit 2, 'needs a CUDA device'");
+      }
+      check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device cuda --dtype f64") == 64,
+            "--device cuda with --dtype f64 is a usage error (64)");
+      check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device gpu") == 64,
+            "an unknown --device is a usage error (64)");
+    }
   } catch (const std::exception& e) {
     std::cout << "FAIL  unexpected exception: " << e.what() << "\n";
     return 1;

@@ -442,3 +442,91 @@ TEST_CASE("model: half-precision memory storage stays close to float storage", "
   CHECK(worst < 1e-3);
   CHECK(f16.bank(0).bytes_used() < f32.bank(0).bytes_used());
 }
+
+namespace {
+
+// Stream b's segment s in the batched-mode test: lengths differ between streams and change between
+// segments (odd ones leave a pending token); every bank wraps over 7 segments.
+int batched_length(int b, int s) {
+  static constexpr int base[3] = {13, 7, 20};
+  return std::max(1, base[b] - (s % 3) * (b + 1));
+}
+
+// The batched composition (the device model's default) on the host, against the per-stream loop:
+// same logits, retrievals, losses and banks, through memory off, read-only memory and eviction.
+template <class F>
+void check_batched_matches_per_stream(const std::string& arch) {
+  auto a = random_parts(131, 2, arch), b = random_parts(131, 2, arch);
+  HostModel<F> per(std::move(a.backbone), std::move(a.side_net), small_memory(), 3);
+  HostModel<F> batched(std::move(b.backbone), std::move(b.side_net), small_memory(), 3);
+  REQUIRE_FALSE(per.batched_streams());
+  batched.set_batched_streams(true);
+  for (int s = 0; s < 7; ++s) {
+    CAPTURE(arch, F::name, s);
+    const bool memory_on = s != 3, remember = s != 5;
+    for (auto* m : {&per, &batched}) {
+      m->set_memory_enabled(memory_on);
+      m->set_remember(remember);
+    }
+    std::vector<std::vector<std::int32_t>> toks, tgts;
+    for (int st = 0; st < 3; ++st) {
+      const auto n = static_cast<std::size_t>(batched_length(st, s));
+      toks.push_back(test::random_tokens(n, 64, 1000 + static_cast<std::uint64_t>(10 * s + st)));
+      auto y = test::random_tokens(n, 64, 2000 + static_cast<std::uint64_t>(10 * s + st));
+      for (std::size_t i = 0; i < n; i += 4) y[i] = -1;
+      tgts.push_back(std::move(y));
+    }
+    const std::vector<std::span<const std::int32_t>> segs(toks.begin(), toks.end()), targets(tgts.begin(), tgts.end());
+    const auto& x = per.forward(segs, targets);
+    const auto& y = batched.forward(segs, targets);
+    for (std::size_t st = 0; st < 3; ++st) {
+      CAPTURE(st);
+      CHECK(x.retrieved_chunks[st] == y.retrieved_chunks[st]);
+      REQUIRE(x.logits[st].shape() == y.logits[st].shape());
+      auto e = compare(y.logits[st].data(), x.logits[st].data(), x.logits[st].numel());
+      CAPTURE(e.max_abs_err, e.max_abs_ref);
+      CHECK(e.max_abs_err <= 1e-5 * e.max_abs_ref);
+    }
+    CHECK(x.loss_tokens == y.loss_tokens);
+    CHECK(y.loss_sum == Approx(x.loss_sum).epsilon(1e-6));
+    if (memory_on && x.retrieved_chunks[2] > 0) {
+      // The per-stream model keeps its last stream's retrieval; the batched one every stream's.
+      const auto& rx = per.last_retrieval();
+      const auto& ry = batched.retrieval(2);
+      REQUIRE(rx.slots.shape() == ry.slots.shape());
+      CHECK(std::equal(rx.slots.begin(), rx.slots.end(), ry.slots.begin()));
+      CHECK(&batched.last_retrieval() == &ry);
+    }
+  }
+  for (int st = 0; st < 3; ++st) {
+    CAPTURE(st);
+    CHECK(per.bank(st).chunks_appended() == batched.bank(st).chunks_appended());
+    CHECK(per.bank(st).pending_tokens() == batched.bank(st).pending_tokens());
+    CHECK(batched.bank(st).chunks_appended() > batched.bank(st).num_chunks());  // it evicted
+  }
+}
+
+}  // namespace
+
+TEST_CASE("model: all streams in one batched pass give the per-stream results", "[model][property]") {
+  check_batched_matches_per_stream<GatedFusion>("gpt2-star");
+  check_batched_matches_per_stream<JointFusion>("gpt2-star");
+  check_batched_matches_per_stream<GatedFusion>("gpt2");
+}
+
+TEST_CASE("model: to<Host>() copies a backbone and SideNet that give the same results", "[model]") {
+  auto p = random_parts(141);
+  auto bb = p.backbone.to<Host>();
+  auto sn = p.side_net.to<Host>();
+  CHECK(bb.fingerprint() == p.backbone.fingerprint());
+  HostModel<> a(std::move(p.backbone), std::move(p.side_net), small_memory());
+  HostModel<> b(std::move(bb), std::move(sn), small_memory());
+  for (const auto& s : random_segments(4, 9, 64, 142)) {
+    const auto& x = a.forward(s);
+    const auto& y = b.forward(s);
+    CHECK(compare(x.logits[0].data(), y.logits[0].data(), x.logits[0].numel()).max_abs_err == 0.0);
+    const SegmentResult<float> h = to_host(y);
+    CHECK(compare(h.logits[0].data(), y.logits[0].data(), y.logits[0].numel()).max_abs_err == 0.0);
+    CHECK(h.retrieved_chunks == y.retrieved_chunks);
+  }
+}

@@ -6,6 +6,7 @@
 //   fill(v, value)              device view := value (cudaMemset when every byte of value is the
 //                               same, e.g. 0; otherwise a host staging buffer and doubling copies)
 //   cuda_device_available()     whether the CUDA runtime sees at least one device
+//   detail::require_cuda_device(what)  BackendError naming `what` when it does not
 //
 // Only <cuda_runtime.h> is included and no kernels are defined, so plain C++ translation
 // units (g++, linked with cudart) can use device tensors. All calls are synchronous on the
@@ -32,6 +33,22 @@ inline void cuda_check(cudaError_t err, const char* call, std::size_t bytes) {
                      cudaGetErrorName(err), ")");
 }
 
+/// Throws BackendError unless the CUDA runtime sees a usable device: "<what> needs a CUDA device,
+/// but ..." with the runtime's reason (no driver, no device), instead of a failure deep inside a copy.
+inline void require_cuda_device(const char* what) {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    fail<BackendError>(what, " needs a CUDA device, but the CUDA runtime reports none: ", cudaGetErrorString(err), " (",
+                       cudaGetErrorName(err), "); use the host (CPU) policies on this machine");
+  }
+  if (n <= 0) {
+    fail<BackendError>(what, " needs a CUDA device, but the CUDA runtime sees 0 devices; use the host (CPU) policies "
+                       "on this machine");
+  }
+}
+
 template <>
 struct Allocator<Device> {
   static void* allocate(std::size_t bytes) {
@@ -44,6 +61,8 @@ struct Allocator<Device> {
   static void deallocate(void* p) noexcept {
     if (p) (void)cudaFree(p);
   }
+  /// For generic code (a model or backbone moving to the device): BackendError without a GPU.
+  static void require_usable(const char* what) { require_cuda_device(what); }
 };
 
 template <class T, class LS, class LD>
