@@ -80,8 +80,12 @@ void linear(TensorView<T, Host> out, TensorView<const T, Host> in, TensorView<co
   if (N == 0) return;
   // Y (N, O) [+]= X (N, I) W (O, I)^T
   gemm<T>(false, true, N, O, I, in.data(), I, weight.data(), I, acc == Accumulate::Yes ? T(1) : T(0), out.data(), O);
-  MatrixMap<T> Y(out.data(), N, O, Eigen::OuterStride<>(O));  // (N, O)
-  if (has_bias) Y.rowwise() += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias.data(), O);
+  if (has_bias) {
+    // rows in parallel: single-threaded, this pass costs a third of a 16-thread GEMM at (1024, 256 -> 768)
+    const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> b(bias.data(), O);
+    T* y = out.data();
+    parallel_for(N, O, [&](index_t n) { Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(y + n * O, O) += b; });
+  }
 }
 
 template <class T>
