@@ -129,6 +129,20 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
     if (static_cast<std::int64_t>(d.tokens.size()) >= spec.max_gap) long_enough.push_back(&d);
   }
   std::uniform_int_distribution<std::size_t> pick(0, long_enough.size() - 1);
+  // Document n: the statements, then a random slice of training text; the facts are shuffled
+  // for their recall (the draws in this order, so that older runs' documents stay the same).
+  auto statements_and_filler = [&](int n, const std::string& head, auto& facts) {
+    const Document& src = *long_enough[pick(rng)];
+    const std::int64_t len = gap(rng);
+    std::uniform_int_distribution<std::int64_t> start(0, static_cast<std::int64_t>(src.tokens.size()) - len);
+    const std::int64_t s0 = start(rng);
+    std::shuffle(facts.begin(), facts.end(), rng);
+    Document d;
+    d.name = "recall practice " + std::to_string(n);
+    d.tokens = ByteTokenizer::encode(head);
+    d.tokens.insert(d.tokens.end(), src.tokens.begin() + s0, src.tokens.begin() + s0 + len);
+    return d;
+  };
   std::vector<Document> out;
   if (spec.varied_wording) {
     constexpr int n_cores = std::size(detail::kRecallCores), n_slead = std::size(detail::kStatementLeads),
@@ -157,15 +171,7 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
         head += detail::recall_sentence(detail::kStatementLeads[f.statement_lead], detail::kRecallCores[f.core], f.name) +
                 f.number + ".\n";
       }
-      const Document& src = *long_enough[pick(rng)];
-      const std::int64_t len = gap(rng);
-      std::uniform_int_distribution<std::int64_t> start(0, static_cast<std::int64_t>(src.tokens.size()) - len);
-      const std::int64_t s0 = start(rng);
-      std::shuffle(facts.begin(), facts.end(), rng);
-      Document d;
-      d.name = "recall practice " + std::to_string(n);
-      d.tokens = ByteTokenizer::encode(head);
-      d.tokens.insert(d.tokens.end(), src.tokens.begin() + s0, src.tokens.begin() + s0 + len);
+      Document d = statements_and_filler(n, head, facts);
       std::vector<std::uint8_t> answer(d.tokens.size(), 0);
       for (const Fact& f : facts) {
         detail::append_recall(d, answer,
@@ -192,15 +198,7 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
     for (std::size_t i = 0; i < facts.size(); ++i) {
       head += "Remember: the number for " + facts[i].first + " is " + facts[i].second + ".\n";
     }
-    const Document& src = *long_enough[pick(rng)];
-    const std::int64_t len = gap(rng);
-    std::uniform_int_distribution<std::int64_t> start(0, static_cast<std::int64_t>(src.tokens.size()) - len);
-    const std::int64_t s0 = start(rng);
-    std::shuffle(facts.begin(), facts.end(), rng);
-    Document d;
-    d.name = "recall practice " + std::to_string(n);
-    d.tokens = ByteTokenizer::encode(head);
-    d.tokens.insert(d.tokens.end(), src.tokens.begin() + s0, src.tokens.begin() + s0 + len);
+    Document d = statements_and_filler(n, head, facts);
     std::vector<std::uint8_t> answer(d.tokens.size(), 0);
     for (const auto& f : facts) detail::append_recall(d, answer, "\nRecall: the number for " + f.first + " is ", f.second + ".");
     detail::append_recall(d, answer, "\n", "");
