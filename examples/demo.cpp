@@ -73,6 +73,7 @@ struct Options {
   int trials = 50;
   std::uint64_t seed = 2023;
   bool quiet = false;
+  bool diagnose = false;  // passkey: where retrieval and reading fail (adds N = 0, teacher-forced)
 };
 
 Options parse(int argc, char** argv) {
@@ -88,6 +89,9 @@ Options parse(int argc, char** argv) {
   app.add_option("--trials", o.trials, "passkey trials per distance")->check(CLI::Range(1, 100000))->capture_default_str();
   app.add_option("--seed", o.seed, "seed of the passkeys")->capture_default_str();
   app.add_flag("--quiet", o.quiet, "no progress bar");
+  app.add_flag("--diagnose", o.diagnose,
+               "passkey diagnosis: per distance (and N = 0), with the right digits fed back, how often each head "
+               "retrieves the chunk holding the next digit, and how often the digit is predicted");
   cli::parse(app, "longmem_demo", argc, argv);
   return o;
 }
@@ -191,6 +195,51 @@ std::string continue_greedy(const Gpt2Backbone<float>* backbone, LongMem* model,
     prompt.push_back(next);
   }
   return out;
+}
+
+/// Passkey diagnosis, one trial with the key's statement and the filler already in memory: feeds the
+/// question and then the right digits (teacher forcing) and, for each of the 5 digit predictions,
+/// records per head whether a retrieved chunk holds that digit (either place the statement gives it)
+/// and whether the prediction is right. It separates retrieval from reading: a digit whose chunk is
+/// retrieved but not predicted is a reading failure.
+struct PasskeyDiagnosis {
+  std::vector<std::int64_t> head_hits;  // (H) digit predictions whose chunk the head retrieved
+  std::int64_t any_head_hits = 0, predictions = 0, right = 0;
+  double p_right = 0;  // sum over predictions of p(right digit)
+};
+
+void diagnose_passkey(LongMem& model, std::vector<std::int32_t> prompt, const std::string& key,
+                      const std::vector<std::int64_t>& key_positions, PasskeyDiagnosis& d) {
+  const auto& bank = model.bank(0);
+  const index_t csz = model.geometry().chunk_size;
+  for (std::size_t i = 0; i < key.size(); ++i) {
+    const auto& out = model.forward(prompt);
+    const TensorView<const float, Host> logits = cview(out.logits[0]);
+    const index_t V = logits.dim(1), last = logits.dim(0) - 1;
+    const float* row = logits.data() + last * V;
+    const auto want = static_cast<std::int32_t>(static_cast<unsigned char>(key[i]));
+    const float top = *std::max_element(row, row + V);
+    double z = 0;
+    for (index_t v = 0; v < V; ++v) z += std::exp(static_cast<double>(row[v] - top));
+    d.p_right += std::exp(static_cast<double>(row[want] - top)) / z;
+    d.right += (std::max_element(row, row + V) - row) == want;
+    ++d.predictions;
+    const auto& r = model.last_retrieval();  // slots (T, H, k')
+    const index_t H = r.slots.dim(1), k = r.slots.dim(2);
+    if (d.head_hits.empty()) d.head_hits.assign(static_cast<std::size_t>(H), 0);
+    bool any = false;
+    for (index_t h = 0; h < H; ++h) {
+      bool hit = false;
+      for (index_t j = 0; j < k && !hit; ++j) {
+        const index_t start = bank.chunk_position(r.slots.data()[(last * H + h) * k + j]);
+        for (std::int64_t p : key_positions) hit |= p + static_cast<std::int64_t>(i) >= start && p + static_cast<std::int64_t>(i) < start + csz;
+      }
+      d.head_hits[static_cast<std::size_t>(h)] += hit;
+      any |= hit;
+    }
+    d.any_head_hits += any;
+    prompt.push_back(want);
+  }
 }
 
 void plot(const fs::path& dir, const std::vector<std::pair<std::string, std::vector<double>>>& series, std::size_t bucket,
@@ -327,10 +376,40 @@ int run(const Options& o) {
               "         (The Devil's Dictionary), then \"What is the pass key? The pass key is\"; greedy; a key is right when all\n"
               "         5 digits match (chance 1 in 100000), a digit when it is in its place (chance 1 in 10); %d trials per N\n\n",
               o.trials);
-  std::printf("%-10s %22s %22s %24s %24s\n", "N", "backbone: keys right", "LongMem: keys right", "backbone: digits right",
-              "LongMem: digits right");
   const int total = o.trials * 4;
   int done = 0;
+  if (o.diagnose) {
+    // The gates: sigmoid(g_h) is the weight of head h's memory branch.
+    const auto& gate = model.side_net().parameters().layers.at(static_cast<std::size_t>(sc.memory_augmented_layer())).gate;
+    std::printf("diagnosis: memory weight sigmoid(g) per head:");
+    for (index_t h = 0; h < gate.dim(0); ++h) std::printf(" %.3f", 1.0 / (1.0 + std::exp(-static_cast<double>(gate.data()[h]))));
+    std::printf("\n%-8s %-40s %12s %14s %14s\n", "N", "digit's chunk retrieved, per head (%)", "any head (%)", "digit right (%)",
+                "mean p(digit)");
+    for (std::int64_t n : {std::int64_t{0}, std::int64_t{1024}, std::int64_t{4096}, std::int64_t{16384}, std::int64_t{65536}}) {
+      PasskeyDiagnosis d;
+      for (int t = 0; t < o.trials; ++t) {
+        char key[6];
+        std::snprintf(key, sizeof key, "%05d", key_dist(rng));
+        const std::string lead = "The pass key is ", statement = lead + key + ". Remember it. " + key + " is the pass key.\n";
+        const std::vector<std::int64_t> at = {static_cast<std::int64_t>(lead.size()),
+                                              static_cast<std::int64_t>(statement.find(key, lead.size() + 5))};
+        model.reset();
+        model.set_remember(true);
+        model.forward(ByteTokenizer::encode(statement));
+        if (n > 0) model.bank(0).append(cview(filler_k).slice(0, n), cview(filler_v).slice(0, n));
+        model.set_remember(false);
+        diagnose_passkey(model, question, key, at, d);
+      }
+      std::string heads;
+      for (auto h : d.head_hits) heads += std::to_string(static_cast<int>(std::lround(100.0 * static_cast<double>(h) / static_cast<double>(d.predictions)))) + " ";
+      std::printf("%-8s %-40s %12.0f %14.0f %14.3f\n", (std::to_string(n / 1024) + (n ? " Ki" : "")).c_str(), heads.c_str(),
+                  100.0 * static_cast<double>(d.any_head_hits) / static_cast<double>(d.predictions),
+                  100.0 * static_cast<double>(d.right) / static_cast<double>(d.predictions), d.p_right / static_cast<double>(d.predictions));
+    }
+    return 0;
+  }
+  std::printf("%-10s %22s %22s %24s %24s\n", "N", "backbone: keys right", "LongMem: keys right", "backbone: digits right",
+              "LongMem: digits right");
   for (std::int64_t n : distances) {
     int right_backbone = 0, right_longmem = 0, digits_backbone = 0, digits_longmem = 0;
     // digits in the right place (chance 1 in 10 each): a finer measure beside the strict 5-digit match
