@@ -205,6 +205,7 @@ std::string continue_greedy(const Gpt2Backbone<float>* backbone, LongMem* model,
 struct PasskeyDiagnosis {
   std::vector<std::int64_t> head_hits;  // (H) digit predictions whose chunk the head retrieved
   std::int64_t any_head_hits = 0, predictions = 0, right = 0;
+  std::int64_t trials = 0, first_right = 0, first_digit = 0;  // the first prediction: the key's first digit, any digit
   double p_right = 0;  // sum over predictions of p(right digit)
 };
 
@@ -222,7 +223,13 @@ void diagnose_passkey(LongMem& model, std::vector<std::int32_t> prompt, const st
     double z = 0;
     for (index_t v = 0; v < V; ++v) z += std::exp(static_cast<double>(row[v] - top));
     d.p_right += std::exp(static_cast<double>(row[want] - top)) / z;
-    d.right += (std::max_element(row, row + V) - row) == want;
+    const auto best = static_cast<std::int32_t>(std::max_element(row, row + V) - row);
+    d.right += best == want;
+    if (i == 0) {
+      ++d.trials;
+      d.first_right += best == want;
+      d.first_digit += best >= '0' && best <= '9';
+    }
     ++d.predictions;
     const auto& r = model.last_retrieval();  // slots (T, H, k')
     const index_t H = r.slots.dim(1), k = r.slots.dim(2);
@@ -383,8 +390,8 @@ int run(const Options& o) {
     const auto& gate = model.side_net().parameters().layers.at(static_cast<std::size_t>(sc.memory_augmented_layer())).gate;
     std::printf("diagnosis: memory weight sigmoid(g) per head:");
     for (index_t h = 0; h < gate.dim(0); ++h) std::printf(" %.3f", 1.0 / (1.0 + std::exp(-static_cast<double>(gate.data()[h]))));
-    std::printf("\n%-8s %-40s %12s %14s %14s\n", "N", "digit's chunk retrieved, per head (%)", "any head (%)", "digit right (%)",
-                "mean p(digit)");
+    std::printf("\n%-8s %-40s %12s %14s %14s %14s\n", "N", "digit's chunk retrieved, per head (%)", "any head (%)", "digit right (%)",
+                "mean p(digit)", "1st: right/digit (%)");
     for (std::int64_t n : {std::int64_t{0}, std::int64_t{1024}, std::int64_t{4096}, std::int64_t{16384}, std::int64_t{65536}}) {
       PasskeyDiagnosis d;
       for (int t = 0; t < o.trials; ++t) {
@@ -402,9 +409,11 @@ int run(const Options& o) {
       }
       std::string heads;
       for (auto h : d.head_hits) heads += std::to_string(static_cast<int>(std::lround(100.0 * static_cast<double>(h) / static_cast<double>(d.predictions)))) + " ";
-      std::printf("%-8s %-40s %12.0f %14.0f %14.3f\n", (std::to_string(n / 1024) + (n ? " Ki" : "")).c_str(), heads.c_str(),
-                  100.0 * static_cast<double>(d.any_head_hits) / static_cast<double>(d.predictions),
-                  100.0 * static_cast<double>(d.right) / static_cast<double>(d.predictions), d.p_right / static_cast<double>(d.predictions));
+      std::printf("%-8s %-40s %12.0f %14.0f %14.3f %9.0f / %.0f\n", (std::to_string(n / 1024) + (n ? " Ki" : "")).c_str(),
+                  heads.c_str(), 100.0 * static_cast<double>(d.any_head_hits) / static_cast<double>(d.predictions),
+                  100.0 * static_cast<double>(d.right) / static_cast<double>(d.predictions), d.p_right / static_cast<double>(d.predictions),
+                  100.0 * static_cast<double>(d.first_right) / static_cast<double>(d.trials),
+                  100.0 * static_cast<double>(d.first_digit) / static_cast<double>(d.trials));
     }
     return 0;
   }
