@@ -19,6 +19,10 @@
 #include <string>
 #include <vector>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include "longmem/cpu/ops.hpp"
 #include "longmem/reference/ops.hpp"
 #include "op_test_support.hpp"
@@ -470,6 +474,63 @@ TEMPLATE_LIST_TEST_CASE("ops backward: memory backward with K = 0 is exactly cau
     CHECK(bitwise_equal(to_double(b), to_double(y)));
     CHECK(bitwise_equal(to_double(c), to_double(z)));
   }
+}
+
+TEST_CASE("ops backward: attention gradients with more threads than heads (per-group d_k, d_v) match one thread",
+          "[ops][backward]") {
+#if defined(_OPENMP)
+  // With more threads than heads the local pass splits each head's query blocks into groups that
+  // accumulate d_k and d_v in their own buffers; one thread takes the per-head path the finite-
+  // difference test checks. T 300 crosses five 64-query blocks; float64, so only rounding differs.
+  const std::uint64_t seed = base_seed() + 11;
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  const index_t Tn = 300, H = 2, dh = 16, K = 6;
+  const Shape s{Tn, H, dh}, ms{Tn, H, K, dh};
+  auto q = cast<double>(random_tensor<double>(s, rng, -2, 2)), k = cast<double>(random_tensor<double>(s, rng, -2, 2));
+  auto v = cast<double>(random_tensor<double>(s, rng)), go = cast<double>(random_tensor<double>(s, rng));
+  auto mk = cast<double>(random_tensor<double>(ms, rng, -2, 2)), mv = cast<double>(random_tensor<double>(ms, rng));
+  auto gate = cast<double>(random_tensor<double>(Shape{H}, rng, -2, 2));
+  const int saved = omp_get_max_threads();
+  for (int mode = 0; mode < 3; ++mode) {
+    for (auto pos : {PositionScheme::Learned, PositionScheme::Alibi}) {
+      std::vector<HostD> results;
+      for (int threads : {1, 5}) {
+        omp_set_num_threads(threads);
+        auto dq = poisoned<double, Host>(s), dk = poisoned<double, Host>(s), dv = poisoned<double, Host>(s);
+        HostD dgate(Shape{H});
+        fill(dgate.view(), 0.0);
+        if (mode == 0) {
+          ops::causal_attention_backward(dq.view(), dk.view(), dv.view(), cview(go), cview(q), cview(k), cview(v), pos);
+        } else if (mode == 1) {
+          ops::memory_attention_backward<GatedFusion>(dq.view(), dk.view(), dv.view(), dgate.view(), cview(go), cview(q),
+                                                      cview(k), cview(v), cview(mk), cview(mv), cview(gate), pos);
+        } else {
+          ops::memory_attention_backward<JointFusion>(dq.view(), dk.view(), dv.view(), TensorView<double, Host>{},
+                                                      cview(go), cview(q), cview(k), cview(v), cview(mk), cview(mv),
+                                                      cview(gate), pos);
+        }
+        for (auto* t : {&dq, &dk, &dv, &dgate}) results.push_back(std::move(*t));
+      }
+      omp_set_num_threads(saved);
+      for (std::size_t i = 0; i < 4; ++i) {
+        const HostD &one = results[i], &many = results[4 + i];
+        double max_ref = 0, max_err = 0;
+        bool finite = true;
+        for (index_t j = 0; j < one.numel(); ++j) {
+          finite = finite && std::isfinite(many.data()[j]) && std::isfinite(one.data()[j]);
+          max_ref = std::max(max_ref, std::abs(one.data()[j]));
+          max_err = std::max(max_err, std::abs(many.data()[j] - one.data()[j]));
+        }
+        CAPTURE(mode, static_cast<int>(pos), i, max_err, max_ref);
+        CHECK(finite);
+        CHECK(max_err <= 1e-12 * max_ref + 1e-300);
+      }
+    }
+  }
+#else
+  SUCCEED("built without OpenMP: one thread only");
+#endif
 }
 
 TEMPLATE_LIST_TEST_CASE("ops: gelu out of place equals gelu in place, bit for bit", "[ops]", Combos) {

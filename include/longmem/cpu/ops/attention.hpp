@@ -10,19 +10,21 @@
 //                                           local pass merges them into one softmax
 //
 // Backward (attention_backward<Mode>), with P the local probabilities as they enter the output:
-//   1. recompute: M and the memory log-normaliser (K > 0); A and the local log-normaliser
-//   2. per (t, h): Z (log-normaliser of P), G (gradient reaching the local output: d_out, or
-//      (1 - sigmoid g) d_out when gated) and D = G . (sum_s P_ts v_s) (joint: d_out . out)
-//   3. memory branch (K > 0): dr_j = p_j (G_m . Vr_j - D_m);  d_q = scale sum_j dr_j Kr_j
-//      gate (gated): d_g += sigmoid'(g) sum_t d_out . (M - A)
-//   4. local branch, by query blocks:  dS = P (G v^T - D);  d_q += scale dS k
-//      and by key blocks:             d_k = scale dS^T q;  d_v = P^T G
-//   Every output element is written by one job, so results do not depend on the thread count.
+//   1. memory (K > 0): recompute M and the memory log-normaliser
+//   2. local, one pass over query blocks per (head, group of blocks), each block's scores once:
+//      Z (log-normaliser of P) and A = P v, G (gradient reaching the local output: d_out, or
+//      (1 - sigmoid g) d_out when gated) and D = G . (sum_s P_ts v_s) (joint: d_out . out);
+//      dS = P (G v^T - D);  d_q = scale dS k;  d_k += scale dS^T q;  d_v += P^T G
+//   3. memory branch (K > 0): dr_j = p_j (G_m . Vr_j - D_m);  d_q += scale sum_j dr_j Kr_j
+//   4. gate (gated): d_g += sigmoid'(g) sum_t d_out . (M - A)
+//   Each output element is written by one job, or (d_k, d_v with more threads than heads) summed
+//   from per-group buffers in a fixed order: a run is reproducible for a given thread count.
 #include <algorithm>
 #include <cmath>
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "longmem/cpu/ops/common.hpp"
 #include "longmem/detail/alibi.hpp"
@@ -356,49 +358,7 @@ void memory_forward_stats(const AttentionProblem<T>& p, T* mem_out, T* lse) {
   }
 }
 
-/// Step 1, local: A (T, H, dh) and lse (T, H) of the causal softmax, threaded over (head, block).
-template <class T>
-void local_forward_stats(const AttentionProblem<T>& p, T* local_out, T* lse) {
-  const index_t H = p.n_head, dh = p.head_dim, ld = H * dh, n_tok = p.n_tok;
-  const T scale = T(1) / std::sqrt(T(dh));
-  const index_t B = std::max<index_t>(1, host_attention_tuning.query_block);
-  const index_t n_blocks = (n_tok + B - 1) / B, jobs = n_blocks * H;
-  const index_t per_thread = (std::min(B, n_tok) * n_tok + 15) / 16 * 16;
-  Tensor<T, Host> scratch(Shape{static_cast<index_t>(max_threads()), per_thread});
-  [[maybe_unused]] const bool threaded = jobs > 1 && n_tok * n_tok * H * dh >= (index_t{1} << 16);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) if (threaded)
-#endif
-  for (index_t job = 0; job < jobs; ++job) {
-    const index_t block = n_blocks - 1 - job / H, h = job % H;
-    const index_t t0 = block * B, t1 = std::min(n_tok, t0 + B), nb = t1 - t0, nk = t1;
-    T* scores = scratch.data() + thread_id() * per_thread;  // (nb, nk)
-    ConstMatrixMap<T> Q(p.q + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-    ConstMatrixMap<T> Kh(p.k + h * dh, nk, dh, Eigen::OuterStride<>(ld));
-    ConstMatrixMap<T> Vh(p.v + h * dh, nk, dh, Eigen::OuterStride<>(ld));
-    MatrixMap<T> S(scores, nb, nk, Eigen::OuterStride<>(nk));
-    S.noalias() = Q * Kh.transpose();
-    for (index_t i = 0; i < nb; ++i) {
-      const index_t t = t0 + i, n = t + 1;
-      RowArrayMap<T> row(scores + i * nk, n);
-      if (p.alibi) {
-        row = row * scale + Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(p.alibi + h * n_tok + (n_tok - 1 - t), n);
-      } else {
-        row *= scale;
-      }
-      const T mx = row.maxCoeff();
-      row = (row - mx).exp();
-      const T sum = row.sum();
-      row *= T(1) / sum;
-      std::fill(scores + i * nk + n, scores + (i + 1) * nk, T(0));
-      lse[t * H + h] = mx + std::log(sum);
-    }
-    MatrixMap<T> A(local_out + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-    A.noalias() = S * Vh;
-  }
-}
-
-/// Step 3, memory branch: d_q (T, H, dh) = scale sum_j dr_j Kr_j (overwritten), threaded over t.
+/// Step 3, memory branch: d_q (T, H, dh) += scale sum_j dr_j Kr_j, threaded over t.
 ///   gated: p_j = exp(r_j - lse_mem), G = sigmoid(g) d_out, D = delta_mem
 ///   joint: p_j = exp(r_j - Z),       G = d_out,            D = delta
 template <AttentionMode Mode, class T>
@@ -434,144 +394,195 @@ void memory_backward(const AttentionGrad<T>& g) {
       dr.noalias() = (Vr * go) * gs;                                 // G . Vr_j
       dr = ((r.array() - z).exp() * (dr.array() - D)).matrix();      // p_j (G . Vr_j - D)
       Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> dq(g.d_q + t * ld + h * dh, dh);
-      dq.noalias() = (dr.transpose() * Kr) * scale;
+      dq.noalias() += (dr.transpose() * Kr) * scale;
     }
   }
 }
 
-/// Step 4, queries [t0, t1) of head h: d_q rows += scale (P (G V^T - D)) K.
-template <class T>
-void local_backward_queries(const AttentionGrad<T>& g, index_t h, index_t t0, index_t t1, T* scratch) {
-  const AttentionProblem<T>& p = g.p;
-  const index_t H = p.n_head, dh = p.head_dim, ld = H * dh, n_tok = p.n_tok, nb = t1 - t0, nk = t1;
-  const T scale = T(1) / std::sqrt(T(dh));
-  const T gs = g.local_scale ? g.local_scale[h] : T(1);
-  T* prob = scratch;           // (nb, nk)
-  T* dprob = prob + nb * nk;   // (nb, nk)
-  ConstMatrixMap<T> Q(p.q + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-  ConstMatrixMap<T> GO(g.d_out + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-  ConstMatrixMap<T> Kh(p.k + h * dh, nk, dh, Eigen::OuterStride<>(ld));
-  ConstMatrixMap<T> Vh(p.v + h * dh, nk, dh, Eigen::OuterStride<>(ld));
-  MatrixMap<T> P(prob, nb, nk, Eigen::OuterStride<>(nk));
-  MatrixMap<T> dP(dprob, nb, nk, Eigen::OuterStride<>(nk));
-  P.noalias() = Q * Kh.transpose();
-  dP.noalias() = GO * Vh.transpose();
-  for (index_t i = 0; i < nb; ++i) {
-    const index_t t = t0 + i, n = t + 1;
-    RowArrayMap<T> row(prob + i * nk, n);
-    if (p.alibi) {
-      row = row * scale + Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(p.alibi + h * n_tok + (n_tok - 1 - t), n);
-    } else {
-      row *= scale;
-    }
-    row = (row - g.norm[t * H + h]).exp();
-    RowArrayMap<T> drow(dprob + i * nk, n);
-    drow = row * (drow * gs - g.delta[t * H + h]);  // dS
-    std::fill(dprob + i * nk + n, dprob + (i + 1) * nk, T(0));
-  }
-  MatrixMap<T> DQ(g.d_q + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-  DQ.noalias() += (dP * Kh) * scale;
+/// Scratch elements one job of the fused local pass needs: P and dS (nb, T), the block's A (nb, dh),
+/// and, when it accumulates into its own buffers, partial d_k and d_v (T, dh) each.
+inline index_t local_backward_scratch(index_t nb, index_t n_tok, index_t head_dim, bool partial) {
+  const index_t n = 2 * nb * n_tok + nb * head_dim + (partial ? 2 * n_tok * head_dim : 0);
+  return (n + 15) / 16 * 16;
 }
 
-/// Step 4, keys [s0, s1) of head h against queries [s0, T): d_k = scale dS^T Q, d_v = P^T G.
-template <class T>
-void local_backward_keys(const AttentionGrad<T>& g, index_t h, index_t s0, index_t s1, T* scratch) {
+/// Step 2, the local branch, in one pass over the query blocks [b0, b1) of head h
+/// (block size B), each block's scores computed once (FlashAttention-2's order, with whole rows):
+///   S = Q K^T over keys [0, t1), Z and P = exp(S' - Z) per row, A = P V, D from A (and M)
+///   dP = G V^T, dS = P (dP - D);  d_q rows = scale dS K (overwritten; step 3 adds the memory part)
+///   d_k[0, t1) += scale dS^T Q,  d_v[0, t1) += P^T G   into (dk, ldk), (dv, ldk)
+/// Stores Z (norm), D (delta) and, gated, go.M - go.A (gate_terms) per (t, h) for steps 3 and 4.
+template <AttentionMode Mode, class T>
+void local_backward_blocks(const AttentionGrad<T>& g, index_t h, index_t b0, index_t b1, index_t B, T* dk, T* dv,
+                           index_t ldk, T* norm, T* delta, T* gate_terms, T* scratch) {
   const AttentionProblem<T>& p = g.p;
-  const index_t H = p.n_head, dh = p.head_dim, ld = H * dh, n_tok = p.n_tok, nb = s1 - s0, nq = n_tok - s0;
+  const index_t H = p.n_head, dh = p.head_dim, ld = H * dh, n_tok = p.n_tok;
   const T scale = T(1) / std::sqrt(T(dh));
-  const T gs = g.local_scale ? g.local_scale[h] : T(1);
-  T* prob = scratch;           // (nb, nq): P^T, row = key s, column = query t
-  T* dprob = prob + nb * nq;   // (nb, nq)
-  ConstMatrixMap<T> Kb(p.k + s0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-  ConstMatrixMap<T> Vb(p.v + s0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-  ConstMatrixMap<T> Q(p.q + s0 * ld + h * dh, nq, dh, Eigen::OuterStride<>(ld));
-  ConstMatrixMap<T> GO(g.d_out + s0 * ld + h * dh, nq, dh, Eigen::OuterStride<>(ld));
-  MatrixMap<T> P(prob, nb, nq, Eigen::OuterStride<>(nq));
-  MatrixMap<T> dP(dprob, nb, nq, Eigen::OuterStride<>(nq));
-  P.noalias() = Kb * Q.transpose();
-  dP.noalias() = Vb * GO.transpose();
-  for (index_t i = 0; i < nb; ++i) {
-    const index_t s = s0 + i;
-    T* pr = prob + i * nq;
-    T* dr = dprob + i * nq;
-    for (index_t c = 0; c < nq; ++c) {
-      const index_t t = s0 + c;
-      if (t < s) {
-        pr[c] = T(0);
-        dr[c] = T(0);
-        continue;
+  for (index_t block = b0; block < b1; ++block) {
+    const index_t t0 = block * B, t1 = std::min(n_tok, t0 + B), nb = t1 - t0, nk = t1;
+    T* prob = scratch;             // (nb, nk) P as it enters the output (zero above the diagonal)
+    T* dprob = prob + nb * nk;     // (nb, nk) dP, then dS
+    T* local = dprob + nb * nk;    // (nb, dh) A, the normalised local output
+    ConstMatrixMap<T> Q(p.q + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
+    ConstMatrixMap<T> GO(g.d_out + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
+    ConstMatrixMap<T> Kh(p.k + h * dh, nk, dh, Eigen::OuterStride<>(ld));
+    ConstMatrixMap<T> Vh(p.v + h * dh, nk, dh, Eigen::OuterStride<>(ld));
+    MatrixMap<T> P(prob, nb, nk, Eigen::OuterStride<>(nk));
+    MatrixMap<T> dP(dprob, nb, nk, Eigen::OuterStride<>(nk));
+    MatrixMap<T> A(local, nb, dh, Eigen::OuterStride<>(dh));
+    P.noalias() = Q * Kh.transpose();
+    for (index_t i = 0; i < nb; ++i) {
+      const index_t t = t0 + i, n = t + 1;
+      RowArrayMap<T> row(prob + i * nk, n);
+      if (p.alibi) {
+        row = row * scale + Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(p.alibi + h * n_tok + (n_tok - 1 - t), n);
+      } else {
+        row *= scale;
       }
-      T score = pr[c] * scale;
-      if (p.alibi) score += p.alibi[h * n_tok + (n_tok - 1) - (t - s)];
-      const T prob_ts = std::exp(score - g.norm[t * H + h]);
-      pr[c] = prob_ts * gs;                                    // P^T G then gives d_v directly
-      dr[c] = prob_ts * (dr[c] * gs - g.delta[t * H + h]);     // dS^T
+      const T mx = row.maxCoeff();
+      row = (row - mx).exp();
+      const T sum = row.sum();
+      row *= T(1) / sum;  // the local softmax
+      std::fill(prob + i * nk + n, prob + (i + 1) * nk, T(0));
+      norm[t * H + h] = mx + std::log(sum);  // local log-normaliser for now
     }
+    A.noalias() = P * Vh;
+    dP.noalias() = GO * Vh.transpose();
+    for (index_t i = 0; i < nb; ++i) {
+      const index_t t = t0 + i, th = t * H + h, n = t + 1;
+      ConstVectorMap<T> go(g.d_out + t * ld + h * dh, dh);
+      const T go_a = go.dot(A.row(i).transpose());
+      T gs = T(1), D;  // G = gs d_out reaches the local probabilities P (as they enter the output)
+      if constexpr (Mode == AttentionMode::Causal) {
+        D = go_a;
+      } else {
+        ConstVectorMap<T> m(g.mem_out + t * ld + h * dh, dh);
+        const T go_m = go.dot(m);
+        if constexpr (Mode == AttentionMode::Gated) {
+          gs = p.gate_local[h];
+          D = gs * go_a;
+          gate_terms[th] = go_m - go_a;
+        } else {
+          // One softmax over local and memory scores: P_joint = exp(ll - z) P_local.
+          const T ll = norm[th], lm = g.lse_mem[th];
+          const T z = std::max(ll, lm) + std::log1p(std::exp(-std::abs(ll - lm)));  // logaddexp
+          const T wl = std::exp(ll - z);
+          norm[th] = z;
+          D = wl * go_a + std::exp(lm - z) * go_m;  // d_out . out
+          RowArrayMap<T>(prob + i * nk, n) *= wl;
+        }
+      }
+      delta[th] = D;
+      RowArrayMap<T> prow(prob + i * nk, n), drow(dprob + i * nk, n);
+      drow = prow * (drow * gs - D);  // dS
+      std::fill(dprob + i * nk + n, dprob + (i + 1) * nk, T(0));
+      if (gs != T(1)) prow *= gs;  // P^T G then gives d_v directly
+    }
+    MatrixMap<T> DQ(g.d_q + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
+    MatrixMap<T> DK(dk, nk, dh, Eigen::OuterStride<>(ldk));
+    MatrixMap<T> DV(dv, nk, dh, Eigen::OuterStride<>(ldk));
+    DQ.noalias() = (dP * Kh) * scale;
+    DK.noalias() += (dP.transpose() * Q) * scale;
+    DV.noalias() += P.transpose() * GO;
   }
-  MatrixMap<T> DK(g.d_k + s0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-  MatrixMap<T> DV(g.d_v + s0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-  DK.noalias() = (dP * Q) * scale;
-  DV.noalias() = P * GO;
 }
 
 /// Steps 1-4 (header comment). d_gate (H) is accumulated when not null (gated only).
+/// The local pass runs as H x G jobs: head h's query blocks split into G contiguous groups of
+/// about equal cost; with G = 1 a job accumulates d_k, d_v of its head in place, otherwise into its
+/// own buffers, summed in group order afterwards (G depends only on the thread count and shape,
+/// so a run is reproducible for a given thread count).
 template <AttentionMode Mode, class T>
 void attention_backward(AttentionGrad<T> g, T* d_gate) {
   const AttentionProblem<T>& p = g.p;
   const index_t n_tok = p.n_tok, H = p.n_head, dh = p.head_dim, ld = H * dh;
-  Tensor<T, Host> lse_local(Shape{n_tok, H}), local_out(Shape{n_tok, H, dh}), norm(Shape{n_tok, H}), delta(Shape{n_tok, H});
+  Tensor<T, Host> norm(Shape{n_tok, H}), delta(Shape{n_tok, H});
   Tensor<T, Host> lse_mem, mem_out, delta_mem, gate_terms;
   constexpr bool memory = Mode != AttentionMode::Causal;
   if constexpr (memory) {
     lse_mem.resize(Shape{n_tok, H});
     mem_out.resize(Shape{n_tok, H, dh});
     memory_forward_stats(p, mem_out.data(), lse_mem.data());
-    delta_mem.resize(Shape{n_tok, H});
     gate_terms.resize(Shape{n_tok, H});
-  }
-  local_forward_stats(p, local_out.data(), lse_local.data());
-  // Step 2, per (t, h).
-  parallel_for(n_tok, 4 * ld, [&](index_t t) {
-    for (index_t h = 0; h < H; ++h) {
-      const index_t th = t * H + h;
-      ConstVectorMap<T> go(g.d_out + t * ld + h * dh, dh);
-      ConstVectorMap<T> a(local_out.data() + t * ld + h * dh, dh);
-      const T go_a = go.dot(a);
-      if constexpr (Mode == AttentionMode::Causal) {
-        norm.data()[th] = lse_local.data()[th];
-        delta.data()[th] = go_a;
-      } else {
-        ConstVectorMap<T> m(mem_out.data() + t * ld + h * dh, dh);
-        const T go_m = go.dot(m);
-        if constexpr (Mode == AttentionMode::Gated) {
-          const T gl = p.gate_local[h], gm = p.gate_memory[h];
-          norm.data()[th] = lse_local.data()[th];
-          delta.data()[th] = gl * go_a;
-          delta_mem.data()[th] = gm * go_m;
-          gate_terms.data()[th] = go_m - go_a;
-        } else {
-          const T ll = lse_local.data()[th], lm = lse_mem.data()[th];
-          const T z = std::max(ll, lm) + std::log1p(std::exp(-std::abs(ll - lm)));  // logaddexp
-          norm.data()[th] = z;
-          delta.data()[th] = std::exp(ll - z) * go_a + std::exp(lm - z) * go_m;  // d_out . out
-        }
-      }
-    }
-  });
-  g.norm = norm.data();
-  g.delta = delta.data();
-  if constexpr (Mode == AttentionMode::Gated) {
     g.lse_mem = lse_mem.data();
     g.mem_out = mem_out.data();
-    g.delta_mem = delta_mem.data();
-    g.local_scale = p.gate_local;
   }
-  // Step 3.
+  if constexpr (Mode == AttentionMode::Gated) g.local_scale = p.gate_local;
+  // Step 2, the local pass.
+  const index_t B = std::min<index_t>(64, std::max<index_t>(1, host_attention_tuning.query_block));
+  const index_t n_blocks = (n_tok + B - 1) / B;
+  [[maybe_unused]] const bool threaded = n_tok * n_tok * H * dh >= (index_t{1} << 16);
+  const index_t threads = threaded ? static_cast<index_t>(max_threads()) : 1;
+  const index_t groups = std::clamp<index_t>((threads + H - 1) / H, 1, n_blocks), jobs = H * groups;
+  // Group boundaries: block b costs about b + 1 (its keys), so group j ends where the running cost
+  // passes j / groups of the total.
+  std::vector<index_t> first_block(static_cast<std::size_t>(groups + 1), n_blocks);
+  first_block[0] = 0;
+  for (index_t b = 0, j = 1, cost = 0; b < n_blocks && j < groups; ++b) {
+    cost += b + 1;
+    while (j < groups && cost * groups >= j * n_blocks * (n_blocks + 1) / 2) first_block[static_cast<std::size_t>(j++)] = b + 1;
+  }
+  const bool partial = groups > 1;
+  const index_t nb_max = std::min(B, n_tok);
+  const index_t per_thread = local_backward_scratch(nb_max, n_tok, dh, partial), part_offset = 2 * nb_max * n_tok + nb_max * dh;
+  Tensor<T, Host> scratch(Shape{partial ? jobs : std::min(jobs, threads), per_thread});
+  if (!partial) {
+    std::fill(g.d_k, g.d_k + n_tok * ld, T(0));
+    std::fill(g.d_v, g.d_v + n_tok * ld, T(0));
+  }
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(dynamic, 1) if (threaded && jobs > 1)
+#endif
+  for (index_t job = 0; job < jobs; ++job) {
+    const index_t h = job % H, grp = groups - 1 - job / H;  // the costliest groups (last blocks) first
+    const index_t b0 = first_block[static_cast<std::size_t>(grp)], b1 = first_block[static_cast<std::size_t>(grp + 1)];
+    T* work = scratch.data() + (partial ? job : thread_id()) * per_thread;
+    T *dk = g.d_k + h * dh, *dv = g.d_v + h * dh;
+    index_t ldk = ld;
+    if (partial) {
+      dk = work + part_offset;  // (T, dh), rows [0, t_end) used
+      dv = dk + n_tok * dh;
+      ldk = dh;
+      std::fill(dk, dk + 2 * n_tok * dh, T(0));
+    }
+    if (b1 > b0) {
+      local_backward_blocks<Mode>(g, h, b0, b1, B, dk, dv, ldk, norm.data(), delta.data(),
+                                  memory ? gate_terms.data() : nullptr, work);
+    }
+  }
+  if (partial) {
+    parallel_for(n_tok, 2 * groups * ld, [&](index_t t) {
+      for (index_t h = 0; h < H; ++h) {
+        for (index_t e = 0; e < dh; ++e) {
+          T sk = T(0), sv = T(0);
+          for (index_t grp = 0; grp < groups; ++grp) {  // fixed order: the jobs of head h, group 0 first
+            const T* part = scratch.data() + ((groups - 1 - grp) * H + h) * per_thread + part_offset;
+            sk += part[t * dh + e];
+            sv += part[n_tok * dh + t * dh + e];
+          }
+          g.d_k[t * ld + h * dh + e] = sk;
+          g.d_v[t * ld + h * dh + e] = sv;
+        }
+      }
+    });
+  }
+  g.norm = norm.data();
+  g.delta = delta.data();
+  // Step 3: the memory branch adds to d_q.
   if constexpr (memory) {
+    if constexpr (Mode == AttentionMode::Gated) {
+      delta_mem.resize(Shape{n_tok, H});
+      parallel_for(n_tok, 2 * ld, [&](index_t t) {
+        for (index_t h = 0; h < H; ++h) {
+          ConstVectorMap<T> go(g.d_out + t * ld + h * dh, dh), m(mem_out.data() + t * ld + h * dh, dh);
+          delta_mem.data()[t * H + h] = p.gate_memory[h] * go.dot(m);
+        }
+      });
+      g.delta_mem = delta_mem.data();
+    }
     memory_backward<Mode>(g);
-  } else {
-    std::fill(g.d_q, g.d_q + n_tok * ld, T(0));
   }
+  // Step 4: the gate.
   if constexpr (Mode == AttentionMode::Gated) {
     if (d_gate) {
       for (index_t h = 0; h < H; ++h) {
@@ -581,26 +592,6 @@ void attention_backward(AttentionGrad<T> g, T* d_gate) {
         d_gate[h] += static_cast<T>(gm * gl * s);  // sigmoid'(g) = sigmoid(g) (1 - sigmoid(g))
       }
     }
-  }
-  // Step 4: query blocks, then key blocks; each writes disjoint rows.
-  const index_t B = std::max<index_t>(1, host_attention_tuning.query_block);
-  const index_t n_blocks = (n_tok + B - 1) / B, jobs = n_blocks * H;
-  const index_t per_thread = (2 * std::min(B, n_tok) * n_tok + 15) / 16 * 16;
-  Tensor<T, Host> scratch(Shape{static_cast<index_t>(max_threads()), per_thread});
-  [[maybe_unused]] const bool threaded = jobs > 1 && n_tok * n_tok * H * dh >= (index_t{1} << 16);
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) if (threaded)
-#endif
-  for (index_t job = 0; job < jobs; ++job) {
-    const index_t block = n_blocks - 1 - job / H, h = job % H;  // largest query blocks first
-    local_backward_queries(g, h, block * B, std::min(n_tok, block * B + B), scratch.data() + thread_id() * per_thread);
-  }
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) if (threaded)
-#endif
-  for (index_t job = 0; job < jobs; ++job) {
-    const index_t block = job / H, h = job % H;  // first key blocks see the most queries
-    local_backward_keys(g, h, block * B, std::min(n_tok, block * B + B), scratch.data() + thread_id() * per_thread);
   }
 }
 
