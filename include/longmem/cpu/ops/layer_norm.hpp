@@ -1,9 +1,10 @@
 #pragma once
-// Host LayerNorm over the last C features of each row, forward and backward. Statistics are
-// computed in double per row (two passes); the backward recomputes them from the input.
+// Host LayerNorm over the last C features of each row, forward and backward, vectorised in T.
+// Statistics per row in two passes (mean, then squared deviations); the backward recomputes them.
 //   layer_norm           y = (x - mean) / sqrt(var + eps) * w + b          (biased variance)
 //   layer_norm_backward  xhat = (x - mean) r,  g = d_y * w,
 //                        d_x = r (g - mean(g) - xhat mean(g xhat)),  d_w += sum d_y xhat,  d_b += sum d_y
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -24,18 +25,15 @@ index_t check_layer_norm_params(const char* op, const W& weight, const B& bias, 
   return C;
 }
 
-/// Mean and 1/sqrt(var + eps) of one row of C values, in double.
+/// Mean and 1/sqrt(var + eps) of one row of C values: two passes (mean, then squared deviations),
+/// summed in T by Eigen's vectorised reduction (a tree of packets: error about log2(C) ulp of T,
+/// the same order as PyTorch's float LayerNorm), returned in double.
 template <class T>
 std::pair<double, double> row_statistics(const T* x, index_t C, double eps) {
-  double mean = 0;
-  for (index_t c = 0; c < C; ++c) mean += static_cast<double>(x[c]);
-  mean /= static_cast<double>(C);
-  double var = 0;
-  for (index_t c = 0; c < C; ++c) {
-    const double dx = static_cast<double>(x[c]) - mean;
-    var += dx * dx;
-  }
-  return {mean, 1.0 / std::sqrt(var / static_cast<double>(C) + eps)};
+  const auto xr = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(x, C);
+  const T mean = xr.sum() / static_cast<T>(C);
+  const T var = (xr - mean).square().sum() / static_cast<T>(C);
+  return {static_cast<double>(mean), 1.0 / std::sqrt(static_cast<double>(var) + eps)};
 }
 
 /// Per row of C = weight.numel() features. An absent bias means zero bias. out may be in (in place).
@@ -54,9 +52,15 @@ void layer_norm(TensorView<T, Host> out, TensorView<const T, Host> in, TensorVie
     const T* x = in.data() + n * C;
     T* y = out.data() + n * C;
     const auto [mean, inv] = row_statistics(x, C, eps);
-    for (index_t c = 0; c < C; ++c) {
-      const double b = has_bias ? static_cast<double>(bias.data()[c]) : 0.0;
-      y[c] = static_cast<T>((static_cast<double>(x[c]) - mean) * inv * static_cast<double>(weight.data()[c]) + b);
+    using Row = Eigen::Array<T, Eigen::Dynamic, 1>;
+    const auto xr = Eigen::Map<const Row>(x, C);
+    const auto wr = Eigen::Map<const Row>(weight.data(), C);
+    const T m = static_cast<T>(mean), r = static_cast<T>(inv);
+    Eigen::Map<Row> yr(y, C);  // may alias x exactly: element c reads x[c] before writing y[c]
+    if (has_bias) {
+      yr = (xr - m) * r * wr + Eigen::Map<const Row>(bias.data(), C);
+    } else {
+      yr = (xr - m) * r * wr;
     }
   });
 }
@@ -87,36 +91,38 @@ void layer_norm_backward(TensorView<T, Host> d_in, TensorView<T, Host> d_weight,
     mean[static_cast<std::size_t>(n)] = m;
     inv[static_cast<std::size_t>(n)] = r;
     if (!want_in) return;
-    const T* g = d_out.data() + n * C;
-    const T* w = weight.data();
-    double sum_g = 0, sum_gx = 0;  // sums of g = d_out * w and of g * xhat
-    for (index_t c = 0; c < C; ++c) {
-      const double gc = static_cast<double>(g[c]) * static_cast<double>(w[c]);
-      sum_g += gc;
-      sum_gx += gc * (static_cast<double>(x[c]) - m) * r;
-    }
-    const double mg = sum_g / static_cast<double>(C), mgx = sum_gx / static_cast<double>(C);
-    T* dx = d_in.data() + n * C;
-    for (index_t c = 0; c < C; ++c) {
-      const double xhat = (static_cast<double>(x[c]) - m) * r;
-      const double v = r * (static_cast<double>(g[c]) * static_cast<double>(w[c]) - mg - xhat * mgx);
-      dx[c] = acc == Accumulate::Yes ? static_cast<T>(static_cast<double>(dx[c]) + v) : static_cast<T>(v);
+    using Row = Eigen::Array<T, Eigen::Dynamic, 1>;
+    const T mt = static_cast<T>(m), rt = static_cast<T>(r);
+    const auto xhat = (Eigen::Map<const Row>(x, C) - mt) * rt;
+    const auto gw = Eigen::Map<const Row>(d_out.data() + n * C, C) * Eigen::Map<const Row>(weight.data(), C);  // g = d_out w
+    const T mg = gw.sum() / static_cast<T>(C), mgx = (gw * xhat).sum() / static_cast<T>(C);
+    Eigen::Map<Row> dx(d_in.data() + n * C, C);
+    if (acc == Accumulate::Yes) {
+      dx += rt * (gw - mg - xhat * mgx);
+    } else {
+      dx = rt * (gw - mg - xhat * mgx);
     }
   });
   if (!want_w && !want_b) return;
-  // Rows added one after another in double (vectorised across the C columns): independent of threads.
-  Eigen::Array<double, Eigen::Dynamic, 1> sw = Eigen::Array<double, Eigen::Dynamic, 1>::Zero(C), sb = sw;
-  for (index_t n = 0; n < N; ++n) {
-    const auto g = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(d_out.data() + n * C, C).template cast<double>();
-    const auto x = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(in.data() + n * C, C).template cast<double>();
-    const double m = mean[static_cast<std::size_t>(n)], r = inv[static_cast<std::size_t>(n)];
-    sw += g * ((x - m) * r);
-    sb += g;
-  }
-  for (index_t c = 0; c < C; ++c) {
-    if (want_w) d_weight.data()[c] += static_cast<T>(sw[c]);
-    if (want_b) d_bias.data()[c] += static_cast<T>(sb[c]);
-  }
+  // Rows added one after another, vectorised across a block of columns; blocks threaded,
+  // so each column's sum has the same order for any thread count.
+  constexpr index_t block = 64;
+  parallel_for((C + block - 1) / block, 4 * N * block, [&](index_t j) {
+    const index_t c0 = j * block, nc = std::min(block, C - c0);
+    using Row = Eigen::Array<T, Eigen::Dynamic, 1>;
+    Row sw = Row::Zero(nc), sb = sw;  // sums over rows in T, as PyTorch's
+    for (index_t n = 0; n < N; ++n) {
+      const auto g = Eigen::Map<const Row>(d_out.data() + n * C + c0, nc);
+      const auto x = Eigen::Map<const Row>(in.data() + n * C + c0, nc);
+      const T m = static_cast<T>(mean[static_cast<std::size_t>(n)]), r = static_cast<T>(inv[static_cast<std::size_t>(n)]);
+      sw += g * ((x - m) * r);
+      sb += g;
+    }
+    for (index_t c = 0; c < nc; ++c) {
+      if (want_w) d_weight.data()[c0 + c] += static_cast<T>(sw[c]);
+      if (want_b) d_bias.data()[c0 + c] += static_cast<T>(sb[c]);
+    }
+  });
 }
 
 }  // namespace longmem::detail::cpu
