@@ -123,39 +123,7 @@ class Gpt2Star(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Memory bank: per stream, ring buffers of chunk keys and of the chunks' token keys/values
 # ----------------------------------------------------------------------------------------------
-class MemoryBank:
-    """Rows b of the preallocated tensors are stream b's bank; all streams append T tokens a step,
-    so they share the ring position and fill count. FIFO over chunks of csz tokens."""
-
-    def __init__(self, B, H, dh, msz, csz):
-        assert msz % csz == 0
-        self.C, self.csz = msz // csz, csz
-        self.chunk_keys = torch.zeros(B, H, self.C, dh)
-        self.keys = torch.zeros(B, H, self.C, csz * dh)
-        self.values = torch.zeros(B, H, self.C, csz * dh)
-        self.pos, self.count = 0, 0
-
-    @torch.no_grad()
-    def append(self, k, v):
-        """k, v (B, H, T, dh) from the backbone's memory layer; T a multiple of csz."""
-        B, H, T, dh = k.shape
-        assert T % self.csz == 0, "segment length must be a multiple of the chunk size"
-        n = T // self.csz
-        k = k.reshape(B, H, n, self.csz, dh)
-        v = v.reshape(B, H, n, self.csz, dh)
-        if n > self.C:  # a segment longer than the memory keeps its last C chunks
-            k, v, n = k[:, :, -self.C:], v[:, :, -self.C:], self.C
-        slots = (torch.arange(n) + self.pos) % self.C
-        self.chunk_keys.index_copy_(2, slots, k.mean(3))
-        self.keys.index_copy_(2, slots, k.reshape(B, H, n, -1))
-        self.values.index_copy_(2, slots, v.reshape(B, H, n, -1))
-        self.pos = (self.pos + n) % self.C
-        self.count = min(self.count + n, self.C)
-
-    def tensors(self):
-        """The filled part (slots [0, count) until the ring is full, then all of it)."""
-        c = self.count
-        return self.chunk_keys[:, :, :c], self.keys[:, :, :c], self.values[:, :, :c]
+from torch_bank import MemoryBank  # noqa: E402  (beside this script)
 
 
 @torch.no_grad()
