@@ -40,21 +40,3 @@ class MemoryBank:
         if c == self.C:
             return self.chunk_keys, self.keys, self.values
         return self.chunk_keys[:, :, :c], self.keys[:, :, :c], self.values[:, :, :c]
-
-
-def retrieve(q, chunk_keys, keys, values, k_chunks):
-    """q (B, H, T, dh) unscaled; bank tensors (B, H, C, ...). Returns Kr, Vr (B, H, T, K, dh) and the
-    chunk indices (B, H, T, k')."""
-    B, H, T, dh = q.shape
-    C = chunk_keys.shape[2]
-    scores = torch.matmul(q, chunk_keys.transpose(-2, -1))             # (B, H, T, C)
-    idx = scores.topk(min(k_chunks, C), dim=-1, sorted=False).indices  # (B, H, T, k')
-    flat = (idx + (torch.arange(B * H) * C).view(B, H, 1, 1)).reshape(-1)
-    Kr = keys.reshape(B * H * C, -1).index_select(0, flat).view(B, H, T, -1, dh)
-    Vr = values.reshape(B * H * C, -1).index_select(0, flat).view(B, H, T, -1, dh)
-    return Kr, Vr, idx
-
-
-# ----------------------------------------------------------------------------------------------
-# SideNet
-# ----------------------------------------------------------------------------------------------
