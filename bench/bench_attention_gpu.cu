@@ -1,7 +1,7 @@
 // Device attention and linear ops (OpsBackend<Device>, cuda/ops.cuh), LongMem shape: 16 heads,
 // dh 64, one stream of T tokens unless the name says B8.
 //
-//   Causal/<T>/<alibi>            ops::causal_attention                          (flash-style kernel)
+//   Causal/<T>/<alibi>            ops::causal_attention                          (flash-style kernel, tensor cores)
 //   Memory/<T>/<K>/<fusion>       ops::memory_attention<GatedFusion|JointFusion>, K retrieved tokens
 //   Linear/<N>/<I>/<O>/<bias>     ops::linear through cuBLASLt, fp32 compute
 //
@@ -31,7 +31,8 @@
 // q/k/v (4 MB each per stream) stay in L2 at B 1, which is what a fused layer would see too.
 // Counters: TFLOP/s of the attention maths (2 dh per score and per value term: causal 4 H dh T(T+1)/2,
 // memory 4 T H K dh, per stream, times B); fp32_floor_ms = those FLOPs at the SMs x 128 FMA/clock
-// fp32 peak (this kernel uses FMAs);
+// fp32 peak (dh <= 64 runs the local branch on tensor cores as 3xTF32, three mma per product, so
+// this floor is a reference point, not a bound; the memory branch uses FMAs);
 // retrieved_MB = bytes of retrieved keys + values read, each distinct byte once: for Memory rows the
 // gathered mem_k + mem_v (the kernel reads each once); for Gather and MemoryGather rows the distinct
 // bank rows the ids touch (uniform: ~63% of the bank, since T K = the bank size); mem_GB/s =

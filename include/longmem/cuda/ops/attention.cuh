@@ -2,26 +2,31 @@
 // Device attention: causal and memory-augmented, forward (T tokens, H heads, dh head dim, K
 // retrieved tokens; rows of q/k/v/out are (T, H, dh) with stride H*dh, memory (T, H, K, dh)).
 //
-// One kernel, flash-style: a block takes Br = 32 queries of one head, keeps their q rows in shared
-// memory and walks the keys up to its last query in tiles of Bc = 32 (k and v staged in shared
-// memory), with an online softmax; no T x T matrix exists anywhere. ALiBi slopes come from
-// detail::alibi_slope inside the kernel. Dispatch (attention_kernel<Mode, DhMax>):
+// Two flash-style kernels, the same modes and results up to float rounding; no T x T matrix exists
+// anywhere and ALiBi slopes come from detail::alibi_slope inside the kernel:
+//   dh <= 64     attention_mma_kernel (attention_mma.cuh): the local branch on tensor cores
+//                (mma.sync, 3xTF32: float accuracy), 64 queries per block
+//   dh <= 256    attention_kernel (below): FMAs from shared memory, 32 queries per block
+// Modes (AttentionMode):
 //   causal_attention                        Causal: the local softmax only
 //   memory_attention<F> with K = 0          exactly the Causal kernel (no gate factor)
-//   memory_attention<GatedFusion>, K > 0    Gated: memory phase writes M = softmax(q Kr^T/sqrt dh) Vr to
-//                                           shared memory, the local phase gives A, out = (1-s(g)) A + s(g) M
-//   memory_attention<JointFusion>, K > 0    Joint: the memory phase's (max, sum, e Vr) seed the local
+//   memory_attention<GatedFusion>, K > 0    Gated: the memory branch (memory_branch_row, one warp per
+//                                           query row) gives M = softmax(q Kr^T/sqrt dh) Vr, the local
+//                                           phase gives A, out = (1-s(g)) A + s(g) M
+//   memory_attention<JointFusion>, K > 0    Joint: the memory branch's (max, sum, e Vr) seed the local
 //                                           online softmax, so both score sets share one softmax
 // The memory branch has no position term, as in the host backend and the reference.
 //
-// Threads (128 per block): in the memory phase a warp takes one query row at a time, lanes over dh
-// (coalesced reads of that query's own Kr, Vr rows); in the local phase four consecutive lanes own one
-// query row (8 of a tile's 32 keys each for the scores; every 4th feature of the output).
-// DhMax (32, 64, 128, 256) is the register budget for dh; dh > 256 is refused.
+// FMA kernel threads (128 per block): in the memory phase a warp takes one query row at a time; in
+// the local phase four consecutive lanes own one query row (8 of a tile's 32 keys each for the
+// scores; every 4th feature of the output). DhMax (32, 64, 128, 256) is the register budget for dh;
+// dh > 256 is refused.
 #include <cmath>
 #include <string>
 #include <type_traits>
 
+#include "longmem/cuda/ops/attention_mma.cuh"
+#include "longmem/cuda/ops/attention_parts.cuh"
 #include "longmem/cuda/ops/common.cuh"
 #include "longmem/detail/alibi.hpp"
 #include "longmem/fusion.hpp"
@@ -29,40 +34,13 @@
 
 namespace longmem {
 
-/// Tiling of the device attention kernel (fixed at compile time; printed by benchmarks).
-struct DeviceAttentionTuning {
-  int query_block = 32;  // Br: queries per block
-  int key_block = 32;    // Bc: keys per shared-memory tile
-  int threads = 128;     // 4 lanes per query row
-  int max_head_dim = 256;
-  friend constexpr bool operator==(const DeviceAttentionTuning&, const DeviceAttentionTuning&) = default;
-};
-inline constexpr DeviceAttentionTuning device_attention_tuning{};
-
 namespace detail::cuda {
-
-enum class AttentionMode { Causal, Gated, Joint };
 
 inline constexpr int attn_br = device_attention_tuning.query_block;
 inline constexpr int attn_bc = device_attention_tuning.key_block;
 inline constexpr int attn_threads = device_attention_tuning.threads;
 static_assert(attn_threads == 4 * attn_br, "four lanes per query row");
 static_assert(attn_bc % 4 == 0 && attn_threads % 32 == 0, "tile sizes");
-
-/// What the kernel reads and writes (device pointers).
-struct AttentionArgs {
-  const float* q = nullptr;      // (T, H, dh)
-  const float* k = nullptr;      // (T, H, dh)
-  const float* v = nullptr;      // (T, H, dh)
-  float* out = nullptr;          // (T, H, dh)
-  const float* mem_k = nullptr;  // (T, H, K, dh)
-  const float* mem_v = nullptr;  // (T, H, K, dh)
-  const float* gate = nullptr;   // (H) logits, Gated only
-  index_t n_tok = 0, n_mem = 0;
-  int n_head = 0, head_dim = 0;
-  float scale = 1;  // 1 / sqrt(dh), rounded as the host backend rounds it
-  bool alibi = false;
-};
 
 /// Shared-memory floats of one block: q tile, k tile, v tile, probabilities, and (memory modes)
 /// the memory branch's output and softmax statistics per query.
@@ -77,7 +55,6 @@ template <AttentionMode Mode, int DhMax>
 __global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgs a) {
   constexpr float neg_inf = -INFINITY;
   constexpr int per_lane = DhMax / 4;     // local phase: features c = sub + 4 * x
-  constexpr int per_warp = DhMax / 32;    // memory phase: features c = lane + 32 * x
   constexpr int keys_per_lane = attn_bc / 4;
 
   extern __shared__ float smem[];
@@ -89,8 +66,7 @@ __global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgs a
   float* vs = ks + attn_bc * kp;    // (Bc, dh)
   float* ps = vs + attn_bc * dh;    // (Br, Bc+1) probabilities of the current tile
   float* mem_o = ps + attn_br * sp; // (Br, dh) memory modes: M (gated) or e Vr (joint)
-  float* mem_m = mem_o + attn_br * dh;  // (Br) max memory score
-  float* mem_l = mem_m + attn_br;       // (Br) sum of exp(score - max)
+  float* mem_ml = mem_o + attn_br * dh;  // (Br, 2) max memory score, sum of exp(score - max)
   const int tid = threadIdx.x;
 
   for (int e = tid; e < attn_br * dh; e += attn_threads) {
@@ -102,65 +78,10 @@ __global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgs a
 
   if constexpr (Mode != AttentionMode::Causal) {
     // Memory phase: warp w takes rows w, w + 4, ...; the branch on t is uniform over the warp.
-    const int lane = tid % 32, warp = tid / 32;
-    const index_t K = a.n_mem;
+    const int warp = tid / 32;
     for (int r = warp; r < attn_br; r += attn_threads / 32) {
       const index_t t = q0 + r;
-      if (t >= T) continue;
-      float qr[per_warp], o[per_warp];
-#pragma unroll
-      for (int x = 0; x < per_warp; ++x) {
-        const int c = lane + 32 * x;
-        qr[x] = c < dh ? qs[r * qp + c] : 0.0f;
-        o[x] = 0.0f;
-      }
-      const float* kr = a.mem_k + (t * H + h) * K * dh;  // (K, dh)
-      const float* vr = a.mem_v + (t * H + h) * K * dh;  // (K, dh)
-      float m = neg_inf, l = 0.0f;
-      for (index_t j0 = 0; j0 < K; j0 += 4) {  // four keys at a time: independent dots in flight
-        float s[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          float part = 0.0f;
-          if (j0 + u < K) {
-#pragma unroll
-            for (int x = 0; x < per_warp; ++x) {
-              const int c = lane + 32 * x;
-              if (c < dh) part += qr[x] * kr[(j0 + u) * dh + c];
-            }
-          }
-          s[u] = part;
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) s[u] = j0 + u < K ? warp_sum(s[u]) * a.scale : neg_inf;
-        const float m_new = fmaxf(m, fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3])));  // finite: key j0 exists
-        const float alpha = expf(m - m_new);                                         // 0 on the first step
-        float p[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) p[u] = expf(s[u] - m_new);
-        l = l * alpha + ((p[0] + p[1]) + (p[2] + p[3]));
-#pragma unroll
-        for (int x = 0; x < per_warp; ++x) {
-          const int c = lane + 32 * x;
-          if (c >= dh) continue;
-          float acc = o[x] * alpha;
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            if (j0 + u < K) acc += p[u] * vr[(j0 + u) * dh + c];
-          }
-          o[x] = acc;
-        }
-        m = m_new;
-      }
-#pragma unroll
-      for (int x = 0; x < per_warp; ++x) {
-        const int c = lane + 32 * x;
-        if (c < dh) mem_o[r * dh + c] = Mode == AttentionMode::Gated ? o[x] / l : o[x];
-      }
-      if (lane == 0) {
-        mem_m[r] = m;
-        mem_l[r] = l;
-      }
+      if (t < T) memory_branch_row<Mode, DhMax>(a, t, h, qs + r * qp, mem_o + r * dh, mem_ml + 2 * r);
     }
     __syncthreads();
   }
@@ -175,8 +96,8 @@ __global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgs a
   for (int x = 0; x < per_lane; ++x) acc[x] = 0.0f;
   if constexpr (Mode == AttentionMode::Joint) {
     if (row_valid) {
-      m = mem_m[i];
-      l = mem_l[i];
+      m = mem_ml[2 * i];
+      l = mem_ml[2 * i + 1];
 #pragma unroll
       for (int x = 0; x < per_lane; ++x) {
         const int c = sub + 4 * x;
@@ -255,10 +176,7 @@ __global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgs a
   float* o = a.out + t * ld + index_t(h) * dh;
   float w_local = 1.0f, w_mem = 0.0f;
   if constexpr (Mode == AttentionMode::Gated) {
-    // 1 - sigmoid(g) as sigmoid(-g), in double as on the host: exact at both ends.
-    const double g = static_cast<double>(a.gate[h]);
-    w_local = static_cast<float>(1.0 / (1.0 + exp(g)));
-    w_mem = static_cast<float>(1.0 / (1.0 + exp(-g)));
+    gate_weights(a.gate[h], w_local, w_mem);
   }
 #pragma unroll
   for (int x = 0; x < per_lane; ++x) {
@@ -330,29 +248,42 @@ inline AttentionArgs attention_args(const char* op, TensorView<float, Device> ou
   return args;
 }
 
-template <AttentionMode Mode, int DhMax>
-void launch_attention(const char* op, const AttentionArgs& a) {
-  auto kernel = attention_kernel<Mode, DhMax>;
-  const std::size_t smem = attention_smem_floats(a.head_dim, Mode != AttentionMode::Causal) * sizeof(float);
+template <class Kernel>
+void launch_attention_kernel(const char* op, Kernel kernel, const AttentionArgs& a, dim3 grid, dim3 block, std::size_t smem) {
   if (smem > 48 * 1024) {  // beyond the default limit a kernel must opt in
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), op,
           "raising the attention kernel's shared memory to ", smem, " bytes (head dim ", a.head_dim, ")");
   }
-  const dim3 grid(static_cast<unsigned>((a.n_tok + attn_br - 1) / attn_br), static_cast<unsigned>(a.n_head));
-  const dim3 block(attn_threads);
   kernel<<<grid, block, smem, stream()>>>(a);
   check_launch(op, "the attention kernel for T = ", a.n_tok, ", H = ", a.n_head, ", dh = ", a.head_dim, ", K = ", a.n_mem,
                " (", launch_str(grid, block, smem), ")");
 }
 
+/// The FMA kernel (any dh up to 256).
+template <AttentionMode Mode, int DhMax>
+void launch_attention(const char* op, const AttentionArgs& a) {
+  const std::size_t smem = attention_smem_floats(a.head_dim, Mode != AttentionMode::Causal) * sizeof(float);
+  const dim3 grid(static_cast<unsigned>((a.n_tok + attn_br - 1) / attn_br), static_cast<unsigned>(a.n_head));
+  launch_attention_kernel(op, attention_kernel<Mode, DhMax>, a, grid, dim3(attn_threads), smem);
+}
+
+/// The tensor-core kernel (dh up to 64).
+template <AttentionMode Mode, int DhMax>
+void launch_attention_mma(const char* op, const AttentionArgs& a) {
+  const std::size_t smem = attention_mma_smem_floats(DhMax, Mode != AttentionMode::Causal) * sizeof(float);
+  const dim3 grid(static_cast<unsigned>((a.n_tok + mma_br - 1) / mma_br), static_cast<unsigned>(a.n_head));
+  launch_attention_kernel(op, attention_mma_kernel<Mode, DhMax>, a, grid, dim3(mma_threads), smem);
+}
+
 template <AttentionMode Mode>
 void run_attention(const char* op, AttentionArgs a, PositionScheme positions) {
+  static_assert(device_attention_tuning.mma_max_head_dim == 64, "the dispatch below covers dh <= 64 on tensor cores");
   if (a.n_tok == 0 || a.n_head == 0 || a.head_dim == 0) return;
   a.alibi = positions == PositionScheme::Alibi;
   if (a.head_dim <= 32) {
-    launch_attention<Mode, 32>(op, a);
+    launch_attention_mma<Mode, 32>(op, a);
   } else if (a.head_dim <= 64) {
-    launch_attention<Mode, 64>(op, a);
+    launch_attention_mma<Mode, 64>(op, a);
   } else if (a.head_dim <= 128) {
     launch_attention<Mode, 128>(op, a);
   } else {

@@ -1,0 +1,273 @@
+#pragma once
+// Tensor-core attention for head dims up to 64 (fp32 in and out, fp32-accurate maths):
+// flash-style, the local causal branch on mma.sync tensor cores, the memory branch and the
+// gate/joint fusion as in the FMA kernel (attention.cuh). sm_80 and later.
+//
+// Block: 4 warps, each owning 16 query rows (Br = 64); k and v tiles of Bc = 64 keys in shared
+// memory; the T x T scores never exist. Per warp and tile:
+//   S (16 x 64) = Q (16 x dh) K^T      mma.m16n8k8 tf32, Q fragments held in registers
+//   online softmax on S's accumulator fragments (rows g and g + 8 of each thread, quads reduce)
+//   O (16 x dh) += P (16 x 64) V       P's accumulator fragments are reused as A fragments without
+//                                      a shuffle: within each 8-key slice the mma's k index tig maps
+//                                      to key 2 tig and tig + 4 to key 2 tig + 1, and V's B fragments
+//                                      are read in that order (the sum over keys is order-free)
+// Precision: every product runs as 3xTF32 (x = big + small with big = tf32(x), small = tf32(x - big);
+// a b ~ big_a big_b + big_a small_b + small_a big_b, the dropped small_a small_b is <= 2^-22 |a b|),
+// so scores and outputs keep float accuracy (the op tests' rtol 1e-4 of the FMA kernel holds),
+// at 3 tensor-core instructions per product instead of 1.
+// Fragment layouts (PTX ISA, mma.m16n8k8 .tf32): lane = 4 g + tig;
+//   A (16 x 8): a0 (g, tig) a1 (g + 8, tig) a2 (g, tig + 4) a3 (g + 8, tig + 4)
+//   B (8 x 8):  b0 (k tig, n g) b1 (k tig + 4, n g)
+//   C (16 x 8): c0 (g, 2 tig) c1 (g, 2 tig + 1) c2 (g + 8, 2 tig) c3 (g + 8, 2 tig + 1)
+// Shared rows have a pitch of DhMax + 4 floats: both fragment reads (k: row g, column tig; v: rows
+// 2 tig and 2 tig + 1, column g) then fall in 32 distinct banks.
+// No branch sits inside the mma loops (a branch per slice would split the accumulator chains into
+// basic blocks and serialise the tensor-core latency): columns past dh are zeros up to DhMax, and
+// 8-key slices past the diagonal are computed and masked.
+// Blocks start with the last query block (the longest rows) so the causal triangle's tail is short.
+#include <cstdint>
+
+#include "longmem/cuda/ops/attention_parts.cuh"
+#include "longmem/detail/alibi.hpp"
+
+namespace longmem::detail::cuda {
+
+inline constexpr int mma_br = device_attention_tuning.mma_query_block;
+inline constexpr int mma_bc = device_attention_tuning.mma_key_block;
+inline constexpr int mma_threads = 128;
+static_assert(mma_br == 16 * (mma_threads / 32), "each warp owns 16 query rows");
+static_assert(mma_bc % 8 == 0, "keys go in 8-key slices");
+
+/// Shared-memory floats of one block: the k and v tiles, and (memory modes) the memory branch's
+/// output rows and (max, sum) per query row.
+inline std::size_t attention_mma_smem_floats(int dh_max, bool memory) {
+  const std::size_t pitch = static_cast<std::size_t>(dh_max + 4);
+  std::size_t n = 2 * mma_bc * pitch;
+  if (memory) n += mma_br * pitch + 2 * mma_br;
+  return n;
+}
+
+#if defined(__CUDACC__)
+__device__ inline std::uint32_t to_tf32(float x) {
+  std::uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+/// x = big + small, both tf32 (small carries the 13 bits big drops, rounded once more).
+__device__ inline void split_tf32(float x, std::uint32_t& big, std::uint32_t& small) {
+  big = to_tf32(x);
+  small = to_tf32(x - __uint_as_float(big));
+}
+__device__ inline void mma_tf32(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+/// d += a b in about float precision: the two small cross terms first, then big x big.
+__device__ inline void mma_3xtf32(float (&d)[4], const std::uint32_t (&a_big)[4], const std::uint32_t (&a_small)[4],
+                                  float b0, float b1) {
+  std::uint32_t bb0, bs0, bb1, bs1;
+  split_tf32(b0, bb0, bs0);
+  split_tf32(b1, bb1, bs1);
+  mma_tf32(d, a_small, bb0, bb1);
+  mma_tf32(d, a_big, bs0, bs1);
+  mma_tf32(d, a_big, bb0, bb1);
+}
+
+template <AttentionMode Mode, int DhMax>
+__global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArgs a) {
+  static_assert(DhMax % 8 == 0 && DhMax <= 64, "the tensor-core kernel holds dh <= 64 in registers");
+  constexpr int n_slice = DhMax / 8;  // 8-wide slices of dh: S's reduction steps and O's column tiles
+  constexpr int n_kslice = mma_bc / 8;  // 8-key slices of a tile
+  constexpr float neg_inf = -INFINITY;
+
+  extern __shared__ float smem[];
+  const int dh = a.head_dim, H = a.n_head, h = blockIdx.y;
+  constexpr int pitch = DhMax + 4;
+  const index_t T = a.n_tok, ld = index_t(H) * dh;
+  const index_t q0 = index_t(gridDim.x - 1 - blockIdx.x) * mma_br;  // the longest rows first
+  float* ks = smem;                       // (Bc, pitch) keys of the tile
+  float* vs = ks + mma_bc * pitch;        // (Bc, pitch) values of the tile
+  float* mem_o = vs + mma_bc * pitch;     // (Br, pitch) memory modes: M (gated) or e Vr (joint)
+  float* mem_ml = mem_o + mma_br * pitch; // (Br, 2) memory modes: max score, sum of exps
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
+  const index_t w0 = q0 + 16 * warp, w_last = w0 + 15;  // the warp's rows
+  const index_t row[2] = {w0 + g, w0 + g + 8};          // this thread's rows (fragment rows g, g + 8)
+  const float* qh = a.q + index_t(h) * dh;
+  const float* kh = a.k + index_t(h) * dh;
+  const float* vh = a.v + index_t(h) * dh;
+  // 16-byte staging needs rows of whole float4s at 16-byte addresses
+  const bool vec4 = dh % 4 == 0 && ((reinterpret_cast<std::uintptr_t>(kh) | reinterpret_cast<std::uintptr_t>(vh)) % 16) == 0;
+
+  // Q fragments for every dh slice, split once.
+  std::uint32_t q_big[n_slice][4], q_small[n_slice][4];
+#pragma unroll
+  for (int s = 0; s < n_slice; ++s) {
+    const int c[4] = {8 * s + tig, 8 * s + tig, 8 * s + tig + 4, 8 * s + tig + 4};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const index_t r = row[e % 2];
+      const float x = r < T && c[e] < dh ? qh[r * ld + c[e]] : 0.0f;
+      split_tf32(x, q_big[s][e], q_small[s][e]);
+    }
+  }
+
+  float o[n_slice][4];  // O fragments: rows g / g + 8, columns 8 s + 2 tig (+1)
+  float m[2] = {neg_inf, neg_inf};
+  float l[2] = {0.0f, 0.0f};  // this thread's part of the row sums (the quad adds them at the end)
+#pragma unroll
+  for (int s = 0; s < n_slice; ++s) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[s][e] = 0.0f;
+  }
+
+  if constexpr (Mode != AttentionMode::Causal) {
+    for (int i = 0; i < 16; ++i) {  // the warp's own rows: no block barrier needed
+      const index_t t = w0 + i;
+      if (t < T) memory_branch_row<Mode, DhMax>(a, t, h, qh + t * ld, mem_o + (16 * warp + i) * pitch, mem_ml + 2 * (16 * warp + i));
+    }
+    __syncwarp();
+    if constexpr (Mode == AttentionMode::Joint) {  // the memory scores open the local online softmax
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        if (row[j] >= T) continue;
+        const int r = 16 * warp + g + 8 * j;
+        m[j] = mem_ml[2 * r];
+        l[j] = tig == 0 ? mem_ml[2 * r + 1] : 0.0f;  // counted once per quad
+#pragma unroll
+        for (int s = 0; s < n_slice; ++s) {
+          const int c = 8 * s + 2 * tig;
+          if (c < dh) o[s][2 * j] = mem_o[r * pitch + c];
+          if (c + 1 < dh) o[s][2 * j + 1] = mem_o[r * pitch + c + 1];
+        }
+      }
+    }
+  }
+
+  const double slope = a.alibi ? alibi_slope(h, H) : 0.0;
+  const index_t k_end = T < q0 + mma_br ? T : q0 + mma_br;  // keys up to the block's last query
+  for (index_t k0 = 0; k0 < k_end; k0 += mma_bc) {
+    __syncthreads();  // the previous tile is no longer read
+    // Stage keys k0 .. k0 + Bc - 1 (zeros past T and past dh), 16 bytes per load where rows allow.
+    if (vec4) {
+      constexpr int per_row = DhMax / 4;
+#pragma unroll
+      for (int e = tid; e < mma_bc * per_row; e += mma_threads) {
+        const int r = e / per_row, c = 4 * (e % per_row);
+        const index_t key = k0 + r;
+        float4 kx = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vx = kx;
+        if (key < T && c < dh) {
+          kx = *reinterpret_cast<const float4*>(kh + key * ld + c);
+          vx = *reinterpret_cast<const float4*>(vh + key * ld + c);
+        }
+        *reinterpret_cast<float4*>(ks + r * pitch + c) = kx;
+        *reinterpret_cast<float4*>(vs + r * pitch + c) = vx;
+      }
+    } else {
+#pragma unroll 4
+      for (int e = tid; e < mma_bc * DhMax; e += mma_threads) {
+        const int r = e / DhMax, c = e % DhMax;
+        const index_t key = k0 + r;
+        const bool ok = key < T && c < dh;
+        ks[r * pitch + c] = ok ? kh[key * ld + c] : 0.0f;
+        vs[r * pitch + c] = ok ? vh[key * ld + c] : 0.0f;
+      }
+    }
+    __syncthreads();
+    if (k0 > w_last || w0 >= T) continue;  // every key of the tile is after all of this warp's rows
+    float sc[n_kslice][4];  // S fragments: rows g / g + 8, keys 8 j + 2 tig (+1)
+#pragma unroll
+    for (int j = 0; j < n_kslice; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[j][e] = 0.0f;
+      const float* krow = ks + (8 * j + g) * pitch + tig;
+#pragma unroll
+      for (int s = 0; s < n_slice; ++s) mma_3xtf32(sc[j], q_big[s], q_small[s], krow[8 * s], krow[8 * s + 4]);
+    }
+
+    // Scale, ALiBi, causal mask; running maxima per row (quads share rows).
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int j = 0; j < n_kslice; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const index_t t = row[e / 2], key = k0 + 8 * j + 2 * tig + (e % 2);
+        float val = sc[j][e] * a.scale;
+        // As the host's ramp: slope * (key - t) in double, rounded once.
+        if (a.alibi) val += static_cast<float>(slope * static_cast<double>(key - t));
+        sc[j][e] = t < T && key <= t ? val : neg_inf;
+        mx[e / 2] = fmaxf(mx[e / 2], sc[j][e]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      alpha[r] = mx[r] == neg_inf ? 1.0f : expf(m[r] - mx[r]);  // no key yet (rows past T): stay at zero
+    }
+    l[0] *= alpha[0];
+    l[1] *= alpha[1];
+#pragma unroll
+    for (int j = 0; j < n_kslice; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        sc[j][e] = mx[r] == neg_inf ? 0.0f : expf(sc[j][e] - mx[r]);
+        l[r] += sc[j][e];
+      }
+    }
+    m[0] = mx[0];
+    m[1] = mx[1];
+#pragma unroll
+    for (int s = 0; s < n_slice; ++s) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[s][e] *= alpha[e / 2];
+    }
+    // O += P V, slice by slice of 8 keys.
+#pragma unroll
+    for (int j = 0; j < n_kslice; ++j) {
+      std::uint32_t p_big[4], p_small[4];  // A fragment: k index tig = key 2 tig, tig + 4 = key 2 tig + 1
+      split_tf32(sc[j][0], p_big[0], p_small[0]);
+      split_tf32(sc[j][2], p_big[1], p_small[1]);
+      split_tf32(sc[j][1], p_big[2], p_small[2]);
+      split_tf32(sc[j][3], p_big[3], p_small[3]);
+      const float* v0 = vs + (8 * j + 2 * tig) * pitch + g;  // B fragment rows: keys 2 tig and 2 tig + 1
+#pragma unroll
+      for (int s = 0; s < n_slice; ++s) mma_3xtf32(o[s], p_big, p_small, v0[8 * s], v0[pitch + 8 * s]);
+    }
+  }
+
+  // The row sums' four parts; then normalise, fuse, write.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  float w_local = 1.0f, w_mem = 0.0f;
+  if constexpr (Mode == AttentionMode::Gated) gate_weights(a.gate[h], w_local, w_mem);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const index_t t = row[r];
+    if (t >= T) continue;
+    const float inv = 1.0f / l[r];
+    float* out = a.out + t * ld + index_t(h) * dh;
+    const float* mo = mem_o + (t - q0) * pitch;
+#pragma unroll
+    for (int s = 0; s < n_slice; ++s) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = 8 * s + 2 * tig + e;
+        if (c >= dh) continue;
+        if constexpr (Mode == AttentionMode::Gated) {
+          out[c] = (w_local * inv) * o[s][2 * r + e] + w_mem * mo[c];
+        } else {
+          out[c] = o[s][2 * r + e] * inv;
+        }
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace longmem::detail::cuda

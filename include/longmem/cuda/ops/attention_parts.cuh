@@ -1,0 +1,137 @@
+#pragma once
+// What the device attention kernels share (cuda/ops/attention.cuh dispatches between them):
+// the tuning, the modes, the argument block and the memory branch of one query row.
+//
+// Rows of q/k/v/out are (T, H, dh) with stride H*dh; the retrieved memory is (T, H, K, dh): every
+// query has its own K keys and values (the tokens its chunks hold), so the memory branch is a
+// per-row gather-attention with no reuse across queries (bandwidth-bound, FMAs are enough), while
+// the local causal branch is a GEMM-shaped tile loop (tensor cores, attention_mma.cuh).
+#include <cmath>
+
+#include "longmem/cuda/ops/common.cuh"
+
+namespace longmem {
+
+/// Tiling of the device attention kernels (fixed at compile time; printed by benchmarks).
+struct DeviceAttentionTuning {
+  // Tensor-core kernel (attention_mma.cuh): 4 warps x 16 query rows, 64-key tiles, 3xTF32 mma.sync.
+  int mma_query_block = 64;
+  int mma_key_block = 64;
+  int mma_max_head_dim = 64;  // wider heads (up to max_head_dim) take the FMA kernel
+  // FMA kernel (attention.cuh): 32 queries per block, 32-key tiles, 4 lanes per query row.
+  int query_block = 32;
+  int key_block = 32;
+  int threads = 128;
+  int max_head_dim = 256;
+  friend constexpr bool operator==(const DeviceAttentionTuning&, const DeviceAttentionTuning&) = default;
+};
+inline constexpr DeviceAttentionTuning device_attention_tuning{};
+
+namespace detail::cuda {
+
+enum class AttentionMode { Causal, Gated, Joint };
+
+/// What the kernels read and write (device pointers).
+struct AttentionArgs {
+  const float* q = nullptr;      // (T, H, dh)
+  const float* k = nullptr;      // (T, H, dh)
+  const float* v = nullptr;      // (T, H, dh)
+  float* out = nullptr;          // (T, H, dh)
+  const float* mem_k = nullptr;  // (T, H, K, dh)
+  const float* mem_v = nullptr;  // (T, H, K, dh)
+  const float* gate = nullptr;   // (H) logits, Gated only
+  index_t n_tok = 0, n_mem = 0;
+  int n_head = 0, head_dim = 0;
+  float scale = 1;  // 1 / sqrt(dh), rounded as the host backend rounds it
+  bool alibi = false;
+};
+
+#if defined(__CUDACC__)
+/// The memory branch of query row t, head h, computed by one warp (lanes over dh): a softmax over
+/// the row's K retrieved keys, no position term (as on the host and in the reference). Writes
+/// o_row[0, dh): Gated the branch's output M = softmax(q Kr^T / sqrt dh) Vr, Joint the unnormalised
+/// e Vr; lane 0 writes ml[0] = max score and ml[1] = sum of exp(score - max) (Joint seeds the local
+/// softmax with them). Keys go G at a time with all their loads issued first, so that enough bytes
+/// are in flight for HBM. Requires K > 0.
+template <AttentionMode Mode, int DhMax>
+__device__ inline void memory_branch_row(const AttentionArgs& a, index_t t, int h, const float* q_row, float* o_row,
+                                         float* ml) {
+  constexpr int per_lane = DhMax < 32 ? 1 : DhMax / 32;  // features c = lane + 32 x
+  constexpr int G = DhMax <= 64 ? 8 : 4;
+  const int lane = threadIdx.x % 32, dh = a.head_dim;
+  const index_t K = a.n_mem;
+  float qr[per_lane], o[per_lane];
+#pragma unroll
+  for (int x = 0; x < per_lane; ++x) {
+    const int c = lane + 32 * x;
+    qr[x] = c < dh ? q_row[c] : 0.0f;
+    o[x] = 0.0f;
+  }
+  const float* kr = a.mem_k + (t * a.n_head + h) * K * dh;  // (K, dh)
+  const float* vr = a.mem_v + (t * a.n_head + h) * K * dh;  // (K, dh)
+  float m = -INFINITY, l = 0.0f;
+  for (index_t j0 = 0; j0 < K; j0 += G) {
+    float kv[G][per_lane], vv[G][per_lane];
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+#pragma unroll
+      for (int x = 0; x < per_lane; ++x) {
+        const int c = lane + 32 * x;
+        const bool ok = j0 + u < K && c < dh;
+        kv[u][x] = ok ? kr[(j0 + u) * dh + c] : 0.0f;
+        vv[u][x] = ok ? vr[(j0 + u) * dh + c] : 0.0f;
+      }
+    }
+    float s[G];
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+      float part = 0.0f;
+#pragma unroll
+      for (int x = 0; x < per_lane; ++x) part += qr[x] * kv[u][x];
+      s[u] = part;
+    }
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+      s[u] = j0 + u < K ? warp_sum(s[u]) * a.scale : -INFINITY;
+      tile_max = fmaxf(tile_max, s[u]);
+    }
+    const float m_new = fmaxf(m, tile_max);  // finite: key j0 exists
+    const float alpha = expf(m - m_new);     // 0 on the first step
+    float psum = 0.0f;
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+      s[u] = expf(s[u] - m_new);
+      psum += s[u];
+    }
+    l = l * alpha + psum;
+#pragma unroll
+    for (int x = 0; x < per_lane; ++x) {
+      float acc = o[x] * alpha;
+#pragma unroll
+      for (int u = 0; u < G; ++u) acc += s[u] * vv[u][x];
+      o[x] = acc;
+    }
+    m = m_new;
+  }
+#pragma unroll
+  for (int x = 0; x < per_lane; ++x) {
+    const int c = lane + 32 * x;
+    if (c < dh) o_row[c] = Mode == AttentionMode::Gated ? o[x] / l : o[x];
+  }
+  if (lane == 0) {
+    ml[0] = m;
+    ml[1] = l;
+  }
+}
+
+/// The gate's two weights, 1 - sigmoid(g) as sigmoid(-g), in double as on the host: exact at both ends.
+__device__ inline void gate_weights(float gate_logit, float& w_local, float& w_mem) {
+  const double g = static_cast<double>(gate_logit);
+  w_local = static_cast<float>(1.0 / (1.0 + exp(g)));
+  w_mem = static_cast<float>(1.0 / (1.0 + exp(-g)));
+}
+#endif
+
+}  // namespace detail::cuda
+}  // namespace longmem
