@@ -123,11 +123,12 @@ Options parse(int argc, char** argv) {
       ->check(CLI::IsMember({"fixed", "varied"}))
       ->capture_default_str();
   data->add_option("--recall-targets", o.recall_targets,
-                   "all: every token of a recall-practice document is scored; answers: only the recalled digits")
-      ->check(CLI::IsMember({"all", "answers"}))
+                   "all: every token of a recall-practice document is scored; answers: only the recalled digits; "
+                   "first-digits: only the first digit of each recalled number")
+      ->check(CLI::IsMember({"all", "answers", "first-digits"}))
       ->capture_default_str();
   data->add_option("--recall-text-targets", o.practice.text_targets,
-                   "with --recall-targets answers: also score this random fraction of the other tokens (keeps the text modelled)")
+                   "with --recall-targets answers or first-digits: also score this random fraction of the other tokens (keeps the text modelled)")
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   data->add_option("--recall-min-gap", o.practice.min_gap, "bytes of text between facts and questions, at least")->capture_default_str();
@@ -183,8 +184,11 @@ Options parse(int argc, char** argv) {
   if (o.recall_only && o.recall_practice == 0) usage("--recall-only needs --recall-practice N (N > 0)");
   if (o.practice.min_facts > o.practice.facts) usage("--recall-min-facts must not exceed --recall-facts");
   o.practice.varied_wording = o.recall_wording == "varied";
-  o.practice.score_answers_only = o.recall_targets == "answers";
-  if (o.practice.text_targets > 0 && !o.practice.score_answers_only) usage("--recall-text-targets needs --recall-targets answers");
+  o.practice.score_answers_only = o.recall_targets == "answers" || o.recall_targets == "first-digits";
+  o.practice.first_digit_only = o.recall_targets == "first-digits";
+  if (o.practice.text_targets > 0 && !o.practice.score_answers_only) {
+    usage("--recall-text-targets needs --recall-targets answers or first-digits");
+  }
   return o;
 }
 

@@ -674,6 +674,23 @@ TEST_CASE("train: varied recall practice repeats each fact's words, and can scor
   spec.text_targets = 1.5;
   CHECK_THROWS_WITH(recall_practice_documents(source, 1, spec, 5), Catch::Contains("text_targets"));
   spec.text_targets = 0;
+  // first_digit_only: the same words; of each scored run only its first digit stays scored
+  spec.first_digit_only = true;
+  const auto firsts = recall_practice_documents(source, 20, spec, 5);
+  for (std::size_t i = 0; i < firsts.size(); ++i) {
+    REQUIRE(firsts[i].tokens == docs[i].tokens);
+    REQUIRE(firsts[i].scored.size() == docs[i].scored.size());
+    std::size_t runs = 0, scored = 0;
+    for (std::size_t j = 0; j < docs[i].scored.size(); ++j) {
+      const bool starts_run = docs[i].scored[j] && (j == 0 || !docs[i].scored[j - 1]);
+      runs += starts_run;
+      scored += firsts[i].scored[j] != 0;
+      CHECK(static_cast<bool>(firsts[i].scored[j]) == starts_run);
+    }
+    CHECK(scored == runs);
+    CHECK(runs >= 1);
+  }
+  spec.first_digit_only = false;
   // without score_answers_only every token is a target (no mask)
   spec.score_answers_only = false;
   CHECK(recall_practice_documents(source, 1, spec, 5)[0].scored.empty());

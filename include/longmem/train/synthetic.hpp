@@ -19,6 +19,8 @@
 // and the filler carry no loss, so every gradient of a recall-only run is about memory;
 // `text_targets` keeps a random fraction of the other tokens as targets, so that the model keeps
 // modelling text while the recalls weigh 1 / text_targets times more than before.
+// `first_digit_only` scores only the first digit of each recalled number (plus the text targets):
+// the hardest step, where nothing of the number is in view yet and memory alone must supply it.
 //
 // Names are two words from fixed lists, numbers are random digit strings. Everything comes from
 // the caller's training text and RNG: nothing of an evaluation (its template, filler or keys).
@@ -41,6 +43,7 @@ struct RecallPractice {
   std::int64_t max_gap = 16384;  ///< and at most
   bool varied_wording = false;   ///< many phrasings, lead-ins and number lengths (else the fixed wording)
   bool score_answers_only = false;  ///< only the recalled digits are targets, and:
+  bool first_digit_only = false;    ///< with score_answers_only: only the first digit of each recalled number
   double text_targets = 0;          ///< with score_answers_only: this fraction of the other tokens too (random)
 };
 
@@ -72,13 +75,17 @@ inline std::string recall_sentence(const char* lead, const char* core, const std
   return s;
 }
 
-// Appends `prefix` then `answer` to d; answer_mask[i] = 1 for each digit of `answer`.
+// Appends `prefix` then `answer` to d; answer_mask[i] = 1 for each digit of `answer` (only its
+// first digit with `first_only`).
 inline void append_recall(Document& d, std::vector<std::uint8_t>& answer_mask, const std::string& prefix,
-                          const std::string& answer) {
+                          const std::string& answer, bool first_only = false) {
+  bool first = true;
   for (const std::string* part : {&prefix, &answer}) {
     for (const std::int32_t t : ByteTokenizer::encode(*part)) {
       d.tokens.push_back(t);
-      answer_mask.push_back(part == &answer && t >= '0' && t <= '9');
+      const bool digit = part == &answer && t >= '0' && t <= '9';
+      answer_mask.push_back(digit && (first || !first_only));
+      if (digit) first = false;
     }
   }
 }
@@ -176,7 +183,7 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
       for (const Fact& f : facts) {
         detail::append_recall(d, answer,
                               "\n" + detail::recall_sentence(detail::kRecallLeads[f.recall_lead], detail::kRecallCores[f.core], f.name),
-                              f.number + ".");
+                              f.number + ".", spec.first_digit_only);
       }
       detail::append_recall(d, answer, "\n", "");
       if (spec.score_answers_only) d.scored = detail::with_text_targets(std::move(answer), spec.text_targets, seed, n);
@@ -200,7 +207,9 @@ inline std::vector<Document> recall_practice_documents(const std::vector<Documen
     }
     Document d = statements_and_filler(n, head, facts);
     std::vector<std::uint8_t> answer(d.tokens.size(), 0);
-    for (const auto& f : facts) detail::append_recall(d, answer, "\nRecall: the number for " + f.first + " is ", f.second + ".");
+    for (const auto& f : facts) {
+      detail::append_recall(d, answer, "\nRecall: the number for " + f.first + " is ", f.second + ".", spec.first_digit_only);
+    }
     detail::append_recall(d, answer, "\n", "");
     if (spec.score_answers_only) d.scored = detail::with_text_targets(std::move(answer), spec.text_targets, seed, n);
     out.push_back(std::move(d));
