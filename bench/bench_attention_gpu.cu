@@ -4,6 +4,7 @@
 //   Causal/<T>/<alibi>            ops::causal_attention                          (flash-style kernel, tensor cores)
 //   Memory/<T>/<K>/<fusion>       ops::memory_attention<GatedFusion|JointFusion>, K retrieved tokens
 //   Linear/<N>/<I>/<O>/<bias>     ops::linear through cuBLASLt, fp32 compute
+//   .../tf32, .../bf16            the same under that DeviceMath (cuda/math_mode.hpp)
 //
 // The issue's shape, B 8 streams x T 1024, 16 heads, dh 64, K 64 retrieved tokens per query and
 // head, ALiBi, each stream with its own 65,536-token bank per head (DESIGN.md: one bank per stream):
@@ -50,6 +51,7 @@
 #include <utility>
 #include <vector>
 
+#include "longmem/cuda/math_mode.hpp"
 #include "longmem/cuda/ops.cuh"
 #include "longmem/cuda/storage.hpp"
 
@@ -370,6 +372,21 @@ int main(int argc, char** argv) {
     for (auto [I, O] : {std::pair<index_t, index_t>{1024, 1024}, {1024, 4096}, {4096, 1024}}) {
       const std::string name = "Linear/" + std::to_string(N) + "/" + std::to_string(I) + "/" + std::to_string(O) + "/bias";
       benchmark::RegisterBenchmark(name.c_str(), bm_linear, N, I, O, true)->Unit(benchmark::kMillisecond)->UseManualTime();
+    }
+  }
+  // The reduced-precision device maths (cuda/math_mode.hpp) on the same shapes: attention runs
+  // 1xTF32 under tf32 and bf16 alike, the GEMMs COMPUTE_32F_FAST_TF32 / _FAST_16BF.
+  reg("Causal/B8/1024/alibi/tf32", [](benchmark::State& st) {
+    const DeviceMathScope math(DeviceMath::tf32);
+    bm_causal_batch(st, 1024, PositionScheme::Alibi);
+  });
+  for (DeviceMath m : {DeviceMath::tf32, DeviceMath::bf16}) {
+    for (auto [I, O] : {std::pair<index_t, index_t>{1024, 1024}, {1024, 4096}, {4096, 1024}}) {
+      const std::string name = "Linear/8192/" + std::to_string(I) + "/" + std::to_string(O) + "/bias/" + to_string(m);
+      reg(name, [m, I = I, O = O](benchmark::State& st) {
+        const DeviceMathScope math(m);
+        bm_linear(st, 8192, I, O, true);
+      });
     }
   }
   benchmark::Initialize(&argc, argv);

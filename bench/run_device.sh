@@ -5,7 +5,9 @@
 #   build       configure and build everything with the cuda preset (sm_90), all cores
 #   test        all tests (GPU tests included) against the committed fixtures
 #   sanitize    compute-sanitizer memcheck, racecheck and initcheck over every GPU test
-#   bench-gpu   the CUDA benchmarks (CUDA events) and their PyTorch peers on the GPU
+#   bench-gpu   the CUDA kernel benchmarks (CUDA events) and their PyTorch peers on the GPU
+#   bench-model-gpu  the whole LongMem forward at the paper's shape on the GPU (bench_longmem_gpu:
+#               fp32/tf32/bf16 device math) and the PyTorch fp16 port (eager, then torch.compile)
 #   bench-cpu   the CPU benchmarks beside their PyTorch peers on this machine's cores (training
 #               step, backbone forward, memory-augmented attention)
 #   fixtures    regenerate the fixtures with this machine's torch/transformers, compare them with
@@ -24,7 +26,7 @@ cores=$(nproc)
 build=build/cuda
 step() { printf '\n=== %s (%s)\n' "$*" "$(date -u +%T)"; }
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(build test sanitize bench-gpu bench-cpu)
+[ ${#stages[@]} -gt 0 ] || stages=(build test sanitize bench-gpu bench-model-gpu bench-cpu)
 
 machine() {
   {
@@ -69,6 +71,7 @@ stage_sanitize() {
 stage_bench_gpu() {
   for b in $build/bench/longmem_bench_*_gpu; do
     [ -x "$b" ] || continue
+    [ "$(basename "$b")" = longmem_bench_longmem_gpu ] && continue  # bench-model-gpu
     timeout 200 "$b" --benchmark_min_time=0.5 --benchmark_counters_tabular=true \
       --benchmark_out="$out/$(basename "$b").json" --benchmark_out_format=json 2>&1 | tee "$out/$(basename "$b").txt" | tail -25
   done
@@ -76,6 +79,17 @@ stage_bench_gpu() {
     [ -f "$p" ] || continue
     timeout 200 python3 "$p" 2>&1 | tee "$out/$(basename "$p" .py).jsonl" | tail -12
   done
+}
+
+paper_shape=(--layers 24 --d 1024 --heads 16 --vocab 50257 --T 1024 --memory-layer 17 --memory-tokens 65536
+             --chunk-size 4 --retrieved-tokens 64 --streams 1 8)
+stage_bench_model_gpu() {
+  timeout 300 $build/bench/longmem_bench_longmem_gpu --benchmark_counters_tabular=true \
+    --benchmark_out="$out/bench_longmem_gpu.json" --benchmark_out_format=json 2>&1 | tee "$out/bench_longmem_gpu.txt" | tail -16
+  timeout 200 python3 bench/peers/longmem_torch.py --device cuda --dtype float16 "${paper_shape[@]}" --repeats 20 2>&1 |
+    tee "$out/longmem_torch_gpu.jsonl" | tail -4
+  timeout 400 python3 bench/peers/longmem_torch.py --device cuda --dtype float16 "${paper_shape[@]}" --repeats 20 --compile 2>&1 |
+    tee "$out/longmem_torch_gpu_compile.jsonl" | grep '^{' | tail -4
 }
 
 stage_bench_cpu() {
@@ -106,9 +120,10 @@ for s in "${stages[@]}"; do
     test) stage_test ;;
     sanitize) stage_sanitize ;;
     bench-gpu) stage_bench_gpu ;;
+    bench-model-gpu) stage_bench_model_gpu ;;
     bench-cpu) stage_bench_cpu ;;
     fixtures) stage_fixtures ;;
-    *) echo "unknown stage $s (build test sanitize bench-gpu bench-cpu fixtures)"; exit 64 ;;
+    *) echo "unknown stage $s (build test sanitize bench-gpu bench-model-gpu bench-cpu fixtures)"; exit 64 ;;
   esac
 done
 step "done"

@@ -82,6 +82,11 @@ Options parse(int argc, char** argv) {
                                  : "where the model runs: cpu (this build has no CUDA support; cuda is refused)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
+  app.add_option("--device-math", o.device_math,
+                 "--device cuda: how tensor-core products round their inputs: fp32 (float accuracy), tf32, bf16 "
+                 "(buffers stay float; retrieval stays exact)")
+      ->check(CLI::IsMember({"fp32", "tf32", "bf16"}))
+      ->capture_default_str();
   longmem::cli::parse(app, "longmem-run", argc, argv);
   if (o.sidenet.empty() && (o.no_memory || o.memory_tokens || o.chunk_size || o.retrieved_tokens)) {
     longmem::cli::usage_error(app, "longmem-run", "memory options need --sidenet");
@@ -91,6 +96,9 @@ Options parse(int argc, char** argv) {
   }
   if (o.device == "cuda" && o.dtype != "f32") {
     longmem::cli::usage_error(app, "longmem-run", "--device cuda computes in float: use --dtype f32 (the default)");
+  }
+  if (o.device != "cuda" && o.device_math != "fp32") {
+    longmem::cli::usage_error(app, "longmem-run", "--device-math is for --device cuda (the CPU computes in --dtype)");
   }
   if (o.device == "cuda" && !built_with_cuda) {
     // A capability this binary lacks, not a malformed command line: exit 2 (refused), no help text.

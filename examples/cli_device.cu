@@ -7,6 +7,7 @@
 
 #include <longmem/cuda/chunk_retriever.cuh>
 #include <longmem/cuda/device_memory_bank.cuh>
+#include <longmem/cuda/math_mode.hpp>
 #include <longmem/cuda/ops.cuh>
 #include <longmem/cuda/storage.hpp>
 
@@ -24,6 +25,7 @@ struct DevicePlacement {
 int run_on_cuda(const RunOptions& o, const std::vector<std::int32_t>& ids) {
   // A BackendError naming what was asked when the machine has no usable GPU (the caller turns it into exit 2).
   detail::require_cuda_device("--device cuda");
+  const DeviceMathScope math(parse_device_math(o.device_math));
   return run<DevicePlacement, float>(o, ids);
 }
 

@@ -26,6 +26,7 @@ namespace longmem::cli {
 
 struct RunOptions {
   std::string backbone, sidenet, tokens, out, format, dtype = "f32", fusion = "gated", device = "cpu";
+  std::string device_math = "fp32";  // --device cuda: longmem::DeviceMath (cuda/math_mode.hpp)
   int segment_length = 0;
   bool hidden_states = false, no_memory = false, allow_other = false, quiet = false;
   std::optional<int> memory_tokens, chunk_size, retrieved_tokens;
@@ -152,7 +153,10 @@ int run_longmem(const RunOptions& o, const std::vector<std::int32_t>& ids) {
                   {"retrieved_tokens", std::to_string(mem.retrieved_tokens)},
                   {"fusion", Fusion::name},
                   {"mean_nll", detail::format_double(counted ? nll / static_cast<double>(counted) : 0.0)}};
-  if constexpr (!std::is_same_v<L, Host>) md["device"] = L::name;  // host files stay as they were
+  if constexpr (!std::is_same_v<L, Host>) {  // host files stay as they were
+    md["device"] = L::name;
+    md["device_math"] = o.device_math;
+  }
   w.set_metadata(md);
   Tensor<std::int32_t, Host> tok({N});
   std::copy(ids.begin(), ids.end(), tok.begin());

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""PyTorch fp32 CPU peer of bench/bench_longmem.cpp: the whole LongMem forward of one segment per stream.
+"""PyTorch peer of bench/bench_longmem.cpp (CPU, fp32) and bench/bench_longmem_gpu.cu (--device cuda, fp16 by
+default there): the whole LongMem forward of one segment per stream.
 
 Written the way a skilled PyTorch user would write it today (torch.inference_mode, batched (B, T, ...)
 tensors through every op, all streams in one pass):
@@ -25,6 +26,13 @@ logits (B, T, V)) of one fixed segment per stream, for streams 1 and 8 with the 
 SideNet layer plain causal attention). Prints one JSON line per configuration: median wall ms over --repeats
 (>= 10) timed calls after --warmup, ms_min, cpu_ms (CPU time of all threads), tokens/s, torch version,
 threads; errors are a field ("error"), never a crash. --compile runs the forward through torch.compile.
+
+On the GPU (--device cuda, --dtype float16 | bfloat16 | float32; default float16, what a user serves in): the
+models, ALiBi mask, banks and tokens live on the device in that dtype (weights drawn there, N(0, 0.02)); each
+call is timed with CUDA events (record, forward, record, synchronise), so ms is device time of the whole call
+including any idle gaps; cpu_ms is then not reported; peak_mem_GB is torch.cuda.max_memory_allocated. The
+issue's paper shape: --layers 24 --d 1024 --heads 16 --vocab 50257 --T 1024 --memory-layer 17
+--memory-tokens 65536 (SideNet 12 layers, its layer 8 memory-augmented).
 
 Correctness (--check DIR): DIR is written by `longmem_bench_longmem --export_check=DIR` (the C++ library:
 a GPT-2* backbone d 128, 4 heads, 4 layers, V 256, T 64; a SideNet of 2 layers taken from a second random
@@ -144,7 +152,7 @@ def retrieve(q, chunk_keys, keys, values, k_chunks):
     C = chunk_keys.shape[2]
     scores = torch.matmul(q, chunk_keys.transpose(-2, -1))             # (B, H, T, C)
     idx = scores.topk(min(k_chunks, C), dim=-1, sorted=False).indices  # (B, H, T, k')
-    flat = (idx + (torch.arange(B * H) * C).view(B, H, 1, 1)).reshape(-1)
+    flat = (idx + (torch.arange(B * H, device=q.device) * C).view(B, H, 1, 1)).reshape(-1)
     Kr = keys.reshape(B * H * C, -1).index_select(0, flat).view(B, H, T, -1, dh)
     Vr = values.reshape(B * H * C, -1).index_select(0, flat).view(B, H, T, -1, dh)
     return Kr, Vr, idx
@@ -344,38 +352,64 @@ def run_check(a):
 # ----------------------------------------------------------------------------------------------
 # Benchmark
 # ----------------------------------------------------------------------------------------------
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Timer:
+    """Wall and CPU time on the CPU; CUDA events on the GPU (device time of the whole call)."""
+
+    def __init__(self, dev):
+        self.cuda = dev.type == "cuda"
+
+    def __call__(self, fn, *args):
+        if self.cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args)
+            stop.record()
+            stop.synchronize()
+            return out, start.elapsed_time(stop), None
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        return out, (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+
+
 def run_bench(a):
     torch.manual_seed(0)
+    dev, dtype = torch.device(a.device), DTYPE_NAMES[a.dtype or ("float16" if a.device == "cuda" else "float32")]
     H, d, T, V = a.heads, a.d, a.T, a.vocab
     dh, k_chunks = d // H, a.retrieved_tokens // a.chunk_size
-    backbone = Gpt2Star(a.layers, d, H, V).eval()
-    side = SideNet(a.layers // 2, d, H, a.memory_layer).eval()
+    with dev:  # weights drawn where they live (a 24-layer model initialises in seconds on the GPU)
+        backbone = Gpt2Star(a.layers, d, H, V).to(dtype).eval()
+        side = SideNet(a.layers // 2, d, H, a.memory_layer).to(dtype).eval()
     with torch.no_grad():
         side.layers[side.mem_index].gate.fill_(0.5)
-    bias = alibi_causal_bias(T, H)
+    bias = alibi_causal_bias(T, H).to(dev, dtype)
     gen = torch.Generator().manual_seed(42)
+    timer = Timer(dev)
     n_fill = a.memory_tokens // T
     assert n_fill * T == a.memory_tokens, "memory_tokens must be a multiple of T"
     # Untimed: the layer-m keys/values of n_fill random segments, in batches of 8 segments.
     fk, fv = [], []
     with torch.inference_mode():
-        fill_tokens = torch.randint(V, (n_fill, T), generator=gen)
+        fill_tokens = torch.randint(V, (n_fill, T), generator=gen).to(dev)
         for i in range(0, n_fill, 8):
             _, k, v = backbone(fill_tokens[i:i + 8], bias, a.memory_layer)
             fk.append(k.clone())
             fv.append(v.clone())
     fk, fv = torch.cat(fk), torch.cat(fv)  # (n_fill, H, T, dh)
     base = {"peer": "torch", "style": "user", "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(dtype),
             "mkl": torch.backends.mkl.is_available(), "d": d, "heads": H, "layers": a.layers, "vocab": V, "T": T,
             "side_layers": len(side.layers), "memory_layer": a.memory_layer, "memory_tokens": a.memory_tokens,
             "chunk_size": a.chunk_size, "retrieved_tokens": a.retrieved_tokens}
     for B in a.streams:
-        bank = MemoryBank(B, H, dh, a.memory_tokens, a.chunk_size)
+        bank = MemoryBank(B, H, dh, a.memory_tokens, a.chunk_size, dev, dtype)
         with torch.inference_mode():
             for i in range(n_fill):
-                rows = torch.tensor([(i + b) % n_fill for b in range(B)])
+                rows = torch.tensor([(i + b) % n_fill for b in range(B)], device=dev)
                 bank.append(fk[rows], fv[rows])
-        tokens = torch.randint(V, (B, T), generator=gen)
+        tokens = torch.randint(V, (B, T), generator=gen).to(dev)
         for memory in (True, False):
             out = dict(base, streams=B, memory=memory, compiled=bool(a.compile), memory_chunks_filled=bank.count,
                        warmup=a.warmup, repeats=a.repeats, ms=None, error=None)
@@ -389,15 +423,21 @@ def run_bench(a):
                 with torch.inference_mode():
                     for _ in range(a.warmup):
                         fn(tokens)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
                     for _ in range(a.repeats):
-                        t0, c0 = time.perf_counter(), time.process_time()
-                        logits = fn(tokens)
-                        times.append((time.perf_counter() - t0) * 1e3)
-                        cpu.append((time.process_time() - c0) * 1e3)
+                        logits, ms, cpu_ms = timer(fn, tokens)
+                        times.append(ms)
+                        cpu.append(cpu_ms)
                 assert logits.shape == (B, T, V)
                 med = statistics.median(times)
                 out.update(ms=round(med, 3), ms_min=round(min(times), 3), ms_max=round(max(times), 3),
-                           cpu_ms=round(statistics.median(cpu), 3), tokens_per_s=round(B * T / (med / 1e3), 1))
+                           tokens_per_s=round(B * T / (med / 1e3), 1))
+                if dev.type == "cuda":
+                    out["peak_mem_GB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                else:
+                    out["cpu_ms"] = round(statistics.median(cpu), 3)
             except Exception as e:  # noqa: BLE001 - report, do not crash
                 out["error"] = "%s: %s" % (type(e).__name__, str(e)[:300])
             print(json.dumps(out), flush=True)
@@ -407,6 +447,8 @@ def run_bench(a):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="default float32 on the CPU, float16 on cuda")
     p.add_argument("--streams", type=int, nargs="*", default=[1, 8])
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--d", type=int, default=512)

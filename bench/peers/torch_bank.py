@@ -9,12 +9,12 @@ class MemoryBank:
     they share the ring position and fill count. FIFO over chunks of csz tokens (slot q % C for the q-th
     chunk, as the C++ HostMemoryBank)."""
 
-    def __init__(self, B, H, dh, msz, csz):
+    def __init__(self, B, H, dh, msz, csz, device="cpu", dtype=torch.float32):
         assert msz % csz == 0
         self.C, self.csz = msz // csz, csz
-        self.chunk_keys = torch.zeros(B, H, self.C, dh)
-        self.keys = torch.zeros(B, H, self.C, csz * dh)
-        self.values = torch.zeros(B, H, self.C, csz * dh)
+        self.chunk_keys = torch.zeros(B, H, self.C, dh, device=device, dtype=dtype)
+        self.keys = torch.zeros(B, H, self.C, csz * dh, device=device, dtype=dtype)
+        self.values = torch.zeros(B, H, self.C, csz * dh, device=device, dtype=dtype)
         self.pos, self.count = 0, 0
 
     @torch.no_grad()  # banks hold detached keys/values (the training peer calls this under autograd)
@@ -27,7 +27,7 @@ class MemoryBank:
         v = v.reshape(B, H, n, self.csz, dh)
         if n > self.C:
             k, v, n = k[:, :, -self.C:], v[:, :, -self.C:], self.C
-        slots = (torch.arange(n) + self.pos) % self.C
+        slots = (torch.arange(n, device=k.device) + self.pos) % self.C
         self.chunk_keys.index_copy_(2, slots, k.mean(3))
         self.keys.index_copy_(2, slots, k.reshape(B, H, n, -1))
         self.values.index_copy_(2, slots, v.reshape(B, H, n, -1))

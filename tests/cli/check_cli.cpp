@@ -201,6 +201,18 @@ int main(int argc, char** argv) {
         const double e = relative_error(dgot.data(), llogits.data(), dgot.numel());
         std::cout << "--device cuda logits: max |err| / max |ref| = " << e << "\n";
         check(e <= 1e-4, "LongMem on --device cuda matches the PyTorch port of the reference");
+        // bf16 tensor-core rounding: within the model test's bound for that mode (20 u, u = 2^-8:
+        // tests/gpu/test_model_device.cu), and visibly not the fp32 result.
+        const fs::path out_bf16 = scratch / "lm_cuda_bf16.safetensors";
+        const int rc16 = run(quote(tool) + lm_args + " --out " + quote(out_bf16) + " --device cuda --device-math bf16 --quiet");
+        check(rc16 == 0, "--device cuda --device-math bf16 runs");
+        if (rc16 == 0) {
+          auto bgot = SafetensorsFile::open(out_bf16).read<float>("logits", Shape{llogits.dim(1), llogits.dim(2)});
+          const double eb = relative_error(bgot.data(), llogits.data(), bgot.numel());
+          std::cout << "--device cuda --device-math bf16 logits: max |err| / max |ref| = " << eb << "\n";
+          check(eb <= 20.0 / 256 && eb > 1.0 / (1 << 18), "--device-math bf16: within 20 u of the reference, and not fp32's result");
+          check(SafetensorsFile::open(out_bf16).metadata().at("device_math") == "bf16", "the output records device_math bf16");
+        }
       } else {
         check(rc == 2 && no_unexpected && text.find("needs a CUDA device") != std::string::npos,
               "--device cuda without a usable GPU: exit 2, 'needs a CUDA device'");
@@ -209,6 +221,10 @@ int main(int argc, char** argv) {
             "--device cuda with --dtype f64 is a usage error (64)");
       check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device gpu") == 64,
             "an unknown --device is a usage error (64)");
+      check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device-math bf16") == 64,
+            "--device-math without --device cuda is a usage error (64)");
+      check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device cuda --device-math fp16") == 64,
+            "an unknown --device-math is a usage error (64)");
     }
   } catch (const std::exception& e) {
     std::cout << "FAIL  unexpected exception: " << e.what() << "\n";

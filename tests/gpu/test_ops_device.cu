@@ -20,6 +20,19 @@
 //   cross_entropy                    losses 1e-6 abs + rel (exp in float, sums in double, stored as
 //                                    float); the sum 1e-6 per counted row; the count exactly
 //
+// Then linear and the attention ops again on the device under the reduced-precision modes
+// (longmem::DeviceMath, cuda/math_mode.hpp), against the same float64 references. u is the unit
+// roundoff of the inputs' rounding: 2^-11 for tf32 (11 significant bits), 2^-8 for bf16 (8 bits).
+//   linear     rtol 8u (GEMM's u)   each product of two rounded inputs is off by <= 2u |x w|, so
+//                                   a sum by <= 2u sum |x w|; with inputs uniform in [-1, 1] and up
+//                                   to 256 terms, sum |x w| ~ I/4 is ~4x max |ref| ~ sqrt(I)
+//   attention  rtol 16u (tf32's u, the attention kernel's in both modes)   a score q.k/sqrt(dh) is
+//                                   off by <= 2u sum |q k| / sqrt(dh) <= ~4u (dh 64), which its exp
+//                                   carries as a relative error; P and V add u each; the output is
+//                                   an average of v rows, and max |ref| >= ~1 (row 0 is v_0)
+// and each mode must visibly take effect: its worst error relative to max |ref| over the sizes
+// must exceed 2^-18 (the fp32 mode stays near 2^-24 x a few), else the mode was ignored.
+//
 // Exit status: 0 all passed, 1 something failed, 77 no CUDA device (ctest: skipped; the table
 // then runs on the host backend alone, so the cases themselves are still checked).
 // Arguments: an optional substring of op names to run only those. LONGMEM_TEST_SEED=<n> draws
@@ -41,6 +54,7 @@
 #include <cstdlib>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -593,14 +607,31 @@ std::vector<OpCase> op_table() {
   return table;
 }
 
+/// The reduced-precision tolerance of an op under a device math mode (see the header), or none
+/// when the mode does not touch the op.
+std::optional<Tolerance> reduced_tolerance(const std::string& op, DeviceMath math) {
+  const double u_tf32 = std::ldexp(1.0, -11), u_bf16 = std::ldexp(1.0, -8);
+  if (op == "linear") return Tolerance{1e-6, 8 * (math == DeviceMath::bf16 ? u_bf16 : u_tf32)};
+  if (op == "causal_attention" || op == "memory_attention") return Tolerance{1e-6, 16 * u_tf32};
+  return std::nullopt;
+}
+
 /// Runs every size of every case on every backend; prints one summary line per (case, backend).
-void run_table(const std::string& filter) {
+/// Under a reduced-precision `math` mode: only the ops it touches, on the device, with
+/// reduced_tolerance, plus the check that the mode took effect.
+void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32) {
   const auto table = op_table();
+  const bool reduced = math != DeviceMath::fp32;
+  if (reduced && !device_present) return;
+  const DeviceMathScope scope(math);
   const std::size_t n_backends = device_present ? 2 : 1;
   for (std::size_t which = 0; which < table.size(); ++which) {
     const OpCase& op = table[which];
     if (!filter.empty() && op.name.find(filter) == std::string::npos) continue;
+    const std::optional<Tolerance> reduced_tol = reduced ? reduced_tolerance(op.name, math) : std::nullopt;
+    if (reduced && !reduced_tol) continue;
     double worst[2] = {0, 0};  // max over sizes and outputs of max_err / bound
+    double worst_rel = 0;      // reduced modes: max over sizes and outputs of max_err / max_ref
     double host_device = 0;    // max |device - host| over everything
     int failed[2] = {0, 0};
     std::size_t run = 0;
@@ -612,7 +643,7 @@ void run_table(const std::string& filter) {
       const Inputs in = op.make(p, rng);
       const Outputs ref = op.reference(p, in);
       Outputs got[2];
-      for (std::size_t bi = 0; bi < n_backends; ++bi) {
+      for (std::size_t bi = reduced ? 1 : 0; bi < n_backends; ++bi) {
         const Backend b = backends[bi];
         std::string error;
         try {
@@ -637,8 +668,9 @@ void run_table(const std::string& filter) {
           continue;
         }
         for (std::size_t o = 0; o < ref.size(); ++o) {
-          const Comparison cmp = compare(got[bi][o], ref[o], op.tolerance[o]);
+          const Comparison cmp = compare(got[bi][o], ref[o], reduced ? *reduced_tol : op.tolerance[o]);
           if (cmp.bound > 0) worst[bi] = std::max(worst[bi], cmp.max_err / cmp.bound);
+          if (cmp.max_ref > 0) worst_rel = std::max(worst_rel, cmp.max_err / cmp.max_ref);
           if (!cmp.ok) {
             ++failures, ++failed[bi];
             std::printf("FAILED %s on %s, %s, seed %llu, output %zu: %s\n", op.name.c_str(), name(b), p.str().c_str(),
@@ -652,6 +684,15 @@ void run_table(const std::string& filter) {
           if (d.shape_ok && d.nan_at < 0) host_device = std::max(host_device, d.max_err);
         }
       }
+    }
+    if (reduced) {
+      std::printf("%-22s device %s %4zu sizes: %s, worst error %.3g of the bound (rtol %.3g), %.3g of max|ref|\n",
+                  op.name.c_str(), to_string(math), run, failed[1] ? "FAILED" : "ok", worst[1], reduced_tol->rtol,
+                  worst_rel);
+      EXPECT(worst_rel > std::ldexp(1.0, -18), "%s under DeviceMath::%s is as exact as fp32 (worst %.3g of max|ref|): "
+             "the mode was not applied", op.name.c_str(), to_string(math), worst_rel);
+      std::fflush(stdout);
+      continue;
     }
     for (std::size_t bi = 0; bi < n_backends; ++bi) {
       std::printf("%-22s %-6s %4zu sizes: %s, worst error %.3g of the bound\n", op.name.c_str(), bi ? "device" : "host",
@@ -947,6 +988,8 @@ int main(int argc, char** argv) {
               filter.c_str());
   try {
     run_table(filter);
+    run_table(filter, DeviceMath::tf32);
+    run_table(filter, DeviceMath::bf16);
     if (filter.empty() || filter == "behaviour") attention_behaviour();
     if (filter.empty() || filter == "refusals") refusals();
   } catch (const std::exception& e) {

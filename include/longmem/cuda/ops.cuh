@@ -4,7 +4,7 @@
 //
 //   cuda/ops/embedding.cuh      embedding                       (ids checked on the host, then copied)
 //   cuda/ops/layer_norm.cuh     layer_norm                      (one block per row, statistics in double)
-//   cuda/ops/linear.cuh         linear                          (cuBLASLt fp32, bias in the epilogue)
+//   cuda/ops/linear.cuh         linear                          (cuBLASLt, fp32 accumulation, bias in the epilogue)
 //   cuda/ops/elementwise.cuh    gelu (in place, out of place), add, add_difference
 //   cuda/ops/attention.cuh      causal_attention, memory_attention<F>   (one flash-style kernel)
 //   cuda/ops/cross_entropy.cuh  cross_entropy                   (per-row logsumexp; synchronises)
@@ -14,11 +14,14 @@
 // messages, before anything is enqueued, so a refused call writes nothing. A failed launch or CUDA
 // call is a BackendError that names the op and what was asked for. Work is enqueued on the legacy
 // default stream (detail::cuda::stream()); only cross_entropy waits for it, to return its sums.
+// Buffers are float; longmem::set_device_math (cuda/math_mode.hpp) picks how the inputs of the
+// tensor-core products (linear, the local attention branch) are rounded: fp32 (default), tf32, bf16.
 // The backward ops are not implemented on the device yet: calling one is a compile error that says so.
 #include <cstdint>
 #include <span>
 #include <utility>
 
+#include "longmem/cuda/math_mode.hpp"
 #include "longmem/cuda/ops/attention.cuh"
 #include "longmem/cuda/ops/common.cuh"
 #include "longmem/cuda/ops/cross_entropy.cuh"

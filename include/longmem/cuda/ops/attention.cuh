@@ -5,7 +5,8 @@
 // Two flash-style kernels, the same modes and results up to float rounding; no T x T matrix exists
 // anywhere and ALiBi slopes come from detail::alibi_slope inside the kernel:
 //   dh <= 64     attention_mma_kernel (attention_mma.cuh): the local branch on tensor cores
-//                (mma.sync, 3xTF32: float accuracy), 64 queries per block
+//                (mma.sync; 3xTF32, float accuracy, under DeviceMath::fp32; 1xTF32 under tf32
+//                and bf16: cuda/math_mode.hpp), 64 queries per block
 //   dh <= 256    attention_kernel (below): FMAs from shared memory, 32 queries per block
 // Modes (AttentionMode):
 //   causal_attention                        Causal: the local softmax only
@@ -25,6 +26,7 @@
 #include <string>
 #include <type_traits>
 
+#include "longmem/cuda/math_mode.hpp"
 #include "longmem/cuda/ops/attention_mma.cuh"
 #include "longmem/cuda/ops/attention_parts.cuh"
 #include "longmem/cuda/ops/common.cuh"
@@ -267,12 +269,16 @@ void launch_attention(const char* op, const AttentionArgs& a) {
   launch_attention_kernel(op, attention_kernel<Mode, DhMax>, a, grid, dim3(attn_threads), smem);
 }
 
-/// The tensor-core kernel (dh up to 64).
+/// The tensor-core kernel (dh up to 64): 3xTF32 under DeviceMath::fp32, 1xTF32 otherwise.
 template <AttentionMode Mode, int DhMax>
 void launch_attention_mma(const char* op, const AttentionArgs& a) {
   const std::size_t smem = attention_mma_smem_floats(DhMax, Mode != AttentionMode::Causal) * sizeof(float);
   const dim3 grid(static_cast<unsigned>((a.n_tok + mma_br - 1) / mma_br), static_cast<unsigned>(a.n_head));
-  launch_attention_kernel(op, attention_mma_kernel<Mode, DhMax>, a, grid, dim3(mma_threads), smem);
+  if (device_math() == DeviceMath::fp32) {
+    launch_attention_kernel(op, attention_mma_kernel<Mode, DhMax, true>, a, grid, dim3(mma_threads), smem);
+  } else {
+    launch_attention_kernel(op, attention_mma_kernel<Mode, DhMax, false>, a, grid, dim3(mma_threads), smem);
+  }
 }
 
 template <AttentionMode Mode>

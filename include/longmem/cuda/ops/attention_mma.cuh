@@ -11,10 +11,11 @@
 //                                      a shuffle: within each 8-key slice the mma's k index tig maps
 //                                      to key 2 tig and tig + 4 to key 2 tig + 1, and V's B fragments
 //                                      are read in that order (the sum over keys is order-free)
-// Precision: every product runs as 3xTF32 (x = big + small with big = tf32(x), small = tf32(x - big);
-// a b ~ big_a big_b + big_a small_b + small_a big_b, the dropped small_a small_b is <= 2^-22 |a b|),
-// so scores and outputs keep float accuracy (the op tests' rtol 1e-4 of the FMA kernel holds),
-// at 3 tensor-core instructions per product instead of 1.
+// Precision (Split = true, DeviceMath::fp32): every product runs as 3xTF32 (x = big + small with
+// big = tf32(x), small = tf32(x - big); a b ~ big_a big_b + big_a small_b + small_a big_b, the dropped
+// small_a small_b is <= 2^-22 |a b|), so scores and outputs keep float accuracy (the op tests' rtol
+// 1e-4 of the FMA kernel holds), at 3 tensor-core instructions per product instead of 1.
+// Split = false (DeviceMath::tf32 and bf16): one mma on the inputs rounded to TF32 (10 mantissa bits).
 // Fragment layouts (PTX ISA, mma.m16n8k8 .tf32): lane = 4 g + tig;
 //   A (16 x 8): a0 (g, tig) a1 (g + 8, tig) a2 (g, tig + 4) a3 (g + 8, tig + 4)
 //   B (8 x 8):  b0 (k tig, n g) b1 (k tig + 4, n g)
@@ -63,6 +64,16 @@ __device__ inline void mma_tf32(float (&d)[4], const std::uint32_t (&a)[4], std:
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+/// x as tf32 (and, when Split, the rest x - big as a second tf32).
+template <bool Split>
+__device__ inline void to_tf32_parts(float x, std::uint32_t& big, std::uint32_t& small) {
+  if constexpr (Split) {
+    split_tf32(x, big, small);
+  } else {
+    big = to_tf32(x);
+    small = 0;
+  }
+}
 /// d += a b in about float precision: the two small cross terms first, then big x big.
 __device__ inline void mma_3xtf32(float (&d)[4], const std::uint32_t (&a_big)[4], const std::uint32_t (&a_small)[4],
                                   float b0, float b1) {
@@ -73,8 +84,18 @@ __device__ inline void mma_3xtf32(float (&d)[4], const std::uint32_t (&a_big)[4]
   mma_tf32(d, a_big, bs0, bs1);
   mma_tf32(d, a_big, bb0, bb1);
 }
+/// d += a b: 3xTF32 when Split, else one mma on tf32-rounded inputs (a_small unused).
+template <bool Split>
+__device__ inline void mma_f32(float (&d)[4], const std::uint32_t (&a_big)[4], const std::uint32_t (&a_small)[4],
+                               float b0, float b1) {
+  if constexpr (Split) {
+    mma_3xtf32(d, a_big, a_small, b0, b1);
+  } else {
+    mma_tf32(d, a_big, to_tf32(b0), to_tf32(b1));
+  }
+}
 
-template <AttentionMode Mode, int DhMax>
+template <AttentionMode Mode, int DhMax, bool Split>
 __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArgs a) {
   static_assert(DhMax % 8 == 0 && DhMax <= 64, "the tensor-core kernel holds dh <= 64 in registers");
   constexpr int n_slice = DhMax / 8;  // 8-wide slices of dh: S's reduction steps and O's column tiles
@@ -108,7 +129,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
     for (int e = 0; e < 4; ++e) {
       const index_t r = row[e % 2];
       const float x = r < T && c[e] < dh ? qh[r * ld + c[e]] : 0.0f;
-      split_tf32(x, q_big[s][e], q_small[s][e]);
+      to_tf32_parts<Split>(x, q_big[s][e], q_small[s][e]);
     }
   }
 
@@ -182,7 +203,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
       for (int e = 0; e < 4; ++e) sc[j][e] = 0.0f;
       const float* krow = ks + (8 * j + g) * pitch + tig;
 #pragma unroll
-      for (int s = 0; s < n_slice; ++s) mma_3xtf32(sc[j], q_big[s], q_small[s], krow[8 * s], krow[8 * s + 4]);
+      for (int s = 0; s < n_slice; ++s) mma_f32<Split>(sc[j], q_big[s], q_small[s], krow[8 * s], krow[8 * s + 4]);
     }
 
     // Scale, ALiBi, causal mask; running maxima per row (quads share rows).
@@ -228,13 +249,13 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
 #pragma unroll
     for (int j = 0; j < n_kslice; ++j) {
       std::uint32_t p_big[4], p_small[4];  // A fragment: k index tig = key 2 tig, tig + 4 = key 2 tig + 1
-      split_tf32(sc[j][0], p_big[0], p_small[0]);
-      split_tf32(sc[j][2], p_big[1], p_small[1]);
-      split_tf32(sc[j][1], p_big[2], p_small[2]);
-      split_tf32(sc[j][3], p_big[3], p_small[3]);
+      to_tf32_parts<Split>(sc[j][0], p_big[0], p_small[0]);
+      to_tf32_parts<Split>(sc[j][2], p_big[1], p_small[1]);
+      to_tf32_parts<Split>(sc[j][1], p_big[2], p_small[2]);
+      to_tf32_parts<Split>(sc[j][3], p_big[3], p_small[3]);
       const float* v0 = vs + (8 * j + 2 * tig) * pitch + g;  // B fragment rows: keys 2 tig and 2 tig + 1
 #pragma unroll
-      for (int s = 0; s < n_slice; ++s) mma_3xtf32(o[s], p_big, p_small, v0[8 * s], v0[pitch + 8 * s]);
+      for (int s = 0; s < n_slice; ++s) mma_f32<Split>(o[s], p_big, p_small, v0[8 * s], v0[pitch + 8 * s]);
     }
   }
 

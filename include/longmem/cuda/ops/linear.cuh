@@ -1,6 +1,8 @@
 #pragma once
-// Device linear layer in PyTorch Linear layout through cuBLASLt, fp32 data with fp32 compute
-// (CUBLAS_COMPUTE_32F: no TF32 rounding of the inputs).
+// Device linear layer in PyTorch Linear layout through cuBLASLt, fp32 data, fp32 accumulation.
+// The compute type follows longmem::device_math() (cuda/math_mode.hpp): CUBLAS_COMPUTE_32F (fp32,
+// the default: no rounding of the inputs), CUBLAS_COMPUTE_32F_FAST_TF32 (tf32) or
+// CUBLAS_COMPUTE_32F_FAST_16BF (bf16: inputs rounded to bf16 inside the GEMM).
 //   linear   out (N, O) [+]= in (N, I) W (O, I)^T + b (O)
 //
 // cuBLASLt is column-major. The row-major buffers read column-major are out^T (O, N), in^T (I, N)
@@ -23,6 +25,7 @@
 #include <mutex>
 #include <string>
 
+#include "longmem/cuda/math_mode.hpp"
 #include "longmem/cuda/ops/common.cuh"
 #include "longmem/ops.hpp"
 
@@ -106,12 +109,23 @@ __global__ void add_bias_kernel(T* out, const T* __restrict__ bias, index_t N, i
 
 /// One cuBLASLt GEMM: out = W in (+ beta out) (+ bias through the epilogue when `epilogue_bias`).
 /// Returns false, having enqueued nothing, when no algorithm supports the request.
+/// The cuBLASLt compute type of a device math mode.
+inline cublasComputeType_t compute_type(DeviceMath m) {
+  switch (m) {
+    case DeviceMath::tf32: return CUBLAS_COMPUTE_32F_FAST_TF32;
+    case DeviceMath::bf16: return CUBLAS_COMPUTE_32F_FAST_16BF;
+    case DeviceMath::fp32: break;
+  }
+  return CUBLAS_COMPUTE_32F;
+}
+
 inline bool matmul(float* out, const float* in, const float* weight, const float* bias, index_t N, index_t O, index_t I,
-                   bool accumulate, bool epilogue_bias) {
+                   bool accumulate, bool epilogue_bias, DeviceMath math) {
   const char* op = "linear";
   const BlasLtContext& ctx = blaslt_context();
   MatmulDescriptors d;
-  check_cublas(cublasLtMatmulDescCreate(&d.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), op, "cublasLtMatmulDescCreate");
+  check_cublas(cublasLtMatmulDescCreate(&d.op, compute_type(math), CUDA_R_32F), op, "cublasLtMatmulDescCreate (",
+               to_string(math), ")");
   const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
   check_cublas(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)), op,
                "setting TRANSA");
@@ -194,9 +208,10 @@ void linear(TensorView<T, Device> out, TensorView<const T, Device> in, TensorVie
   if (has_bias) expect_separate(out, bias, op, "bias");
   if (N == 0) return;
   const bool accumulate = acc == Accumulate::Yes;
-  if (has_bias && matmul(out.data(), in.data(), weight.data(), bias.data(), N, O, I, accumulate, true)) return;
-  if (!matmul(out.data(), in.data(), weight.data(), nullptr, N, O, I, accumulate, false)) {
-    fail<BackendError>("linear: cuBLASLt has no fp32 algorithm for (", N, ", ", I, ") x (", O, ", ", I,
+  const DeviceMath math = device_math();
+  if (has_bias && matmul(out.data(), in.data(), weight.data(), bias.data(), N, O, I, accumulate, true, math)) return;
+  if (!matmul(out.data(), in.data(), weight.data(), nullptr, N, O, I, accumulate, false, math)) {
+    fail<BackendError>("linear: cuBLASLt has no ", to_string(math), " algorithm for (", N, ", ", I, ") x (", O, ", ", I,
                        ")^T with these pointer alignments (", pointer_alignment(in.data()), ", ",
                        pointer_alignment(weight.data()), ", ", pointer_alignment(out.data()), " bytes)");
   }
