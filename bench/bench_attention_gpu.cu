@@ -9,7 +9,8 @@
 // The issue's shape, B 8 streams x T 1024, 16 heads, dh 64, K 64 retrieved tokens per query and
 // head, ALiBi, each stream with its own 65,536-token bank per head (DESIGN.md: one bank per stream):
 //
-//   Causal/B8/1024/<pos>                        the local causal branch alone, 8 streams
+//   Causal/B8/1024/<pos>                        the local causal branch alone, 8 streams (8 calls)
+//   CausalSegments/B8/1024/<pos>                the same as one call over the stacked streams (offsets)
 //   Memory/B8/1024/64/<fusion>                  memory_attention on mem_k/mem_v (T, H, K, dh) that are
 //                                               already gathered: the gather is EXCLUDED here
 //   Gather/B8/1024/64/<ids>                     the gather alone: bank (H, 65536, dh) fp32 + ids (T, H, K)
@@ -47,6 +48,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -279,6 +281,21 @@ void bm_causal_batch(benchmark::State& state, index_t T, PositionScheme pos) {
   set_counters(state, kBatch * causal_flops(T), 0);
 }
 
+/// The 8 streams stacked in one (8 T, H, dh) buffer, one causal_attention call with their offsets
+/// (one launch of the tensor-core kernel: what the batched backbone and SideNet do).
+void bm_causal_segments(benchmark::State& state, index_t T, PositionScheme pos) {
+  const index_t N = kBatch * T;
+  auto q = random_device(Shape{N, kHeads, kHeadDim}, 11), k = random_device(Shape{N, kHeads, kHeadDim}, 12),
+       v = random_device(Shape{N, kHeads, kHeadDim}, 13);
+  Tensor<float, Device> out(Shape{N, kHeads, kHeadDim});
+  std::vector<index_t> offsets;
+  for (index_t b = 0; b <= kBatch; ++b) offsets.push_back(b * T);
+  time_loop(state, [&] {
+    ops::causal_attention(out.view(), cview(q), cview(k), cview(v), pos, std::span<const index_t>(offsets));
+  });
+  set_counters(state, kBatch * causal_flops(T), 0);
+}
+
 /// Gather excluded: mem_k/mem_v already (T, H, K, dh) per stream.
 template <class Fusion>
 void bm_memory_batch(benchmark::State& state, index_t T, index_t K) {
@@ -361,6 +378,8 @@ int main(int argc, char** argv) {
   };
   reg("Causal/B8/1024/learned", bm_causal_batch, index_t{1024}, PositionScheme::Learned);
   reg("Causal/B8/1024/alibi", bm_causal_batch, index_t{1024}, PositionScheme::Alibi);
+  reg("CausalSegments/B8/1024/learned", bm_causal_segments, index_t{1024}, PositionScheme::Learned);
+  reg("CausalSegments/B8/1024/alibi", bm_causal_segments, index_t{1024}, PositionScheme::Alibi);
   reg("Memory/B8/1024/64/gated", bm_memory_batch<GatedFusion>, index_t{1024}, index_t{64});
   reg("Memory/B8/1024/64/joint", bm_memory_batch<JointFusion>, index_t{1024}, index_t{64});
   reg("Gather/B8/1024/64/uniform", bm_gather_batch, index_t{1024}, index_t{64}, index_t{1});
@@ -379,6 +398,10 @@ int main(int argc, char** argv) {
   reg("Causal/B8/1024/alibi/tf32", [](benchmark::State& st) {
     const DeviceMathScope math(DeviceMath::tf32);
     bm_causal_batch(st, 1024, PositionScheme::Alibi);
+  });
+  reg("CausalSegments/B8/1024/alibi/tf32", [](benchmark::State& st) {
+    const DeviceMathScope math(DeviceMath::tf32);
+    bm_causal_segments(st, 1024, PositionScheme::Alibi);
   });
   for (DeviceMath m : {DeviceMath::tf32, DeviceMath::bf16}) {
     for (auto [I, O] : {std::pair<index_t, index_t>{1024, 1024}, {1024, 4096}, {4096, 1024}}) {

@@ -605,13 +605,9 @@ class Gpt2Backbone {
       ops::linear(a.q.view(), a.ln_1, w.q_weight, w.q_bias);
       ops::linear(a.k.view(), a.ln_1, w.k_weight, w.k_bias);
       ops::linear(a.v.view(), a.ln_1, w.v_weight, w.v_bias);
-      for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
-        const index_t o0 = offsets[b], o1 = offsets[b + 1];
-        const Shape seg{o1 - o0, H, dh};
-        ops::causal_attention(a.att.view().slice(o0, o1).reshape(seg), cview(a.q).slice(o0, o1).reshape(seg),
-                              cview(a.k).slice(o0, o1).reshape(seg), cview(a.v).slice(o0, o1).reshape(seg),
-                              config_.positions);
-      }
+      // Each segment attends within itself; every segment in one call (one launch on the GPU).
+      ops::causal_attention(a.att.view().reshape(heads), cview(a.q).reshape(heads), cview(a.k).reshape(heads),
+                            cview(a.v).reshape(heads), config_.positions, std::span<const index_t>(offsets));
       ops::linear(h, a.att, w.out_weight, w.out_bias, Accumulate::Yes);
       if (j == req.memory_layer) {
         out.mem_keys.resize(heads);

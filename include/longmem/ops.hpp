@@ -18,6 +18,7 @@
 #include <span>
 #include <type_traits>
 
+#include "longmem/error.hpp"
 #include "longmem/model_config.hpp"
 #include "longmem/tensor.hpp"
 
@@ -110,6 +111,38 @@ void causal_attention(TensorView<T, L> out, In<T, L> q, In<T, L> k,
                       In<T, L> v, PositionScheme positions) {
   detail::require_backend<L>();
   OpsBackend<L>::causal_attention(out, q, k, v, positions);
+}
+
+/// causal_attention over several independent sequences stacked along the rows: rows
+/// [offsets[b], offsets[b+1]) of q, k, v (N, H, dh) and out attend only within their own sequence
+/// (the streams of a batched forward). offsets: b+1 non-decreasing row offsets from 0 to N (an
+/// empty sequence is skipped). Backends may run every sequence in one launch
+/// (OpsBackend<L>::causal_attention_segments); otherwise each is one causal_attention call.
+template <class T, class L>
+void causal_attention(TensorView<T, L> out, In<T, L> q, In<T, L> k, In<T, L> v, PositionScheme positions,
+                      std::span<const index_t> offsets) {
+  detail::require_backend<L>();
+  const index_t N = q.rank() > 0 ? q.dim(0) : 0;
+  if (offsets.size() < 2 || offsets.front() != 0 || offsets.back() != N) {
+    detail::fail<ShapeError>("causal_attention: offsets must run from 0 to the ", N, " rows of q (", offsets.size(),
+                             " offsets given", offsets.empty() ? "" : detail::concat(", from ", offsets.front(), " to ", offsets.back()),
+                             ")");
+  }
+  for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
+    if (offsets[b + 1] < offsets[b]) {
+      detail::fail<ShapeError>("causal_attention: offsets decrease at sequence ", b, " (", offsets[b], " then ",
+                               offsets[b + 1], ")");
+    }
+  }
+  if constexpr (requires { OpsBackend<L>::causal_attention_segments(out, q, k, v, positions, offsets); }) {
+    OpsBackend<L>::causal_attention_segments(out, q, k, v, positions, offsets);
+  } else {
+    for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
+      const index_t o0 = offsets[b], o1 = offsets[b + 1];
+      if (o0 == o1) continue;
+      OpsBackend<L>::causal_attention(out.slice(o0, o1), q.slice(o0, o1), k.slice(o0, o1), v.slice(o0, o1), positions);
+    }
+  }
 }
 
 /// Memory-augmented attention (see fusion.hpp for the formulas):

@@ -452,7 +452,13 @@ class SideNet {
       ops::linear(a.q.view(), a.ln, w.q_weight, w.q_bias);
       ops::linear(a.k.view(), a.ln, w.k_weight, w.k_bias);
       ops::linear(a.v.view(), a.ln, w.v_weight, w.v_bias);
-      for (std::size_t b = 0; b < streams; ++b) {
+      if (i != config_.memory_augmented_layer()) {  // every stream in one call (one launch on the GPU)
+        const Shape rows_heads{offsets[streams], H, dh};
+        ops::causal_attention(a.att.view().reshape(rows_heads), cview(a.q).reshape(rows_heads),
+                              cview(a.k).reshape(rows_heads), cview(a.v).reshape(rows_heads), config_.positions,
+                              offsets);
+      }
+      for (std::size_t b = 0; b < streams && i == config_.memory_augmented_layer(); ++b) {
         const index_t o0 = offsets[b], o1 = offsets[b + 1];
         const Shape heads{o1 - o0, H, dh};
         auto q = cview(a.q).slice(o0, o1).reshape(heads);

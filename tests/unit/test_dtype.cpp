@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "longmem/cuda/math_mode.hpp"  // plain C++: the device math setting, no CUDA needed
 #include "longmem/dtype.hpp"
 
 using namespace longmem;
@@ -273,4 +274,21 @@ TEST_CASE("dtype: names, sizes and type mapping", "[dtype]") {
   CHECK(from_float<half>(1.f).bits == 0x3c00);
   CHECK(from_float<bfloat16>(-2.f).bits == 0xc000);
   CHECK(from_float<double>(0.5f) == 0.5);
+}
+
+TEST_CASE("device math: names, parsing, scopes restore the previous mode", "[dtype]") {
+  REQUIRE(device_math() == DeviceMath::fp32);  // the default: float accuracy
+  for (DeviceMath m : {DeviceMath::fp32, DeviceMath::tf32, DeviceMath::bf16}) CHECK(parse_device_math(to_string(m)) == m);
+  CHECK_THROWS_AS(parse_device_math("fp16"), ConfigError);
+  CHECK_THROWS_WITH(parse_device_math("BF16"), Catch::Contains("not one of fp32, tf32, bf16"));
+  {
+    const DeviceMathScope outer(DeviceMath::bf16);
+    CHECK(device_math() == DeviceMath::bf16);
+    {
+      const DeviceMathScope inner(DeviceMath::tf32);
+      CHECK(device_math() == DeviceMath::tf32);
+    }
+    CHECK(device_math() == DeviceMath::bf16);
+  }
+  CHECK(device_math() == DeviceMath::fp32);
 }

@@ -15,6 +15,7 @@
 #include <functional>
 #include <limits>
 #include <random>
+#include <span>
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -611,6 +612,49 @@ TEMPLATE_LIST_TEST_CASE("ops: attention stays finite and accurate with scores in
 }
 
 // ================================================================ errors
+
+TEMPLATE_LIST_TEST_CASE("ops: causal_attention over stacked sequences is each sequence's own attention",
+                        "[ops][attention]", Combos) {
+  using T = typename TestType::T;
+  using L = typename TestType::L;
+  std::mt19937_64 rng(base_seed() + 41);
+  const index_t H = 3, dh = 5;
+  for (const std::vector<index_t>& offsets : {std::vector<index_t>{0, 9}, std::vector<index_t>{0, 4, 4, 17, 18}}) {
+    const index_t N = offsets.back();
+    const HostD qd = random_tensor<T>(Shape{N, H, dh}, rng, -3, 3), kd = random_tensor<T>(Shape{N, H, dh}, rng),
+                vd = random_tensor<T>(Shape{N, H, dh}, rng);
+    auto q = to_backend<T, L>(qd), k = to_backend<T, L>(kd), v = to_backend<T, L>(vd);
+    auto out = poisoned<T, L>(Shape{N, H, dh});
+    ops::causal_attention(out.view(), cview(q), cview(k), cview(v), PositionScheme::Alibi, std::span<const index_t>(offsets));
+    const HostD got = to_double(out);
+    for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
+      const index_t o0 = offsets[b], o1 = offsets[b + 1];
+      if (o0 == o1) continue;
+      const HostD want = reference::causal_attention(cview(qd).slice(o0, o1), cview(kd).slice(o0, o1),
+                                                     cview(vd).slice(o0, o1), PositionScheme::Alibi);
+      HostD part(want.shape());
+      copy<double>(cview(got).slice(o0, o1), part.view());
+      const Comparison cmp = compare(part, want, tol<T>(1e-6, 1e-5));
+      INFO("sequence " << b << " rows [" << o0 << ", " << o1 << "): " << cmp.str());
+      REQUIRE(cmp.ok);
+    }
+  }
+  // Offsets that do not cover the rows, or run backwards, are refused before anything is written.
+  auto q = to_backend<T, L>(random_tensor<T>(Shape{6, H, dh}, rng));
+  auto out = poisoned<T, L>(Shape{6, H, dh});
+  const std::vector<index_t> short_of{0, 5}, backwards{0, 4, 3, 6}, one{0};
+  require_throws<ShapeError>([&] {
+    ops::causal_attention(out.view(), cview(q), cview(q), cview(q), PositionScheme::Alibi, std::span<const index_t>(short_of));
+  }, {"causal_attention: offsets", "6 rows", "to 5"});
+  require_throws<ShapeError>([&] {
+    ops::causal_attention(out.view(), cview(q), cview(q), cview(q), PositionScheme::Alibi, std::span<const index_t>(backwards));
+  }, {"causal_attention: offsets decrease", "4 then 3"});
+  require_throws<ShapeError>([&] {
+    ops::causal_attention(out.view(), cview(q), cview(q), cview(q), PositionScheme::Alibi, std::span<const index_t>(one));
+  }, {"causal_attention: offsets", "1 offsets given"});
+  const HostD untouched = to_double(out);
+  for (index_t i = 0; i < untouched.numel(); ++i) REQUIRE(std::isnan(untouched.data()[i]));
+}
 
 TEMPLATE_LIST_TEST_CASE("ops: embedding refuses bad segments with a sentence", "[ops][errors]", Combos) {
   using T = typename TestType::T;

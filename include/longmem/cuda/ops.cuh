@@ -80,6 +80,11 @@ struct OpsBackend<Device> {
   static void causal_attention(Out<T> out, In<T> q, In<T> k, In<T> v, PositionScheme positions) {
     detail::cuda::causal_attention(out, q, k, v, positions);
   }
+  template <class T>
+  static void causal_attention_segments(Out<T> out, In<T> q, In<T> k, In<T> v, PositionScheme positions,
+                                        std::span<const index_t> offsets) {
+    detail::cuda::causal_attention_segments(out, q, k, v, positions, offsets);
+  }
   template <class Fusion, class T>
   static void memory_attention(Out<T> out, In<T> q, In<T> k, In<T> v, In<T> mem_k, In<T> mem_v, In<T> gate,
                                PositionScheme positions) {

@@ -22,7 +22,9 @@
 // the local phase four consecutive lanes own one query row (8 of a tile's 32 keys each for the
 // scores; every 4th feature of the output). DhMax (32, 64, 128, 256) is the register budget for dh;
 // dh > 256 is refused.
+#include <algorithm>
 #include <cmath>
+#include <span>
 #include <string>
 #include <type_traits>
 
@@ -305,6 +307,53 @@ void causal_attention(TensorView<T, Device> out, TensorView<const T, Device> q, 
   const char* op = "causal_attention";
   const AttentionArgs a = attention_args(op, out, q, k, v, {}, {}, {}, false);
   run_attention<AttentionMode::Causal>(op, a, positions);
+}
+
+/// causal_attention over the sequences [offsets[b], offsets[b+1]) of q, k, v (N, H, dh) (offsets
+/// checked by ops::causal_attention): for dh <= 64 up to AttentionArgs::max_segments sequences per
+/// launch of the tensor-core kernel, so a batch of streams fills the GPU as one long grid (one
+/// stream's 1024 rows and 16 heads are only 256 blocks); wider heads take one FMA-kernel launch per
+/// sequence.
+template <class T>
+void causal_attention_segments(TensorView<T, Device> out, TensorView<const T, Device> q, TensorView<const T, Device> k,
+                               TensorView<const T, Device> v, PositionScheme positions,
+                               std::span<const index_t> offsets) {
+  require_float<T>();
+  const char* op = "causal_attention";
+  AttentionArgs a = attention_args(op, out, q, k, v, {}, {}, {}, false);
+  if (a.n_tok == 0 || a.n_head == 0 || a.head_dim == 0) return;
+  a.alibi = positions == PositionScheme::Alibi;
+  const std::size_t n_seq = offsets.size() - 1;
+  if (a.head_dim > device_attention_tuning.mma_max_head_dim) {
+    for (std::size_t b = 0; b < n_seq; ++b) {
+      if (offsets[b] == offsets[b + 1]) continue;
+      causal_attention(out.slice(offsets[b], offsets[b + 1]), q.slice(offsets[b], offsets[b + 1]),
+                       k.slice(offsets[b], offsets[b + 1]), v.slice(offsets[b], offsets[b + 1]), positions);
+    }
+    return;
+  }
+  const bool dh32 = a.head_dim <= 32;
+  const std::size_t smem = attention_mma_smem_floats(dh32 ? 32 : 64, false) * sizeof(float);
+  for (std::size_t first = 0; first < n_seq; first += AttentionArgs::max_segments) {
+    const std::size_t n = std::min<std::size_t>(AttentionArgs::max_segments, n_seq - first);
+    index_t longest = 0;
+    for (std::size_t s = 0; s <= n; ++s) a.seg[s] = offsets[first + s];
+    for (std::size_t s = 0; s < n; ++s) longest = std::max(longest, a.seg[s + 1] - a.seg[s]);
+    if (longest == 0) continue;
+    a.n_seg = static_cast<int>(n);
+    const index_t rounds = (longest + mma_br - 1) / mma_br;  // query blocks of the longest sequence
+    const dim3 grid(static_cast<unsigned>(rounds * static_cast<index_t>(n)), static_cast<unsigned>(a.n_head));
+    const bool split = device_math() == DeviceMath::fp32;
+    if (dh32) {
+      launch_attention_kernel(op, split ? attention_mma_kernel<AttentionMode::Causal, 32, true>
+                                        : attention_mma_kernel<AttentionMode::Causal, 32, false>,
+                              a, grid, dim3(mma_threads), smem);
+    } else {
+      launch_attention_kernel(op, split ? attention_mma_kernel<AttentionMode::Causal, 64, true>
+                                        : attention_mma_kernel<AttentionMode::Causal, 64, false>,
+                              a, grid, dim3(mma_threads), smem);
+    }
+  }
 }
 
 /// Memory-augmented attention; see fusion.hpp. mem_k/mem_v may be (T, H, 0, dh) or absent (K = 0),

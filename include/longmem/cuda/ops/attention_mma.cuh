@@ -105,8 +105,19 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
   extern __shared__ float smem[];
   const int dh = a.head_dim, H = a.n_head, h = blockIdx.y;
   constexpr int pitch = DhMax + 4;
-  const index_t T = a.n_tok, ld = index_t(H) * dh;
-  const index_t q0 = index_t(gridDim.x - 1 - blockIdx.x) * mma_br;  // the longest rows first
+  const index_t ld = index_t(H) * dh;
+  index_t row0 = 0, T = a.n_tok, q0 = 0;  // the block's sequence: rows row0 .. row0 + T - 1; its first query
+  if (a.n_seg > 0) {
+    const int s = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.n_seg));
+    const index_t r = blockIdx.x / static_cast<unsigned>(a.n_seg);
+    row0 = a.seg[s];
+    T = a.seg[s + 1] - row0;
+    const index_t blocks = (T + mma_br - 1) / mma_br;
+    if (r >= blocks) return;  // a shorter sequence: the whole block leaves before any barrier
+    q0 = (blocks - 1 - r) * mma_br;
+  } else {
+    q0 = index_t(gridDim.x - 1 - blockIdx.x) * mma_br;  // the longest rows first
+  }
   float* ks = smem;                       // (Bc, pitch) keys of the tile
   float* vs = ks + mma_bc * pitch;        // (Bc, pitch) values of the tile
   float* mem_o = vs + mma_bc * pitch;     // (Br, pitch) memory modes: M (gated) or e Vr (joint)
@@ -114,9 +125,9 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
   const index_t w0 = q0 + 16 * warp, w_last = w0 + 15;  // the warp's rows
   const index_t row[2] = {w0 + g, w0 + g + 8};          // this thread's rows (fragment rows g, g + 8)
-  const float* qh = a.q + index_t(h) * dh;
-  const float* kh = a.k + index_t(h) * dh;
-  const float* vh = a.v + index_t(h) * dh;
+  const float* qh = a.q + row0 * ld + index_t(h) * dh;
+  const float* kh = a.k + row0 * ld + index_t(h) * dh;
+  const float* vh = a.v + row0 * ld + index_t(h) * dh;
   // 16-byte staging needs rows of whole float4s at 16-byte addresses
   const bool vec4 = dh % 4 == 0 && ((reinterpret_cast<std::uintptr_t>(kh) | reinterpret_cast<std::uintptr_t>(vh)) % 16) == 0;
 
@@ -272,7 +283,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
     const index_t t = row[r];
     if (t >= T) continue;
     const float inv = 1.0f / l[r];
-    float* out = a.out + t * ld + index_t(h) * dh;
+    float* out = a.out + (row0 + t) * ld + index_t(h) * dh;
     const float* mo = mem_o + (t - q0) * pitch;
 #pragma unroll
     for (int s = 0; s < n_slice; ++s) {

@@ -44,6 +44,13 @@ struct AttentionArgs {
   int n_head = 0, head_dim = 0;
   float scale = 1;  // 1 / sqrt(dh), rounded as the host backend rounds it
   bool alibi = false;
+  // Causal mode over up to max_segments independent sequences in one launch (the tensor-core
+  // kernel): rows [seg[s], seg[s+1]) attend within their sequence; block x = r n_seg + s is the
+  // r-th query block from the end of sequence s (the longest rows first). n_seg = 0: one sequence
+  // of n_tok rows, block x the (gridDim.x - 1 - x)-th.
+  static constexpr int max_segments = 64;
+  int n_seg = 0;
+  index_t seg[max_segments + 1] = {};
 };
 
 #if defined(__CUDACC__)
