@@ -453,25 +453,25 @@ class SideNet {
       ops::linear(a.k.view(), a.ln, w.k_weight, w.k_bias);
       ops::linear(a.v.view(), a.ln, w.v_weight, w.v_bias);
       if (i != config_.memory_augmented_layer()) {  // every stream in one call (one launch on the GPU)
-        const Shape rows_heads{offsets[streams], H, dh};
+        const Shape rows_heads{N, H, dh};
         ops::causal_attention(a.att.view().reshape(rows_heads), cview(a.q).reshape(rows_heads),
                               cview(a.k).reshape(rows_heads), cview(a.v).reshape(rows_heads), config_.positions,
                               offsets);
-      }
-      for (std::size_t b = 0; b < streams && i == config_.memory_augmented_layer(); ++b) {
-        const index_t o0 = offsets[b], o1 = offsets[b + 1];
-        const Shape heads{o1 - o0, H, dh};
-        auto q = cview(a.q).slice(o0, o1).reshape(heads);
-        auto k = cview(a.k).slice(o0, o1).reshape(heads);
-        auto v = cview(a.v).slice(o0, o1).reshape(heads);
-        auto att = a.att.view().slice(o0, o1).reshape(heads);
-        const Retrieved<T, L>* mem = nullptr;
-        if (i == config_.memory_augmented_layer()) mem = retrieve(b, q);
-        if (mem && mem->chunks > 0) {
-          ops::memory_attention<F>(att, q, k, v, mem->keys, mem->values, w.gate, config_.positions);
-          if (acts) acts->memory[b] = mem;
-        } else {
-          ops::causal_attention(att, q, k, v, config_.positions);
+      } else {  // the memory layer: each stream retrieves from its own bank
+        for (std::size_t b = 0; b < streams; ++b) {
+          const index_t o0 = offsets[b], o1 = offsets[b + 1];
+          const Shape heads{o1 - o0, H, dh};
+          auto q = cview(a.q).slice(o0, o1).reshape(heads);
+          auto k = cview(a.k).slice(o0, o1).reshape(heads);
+          auto v = cview(a.v).slice(o0, o1).reshape(heads);
+          auto att = a.att.view().slice(o0, o1).reshape(heads);
+          const Retrieved<T, L>* mem = retrieve(b, q);
+          if (mem && mem->chunks > 0) {
+            ops::memory_attention<F>(att, q, k, v, mem->keys, mem->values, w.gate, config_.positions);
+            if (acts) acts->memory[b] = mem;
+          } else {
+            ops::causal_attention(att, q, k, v, config_.positions);
+          }
         }
       }
       ops::linear(x, a.att, w.out_weight, w.out_bias, Accumulate::Yes);

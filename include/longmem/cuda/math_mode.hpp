@@ -9,8 +9,10 @@
 //                                product): float accuracy, what the fixtures' 1e-4 checks need
 //   DeviceMath::tf32             GEMMs CUBLAS_COMPUTE_32F_FAST_TF32 and attention in 1xTF32:
 //                                inputs rounded to 10 mantissa bits (relative error ~2^-11 per input)
-//   DeviceMath::bf16             GEMMs CUBLAS_COMPUTE_32F_FAST_16BF: inputs rounded to bf16 (7
-//                                mantissa bits, ~2^-8), attention as tf32
+//   DeviceMath::bf16             GEMMs CUBLAS_COMPUTE_32F_FAST_16BF, which lets cuBLASLt round the
+//                                inputs to bf16 (7 mantissa bits, ~2^-8); attention as tf32. With
+//                                fp32 buffers, CUDA 13.0's cuBLASLt on an H200 chose the tf32 kernels
+//                                (same times and results: bench/RESULTS.md), so this is tf32 there
 //
 // Not affected by the mode, in any mode: retrieval (FusedChunkRetriever scores chunks with fp32
 // FMAs, so the chosen chunks are the exact ones for the queries it is given), the memory branch

@@ -271,11 +271,18 @@ void launch_attention(const char* op, const AttentionArgs& a) {
   launch_attention_kernel(op, attention_kernel<Mode, DhMax>, a, grid, dim3(attn_threads), smem);
 }
 
-/// The tensor-core kernel (dh up to 64): 3xTF32 under DeviceMath::fp32, 1xTF32 otherwise.
+/// The tensor-core kernel (dh up to 64): 3xTF32 under DeviceMath::fp32, 1xTF32 otherwise. With
+/// a.n_seg sequences, one block per (query block of the longest sequence, sequence) and head.
 template <AttentionMode Mode, int DhMax>
 void launch_attention_mma(const char* op, const AttentionArgs& a) {
   const std::size_t smem = attention_mma_smem_floats(DhMax, Mode != AttentionMode::Causal) * sizeof(float);
-  const dim3 grid(static_cast<unsigned>((a.n_tok + mma_br - 1) / mma_br), static_cast<unsigned>(a.n_head));
+  index_t blocks = (a.n_tok + mma_br - 1) / mma_br;
+  if (a.n_seg > 0) {
+    index_t longest = 0;
+    for (int s = 0; s < a.n_seg; ++s) longest = std::max(longest, a.seg[s + 1] - a.seg[s]);
+    blocks = (longest + mma_br - 1) / mma_br * a.n_seg;
+  }
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(a.n_head));
   if (device_math() == DeviceMath::fp32) {
     launch_attention_kernel(op, attention_mma_kernel<Mode, DhMax, true>, a, grid, dim3(mma_threads), smem);
   } else {
@@ -332,26 +339,16 @@ void causal_attention_segments(TensorView<T, Device> out, TensorView<const T, De
     }
     return;
   }
-  const bool dh32 = a.head_dim <= 32;
-  const std::size_t smem = attention_mma_smem_floats(dh32 ? 32 : 64, false) * sizeof(float);
   for (std::size_t first = 0; first < n_seq; first += AttentionArgs::max_segments) {
     const std::size_t n = std::min<std::size_t>(AttentionArgs::max_segments, n_seq - first);
-    index_t longest = 0;
-    for (std::size_t s = 0; s <= n; ++s) a.seg[s] = offsets[first + s];
-    for (std::size_t s = 0; s < n; ++s) longest = std::max(longest, a.seg[s + 1] - a.seg[s]);
-    if (longest == 0) continue;
+    std::copy(offsets.begin() + static_cast<std::ptrdiff_t>(first),
+              offsets.begin() + static_cast<std::ptrdiff_t>(first + n + 1), a.seg);
+    if (a.seg[n] == a.seg[0]) continue;  // only empty sequences
     a.n_seg = static_cast<int>(n);
-    const index_t rounds = (longest + mma_br - 1) / mma_br;  // query blocks of the longest sequence
-    const dim3 grid(static_cast<unsigned>(rounds * static_cast<index_t>(n)), static_cast<unsigned>(a.n_head));
-    const bool split = device_math() == DeviceMath::fp32;
-    if (dh32) {
-      launch_attention_kernel(op, split ? attention_mma_kernel<AttentionMode::Causal, 32, true>
-                                        : attention_mma_kernel<AttentionMode::Causal, 32, false>,
-                              a, grid, dim3(mma_threads), smem);
+    if (a.head_dim <= 32) {
+      launch_attention_mma<AttentionMode::Causal, 32>(op, a);
     } else {
-      launch_attention_kernel(op, split ? attention_mma_kernel<AttentionMode::Causal, 64, true>
-                                        : attention_mma_kernel<AttentionMode::Causal, 64, false>,
-                              a, grid, dim3(mma_threads), smem);
+      launch_attention_mma<AttentionMode::Causal, 64>(op, a);
     }
   }
 }

@@ -2,7 +2,8 @@
 // Device linear layer in PyTorch Linear layout through cuBLASLt, fp32 data, fp32 accumulation.
 // The compute type follows longmem::device_math() (cuda/math_mode.hpp): CUBLAS_COMPUTE_32F (fp32,
 // the default: no rounding of the inputs), CUBLAS_COMPUTE_32F_FAST_TF32 (tf32) or
-// CUBLAS_COMPUTE_32F_FAST_16BF (bf16: inputs rounded to bf16 inside the GEMM).
+// CUBLAS_COMPUTE_32F_FAST_16BF (bf16: cuBLASLt may round the inputs to bf16; on an H200 it ran
+// the tf32 kernels).
 //   linear   out (N, O) [+]= in (N, I) W (O, I)^T + b (O)
 //
 // cuBLASLt is column-major. The row-major buffers read column-major are out^T (O, N), in^T (I, N)
