@@ -5,7 +5,8 @@
 //   SelectSplits/65536/1024/half/<S>               select with S chunk-range splits (how the
 //                                                  automatic choice is judged)
 //   SelectTC/<memory>/<queries>/half, RetrieveTC/...  FusedRetrieverTuning::tensor_core_prefilter on
-//                                                  (bf16 tensor-core scores as an exact prefilter)
+//                                                  (TF32 tensor-core scores as an exact prefilter;
+//                                                  the default; Select/Retrieve: the fp32 FMA kernel)
 //   SelectTCSplits/65536/1024/half/<S>             the same with S splits
 //   SelectUnfiltered/<memory>/<queries>/half       select with FusedRetrieverTuning::threshold_filter
 //                                                  off (every score tile merged for every row: the

@@ -5,7 +5,8 @@
 //   select(bank, queries, k, slots, scores)              scores and top-k only, no gather
 //   retrieve_batched(banks, queries, k, outs[, stream])  several streams' banks in one launch
 //
-// Two kernels on the bank's CUDA stream (detail/retrieval_kernels.cuh):
+// Two kernels (three on the tensor-core path) on the bank's CUDA stream (detail/retrieval_kernels.cuh):
+//   0. (tensor-core path) key max: the largest |chunk key element| per (bank, head), for the bound.
 //   1. select: one pass over the chunk keys; per block a (128 queries, 64 chunks) score tile in
 //      registers, compared with each query's running k'-th best score; rows with a score that can
 //      still enter (at or above it: equal scores are decided by age) are merged at once into
@@ -17,8 +18,8 @@
 //      and gathers the chosen chunks' token keys and values (converted to float).
 // Every head of every bank (and every query) is in the same two launches.
 //
-// Scores are fp32 FMA (tensor cores at most as a bounded prefilter, FusedRetrieverTuning::
-// tensor_core_prefilter, off by default; see the kernels' header for why), so the selection is
+// Scores are fp32 FMA (tensor cores only as a bounded prefilter that decides which chunks to
+// score, FusedRetrieverTuning::tensor_core_prefilter; see the kernels' header), so the selection is
 // exact: it is the brute-force top-k of the fp32 scores. Ordering is the library's: higher score
 // first, equal scores older chunk (smaller chunk_sequence) first, also on a wrapped ring; a NaN
 // score counts as -infinity and is reported as -infinity.
@@ -60,12 +61,12 @@ struct FusedRetrieverTuning {
   /// list (per-row running threshold; the default). false: every tile is merged for every row
   /// (the earlier path, kept so that benchmarks and tests can compare the two; same results).
   bool threshold_filter = true;
-  /// true: approximate scores on the tensor cores (bf16 inputs, fp32 accumulation) decide which
-  /// rows of a tile are rescored exactly (fp32 FMA, as without it) and merged, with an error bound
-  /// from the inputs' norms (see retrieval_select_tc_kernel), so the results stay exact. Needs
-  /// head_dim % 16 == 0 and the larger tiles to fit shared memory; otherwise ignored. Off by
-  /// default until measured on a GPU.
-  bool tensor_core_prefilter = false;
+  /// true (the default): approximate scores on the tensor cores (TF32, fp32 accumulation) decide
+  /// which chunks of a tile are rescored exactly (the fp32 FMA chain of the path without it) and
+  /// merged, with an error bound from the inputs' norms (see retrieval_select_tc_kernel), so the
+  /// results are the same bits. Needs head_dim % 8 == 0, head_dim <= 64 and its tiles to fit
+  /// shared memory; otherwise the fp32 FMA kernel runs.
+  bool tensor_core_prefilter = true;
 
   friend bool operator==(const FusedRetrieverTuning&, const FusedRetrieverTuning&) = default;
   friend std::ostream& operator<<(std::ostream& os, const FusedRetrieverTuning& t) {
@@ -271,9 +272,9 @@ class FusedChunkRetriever {
                                 " bytes of shared memory per block, the device allows ", smem_optin_,
                                 "; use fewer retrieved chunks or a smaller head dimension");
     }
-    const std::size_t tc_smem = dh % 16 == 0 ? detail::retrieval_select_tc_smem(dh, max_kk) : 0;
-    const bool tensor_cores =
-        tuning_.tensor_core_prefilter && dh % 16 == 0 && tc_smem <= static_cast<std::size_t>(smem_optin_);
+    const std::size_t tc_smem = detail::retrieval_tc_head_dim_ok(dh) ? detail::retrieval_select_tc_smem(dh, max_kk) : 0;
+    const bool tensor_cores = tuning_.tensor_core_prefilter && detail::retrieval_tc_head_dim_ok(dh) &&
+                              tc_smem <= static_cast<std::size_t>(smem_optin_);
     const std::size_t smem = tensor_cores ? tc_smem : fma_smem;
     auto select = tensor_cores ? detail::retrieval_select_tc_kernel<S>
                   : tuning_.threshold_filter ? detail::retrieval_select_kernel<S, true>
@@ -321,6 +322,17 @@ class FusedChunkRetriever {
       offset += H * Tq * splits * kk;
     }
 
+    if (tensor_cores) {  // K per (bank, head) for the prefilter's error bound
+      key_max_.resize({static_cast<index_t>(L.n_banks) * H});
+      detail::cuda_check(cudaMemsetAsync(key_max_.data(), 0, key_max_.bytes(), stream), "cudaMemsetAsync (retrieval key max)",
+                         key_max_.bytes());
+      const int slices = static_cast<int>(std::clamp<index_t>(4 * sm_count_ / (static_cast<index_t>(H) * L.n_banks), 1, 64));
+      detail::retrieval_key_max_kernel<S>
+          <<<dim3(static_cast<unsigned>(slices), static_cast<unsigned>(H), static_cast<unsigned>(L.n_banks)), 256, 0, stream>>>(
+              L, key_max_.data());
+      check_launch(who, "key max");
+      L.key_max = key_max_.data();
+    }
     const dim3 select_grid(static_cast<unsigned>(splits), static_cast<unsigned>((max_T + Tl::queries - 1) / Tl::queries),
                            static_cast<unsigned>(H * L.n_banks));
     select<<<select_grid, Tl::threads, smem, stream>>>(L);
@@ -349,6 +361,7 @@ class FusedChunkRetriever {
   int smem_optin_ = 0;
   int blocks_per_sm_ = 0;  // select blocks resident per SM at the last launch (0: none yet)
   Tensor<std::uint64_t, Device> partial_;  // (sum over banks of H * T * splits * k') candidate keys
+  Tensor<std::uint32_t, Device> key_max_;  // (banks of a launch, H) the tensor-core path's K, as float bits
 };
 
 static_assert(ChunkRetrieverFor<FusedChunkRetriever, DeviceMemoryBank<float>>);

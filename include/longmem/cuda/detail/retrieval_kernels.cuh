@@ -16,6 +16,9 @@
 //       running top-kk lists (shared memory, best first). Without the filter every row of every
 //       tile is merged. Only the S per-split lists of kk entries per query reach global memory;
 //       the score matrix never does.
+//   retrieval_key_max_kernel + retrieval_select_tc_kernel   (the default where head_dim % 8 == 0, <= 64)
+//       The same blocks and lists, the scores first approximated on the tensor cores (TF32) and
+//       only the chunks that can still enter a list rescored exactly: see the section below.
 //   retrieval_merge_kernel    grid (ceil(T * H / 8), B), 256 threads
 //       One warp per (bank, t, h): merges the S lists (each sorted, so a list is read only as far
 //       as it still beats the running k'-th), writes slots and scores, and (optionally) gathers
@@ -24,8 +27,8 @@
 // Exactness: scores are fp32 FMA chains over d = 0 .. dh-1 in order, the same for a chunk in
 // every tile and split, so duplicated chunk keys give bit-identical scores and the tie rule is
 // applied exactly. Tensor-core scores (fp16/bf16/TF32 products) would change which chunks win, so
-// they are never the scores: the optional tensor-core prefilter (retrieval_select_tc_kernel) uses
-// them, with an error bound, only to skip chunks, and rescores the rest with this fp32 chain.
+// they are never the scores: the tensor-core prefilter (retrieval_select_tc_kernel) uses them,
+// with an error bound, only to skip chunks, and rescores the rest with this fp32 chain.
 //
 // Ordering key: one uint64 per (chunk, score): the score mapped to an order-preserving uint32
 // (NaN as -inf, -0 as +0) in the high half, and 0xffffffff - age in the low half, where age is
@@ -38,6 +41,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "longmem/cuda/detail/mma.cuh"
 #include "longmem/cuda/detail/retrieval_storage.cuh"
 #include "longmem/tensor.hpp"
 
@@ -84,6 +88,7 @@ struct RetrievalLaunch {
   int n_banks = 0;
   int n_head = 0, head_dim = 0, chunk_size = 0;
   int splits = 1;
+  const std::uint32_t* key_max = nullptr;  // (n_banks, H) K of the tensor-core select (its bits), else null
 };
 
 /// The score as an order-preserving uint32 (NaN as -inf, -0 as +0): the high half of a key.
@@ -383,69 +388,131 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
 }
 
 // ------------------------------------------------------------------------------------------------
-// Tensor-core prefilter (FusedRetrieverTuning::tensor_core_prefilter; head_dim a multiple of 16).
+// Tensor-core prefilter (FusedRetrieverTuning::tensor_core_prefilter, the default; head_dim a
+// multiple of 8, at most 64).
 //
-// The same blocks, tiles, lists and merge as retrieval_select_kernel, but the (128, 64) tile of
-// scores is first computed APPROXIMATELY on the tensor cores (mma.sync m16n8k16, bf16 inputs
-// rounded to nearest, fp32 accumulation; warp w owns query rows 16w .. 16w + 15 of all 64 chunks).
+// The same blocks, lists and merge as retrieval_select_kernel (128 queries of one head of one
+// bank, the chunk range of one split), but each (128, 64) tile of scores is first computed
+// APPROXIMATELY on the tensor cores: mma.sync m16n8k8 TF32, warp w owns query rows 16w .. 16w + 15.
+// The query fragments (rounded to TF32 once) stay in registers for the whole scan; the fp32 chunk
+// keys come into shared memory by cp.async, the next tile in flight during this one, and go to the
+// mma as they are (the tensor cores read the top 19 bits of each: truncation). Within each
+// 8-wide slice of dh the mma's k index tig is d = 2 tig and tig + 4 is d = 2 tig + 1 (a dot
+// product is order-free), so each B fragment is one 8-byte shared load.
 // A (row, chunk) pair is a candidate, rescored exactly (the same fp32 FMA chain over d = 0 .. dh-1
-// as retrieval_select_kernel, so bit-identical scores; one candidate a lane, 32 at a time) and
-// offered to its row's list, only when its approximate score a satisfies
-//     a + E >= thr   (thr: the row's k'-th best exact score so far, -inf while the list is not full)
-// where E bounds |a - s| for the exact fp32 score s:
-//     E = (2^-7 + 2^-11) (1 + 2^-8) ||q||_1 ||k||_inf + 2^-124 (||q||_1 + ||k||_1 + dh).
-// Derivation (u = 2^-8, bf16 round to nearest; subnormal inputs rounded or flushed: +2^-126 each):
-//   |q~k~ - qk| <= (2u + u^2)|q||k| + 2^-125 (|q| + |k| + 2^-126) per product;
+// as retrieval_select_kernel, so bit-identical scores) and offered to its row's list, only when its
+// approximate score a satisfies !(a < cut), where
+//     cut = thr - (E + 2^-20 (|thr| + E)),   thr: the row's k'-th best exact score so far (-inf
+//                                            while the list is not full)
+//     E   = 2^-9 (1 + 2^-8) ||q||_1 K + 2^-118,   K = max |chunk key element| of the head,
+// which bounds |a - s| for the exact fp32 score s. Derivation (per product, u = 2^-10):
+//   query rounded to nearest (<= u/2), key truncated (< u), subnormals flushed (<= 2^-126 each):
+//   |q~k~ - qk| <= (1.5 u + u^2/2)|q||k| + 2^-125;
 //   tensor-core fp32 accumulation (products exact, sums aligned/truncated, any order): assumed
-//   <= 2^-12 sum |q~k~| + dh 2^-125, far above the ~dh 2^-23 of the published measurements (Fasi
-//   et al. 2021; NVIDIA does not document it);
-//   the exact chain: <= gamma_dh sum |qk| + dh 2^-149, gamma_dh <= 2^-14 for dh <= 1024;
-//   sum |qk| <= ||q||_1 ||k||_inf; the (1 + 2^-8) absorbs the rounding of the norms and of E.
-// A pair with ||q||_1 ||k||_inf above 2^100 (or inf/NaN) always passes (no overflow anywhere
-// below), as does a NaN a. Any chunk whose exact key could enter (key > the list's kk-th key)
-// has s >= thr, hence a + E >= thr: the filter only skips chunks the exact merge would reject,
-// and the lists come out bit for bit as retrieval_select_kernel's.
+//   <= 2^-11 sum |q~k~| + dh 2^-125, far above the ~dh 2^-23 of published measurements (Fasi et
+//   al. 2021; NVIDIA does not document it);
+//   the exact chain: <= gamma_dh sum |qk| + dh 2^-149, gamma_dh <= 2^-17 for dh <= 64;
+//   sum |qk| <= ||q||_1 K; the (1 + 2^-8) absorbs the rounding of the norms, 2^-118 the absolute
+//   terms (dh <= 64), and 2^-20 (|thr| + E) the rounding of the subtraction.
+// K comes from retrieval_key_max_kernel, run just before. A row with ||q||_1 K above 2^100 (or any
+// inf/NaN in it) has E = inf, so cut = -inf (or NaN) and the row passes everything: no overflow
+// can hide a chunk, and a NaN a passes too. Any chunk whose exact key could enter (key > the
+// list's kk-th key) has s >= thr, hence a >= s - E >= cut: the filter only skips chunks that the
+// exact merge would reject, and the lists come out bit for bit as retrieval_select_kernel's.
+// Per warp and tile in the steady state: 8 * dh / 8 mma, as many 8-byte shared loads, one max
+// over each row's 16 scores a lane and a warp vote; the rescoring and merging are rare.
 
-/// Shared memory of the tensor-core select kernel, in bytes (head_dim % 16 == 0).
-inline std::size_t retrieval_select_tc_smem(int head_dim, int kept) {
-  using Tl = RetrievalTile;
-  const std::size_t dh = static_cast<std::size_t>(head_dim), ldb = dh + 8;
-  const std::size_t k_stride = static_cast<std::size_t>(head_dim | 1);
-  return static_cast<std::size_t>(Tl::queries) * static_cast<std::size_t>(kept) * sizeof(std::uint64_t) +  // lists
-         static_cast<std::size_t>(Tl::queries) * 2 * sizeof(float) +    // thresholds, ||q||_1
-         static_cast<std::size_t>(Tl::chunks) * 2 * sizeof(float) +     // ||k||_1, ||k||_inf
-         dh * Tl::queries * sizeof(float) +                             // query tile, fp32, transposed
-         static_cast<std::size_t>(Tl::chunks) * k_stride * sizeof(float) +  // chunk keys, fp32
-         static_cast<std::size_t>(Tl::queries) * ldb * 2 +              // query tile, bf16, row-major
-         static_cast<std::size_t>(Tl::chunks) * ldb * 2 +               // chunk keys, bf16
-         static_cast<std::size_t>(Tl::queries) * Tl::chunks * 2;        // candidates, (row << 6 | chunk) per warp
+inline constexpr int retrieval_tc_pitch = 72;   // floats per chunk row in shared memory (conflict-free B loads)
+inline constexpr int retrieval_tc_max_dh = 64;  // the query fragments live in registers
+
+/// Whether the tensor-core select kernel takes this head dimension.
+inline constexpr bool retrieval_tc_head_dim_ok(int head_dim) {
+  return head_dim > 0 && head_dim % 8 == 0 && head_dim <= retrieval_tc_max_dh;
 }
 
-/// D += A B on the tensor cores: m16n8k16, A row-major bf16 (a0..a3), B col-major bf16 (b0, b1), fp32.
-__device__ __forceinline__ void retrieval_mma_bf16(float (&d)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                                   std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
+/// Shared memory of the tensor-core select kernel, in bytes.
+inline std::size_t retrieval_select_tc_smem(int head_dim, int kept) {
+  using Tl = RetrievalTile;
+  return static_cast<std::size_t>(Tl::queries) * static_cast<std::size_t>(kept) * sizeof(std::uint64_t) +  // lists
+         static_cast<std::size_t>(Tl::queries) * 2 * sizeof(float) +                       // cuts, E
+         static_cast<std::size_t>(head_dim) * Tl::queries * sizeof(float) +                // query tile, transposed
+         2 * static_cast<std::size_t>(Tl::chunks) * retrieval_tc_pitch * sizeof(float) +  // two chunk-key tiles
+         static_cast<std::size_t>(Tl::queries) * Tl::chunks * sizeof(std::uint16_t);      // candidates per warp
+}
+
+/// K of every (bank, head): the largest |element| of its valid chunk keys, as the bits of a
+/// non-negative float (unsigned order is then float order, and a NaN is above +inf). `key_max`
+/// (banks, H) holds zeros on entry. Grid (slices, H, banks); head_dim % 4 == 0.
+template <class S>
+__global__ void __launch_bounds__(256)
+    retrieval_key_max_kernel(const __grid_constant__ RetrievalLaunch<S> L, std::uint32_t* key_max) {
+  const int b = static_cast<int>(blockIdx.z), h = static_cast<int>(blockIdx.y);
+  const RetrievalBank<S>& bank = L.bank[b];
+  if (bank.kept == 0) return;
+  const index_t quads = bank.chunks * L.head_dim / 4;
+  const auto* src = reinterpret_cast<const float4*>(bank.chunk_keys + static_cast<index_t>(h) * bank.capacity * L.head_dim);
+  std::uint32_t m = 0;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < quads;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const float4 x = src[i];
+    m = max(m, max(max(__float_as_uint(fabsf(x.x)), __float_as_uint(fabsf(x.y))),
+                   max(__float_as_uint(fabsf(x.z)), __float_as_uint(fabsf(x.w)))));
+  }
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if ((threadIdx.x & 31) == 0 && m != 0) atomicMax(key_max + b * L.n_head + h, m);
+}
+
+/// 16 bytes global -> shared without registers; `valid` false writes zeros and reads nothing.
+__device__ __forceinline__ void retrieval_cp_async16(float* dst, const float* src, bool valid) {
 #if defined(__CUDA_ARCH__)
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#elif defined(LONGMEM_SIMT_MMA_BF16)
-  LONGMEM_SIMT_MMA_BF16(d, a0, a1, a2, a3, b0, b1);  // a host simulator's stand-in
+  const auto s = static_cast<std::uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0));
 #else
-  (void)d, (void)a0, (void)a1, (void)a2, (void)a3, (void)b0, (void)b1;
+  (void)dst, (void)src, (void)valid;
+#endif
+}
+__device__ __forceinline__ void retrieval_cp_async_commit() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+__device__ __forceinline__ void retrieval_cp_async_wait_all() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 #endif
 }
 
-__device__ __forceinline__ std::uint32_t retrieval_ld_pair(const __nv_bfloat16* p) {
-  return *reinterpret_cast<const std::uint32_t*>(p);
+/// A row's cut (see above) from its threshold and error bound.
+__device__ __forceinline__ float retrieval_tc_cut(float thr, float err) {
+  return thr - (err + 0x1p-20f * (fabsf(thr) + err));
+}
+
+/// acc[nt] (rows g, g + 8; chunks nt * 8 + 2 tig + {0, 1}) = approximate scores of a 16 x 64
+/// tile, KS k-steps of 8 (no branch inside: the accumulator chains stay in one basic block).
+template <int KS>
+__device__ __forceinline__ void retrieval_tc_scores(float (&acc)[8][4], const std::uint32_t (&af)[8][4],
+                                                    const float* kt, int g, int tig) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+  }
+#pragma unroll
+  for (int j = 0; j < KS; ++j) {
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const float2 bb = *reinterpret_cast<const float2*>(kt + (nt * 8 + g) * retrieval_tc_pitch + 8 * j + 2 * tig);
+      cuda::mma_tf32(acc[nt], af[j], __float_as_uint(bb.x), __float_as_uint(bb.y));
+    }
+  }
 }
 
 template <class S>
-__global__ void __launch_bounds__(RetrievalTile::threads)
+__global__ void __launch_bounds__(RetrievalTile::threads, 2)
     retrieval_select_tc_kernel(const __grid_constant__ RetrievalLaunch<S> L) {
   using Tl = RetrievalTile;
-  constexpr int PF = retrieval_prefetch;
+  constexpr int P = retrieval_tc_pitch;
   const int H = L.n_head, dh = L.head_dim, splits = L.splits;
   const int split = static_cast<int>(blockIdx.x);
   const int q0 = static_cast<int>(blockIdx.y) * Tl::queries;
@@ -457,140 +524,108 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
   const index_t n = bank.chunks, C = bank.capacity;
   const index_t per_split = (n + splits - 1) / splits;
   const index_t c_begin = min(n, split * per_split), c_end = min(n, c_begin + per_split);
-  const int k_stride = dh | 1;
-  const int k_pad = k_stride - dh;
-  const int ldb = dh + 8;  // bf16 rows padded by 16 bytes: conflict-free fragment loads
-  const float inv_dh = 1.0f / static_cast<float>(dh);
-  const int tile_elems = Tl::chunks * dh;
-  const float neg_inf = -__int_as_float(0x7f800000);
+  const float neg_inf = -__int_as_float(0x7f800000), pos_inf = __int_as_float(0x7f800000);
 
   extern __shared__ __align__(16) unsigned char retrieval_smem[];
-  auto* lists = reinterpret_cast<std::uint64_t*>(retrieval_smem);  // (128, kk)
-  float* thr_s = reinterpret_cast<float*>(lists + Tl::queries * kk);  // (128): k'-th best exact score, -inf: not full
-  float* q1_s = thr_s + Tl::queries;                                  // (128): ||q||_1
-  float* k1_s = q1_s + Tl::queries;                                   // (64): ||k||_1
-  float* kinf_s = k1_s + Tl::chunks;                                  // (64): ||k||_inf
-  float* q_s = kinf_s + Tl::chunks;                                   // (dh, 128)
-  float* k_s = q_s + dh * Tl::queries;                                // (64, k_stride)
-  auto* qb_s = reinterpret_cast<__nv_bfloat16*>(k_s + Tl::chunks * k_stride);  // (128, ldb)
-  __nv_bfloat16* kb_s = qb_s + Tl::queries * ldb;                               // (64, ldb)
-  auto* cand_s = reinterpret_cast<std::uint16_t*>(kb_s + Tl::chunks * ldb);      // (8 warps, 16 * 64)
+  auto* lists = reinterpret_cast<std::uint64_t*>(retrieval_smem);   // (128, kk)
+  float* cut_s = reinterpret_cast<float*>(lists + Tl::queries * kk);  // (128): the row's cut (+inf: no such query)
+  float* err_s = cut_s + Tl::queries;                                 // (128): the row's E
+  float* q_s = err_s + Tl::queries;                                   // (dh, 128): exact queries, transposed
+  float* k_s = q_s + dh * Tl::queries;                                // (2, 64, P): chunk-key tiles
+  auto* cand_s = reinterpret_cast<std::uint16_t*>(k_s + 2 * Tl::chunks * P);  // (8 warps, 16 * 64)
 
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, tig = lane & 3;
+  const float* ck = bank.chunk_keys + static_cast<index_t>(h) * C * dh;  // (C, dh) of head h
+
+  // Tile c0 into buffer `buf`: a warp takes two chunk rows at a time in 16-byte pieces; rows at or
+  // past c_end are zero-filled (and masked below).
+  auto issue = [&](index_t c0, int buf) {
+    float* dst = k_s + buf * Tl::chunks * P;
+    const int part = lane & 15;
+    if (4 * part < dh) {
+      for (int c = 2 * warp + (lane >> 4); c < Tl::chunks; c += 2 * Tl::merge_warps) {
+        const bool valid = c0 + c < c_end;
+        retrieval_cp_async16(dst + c * P + 4 * part, valid ? ck + (c0 + c) * dh + 4 * part : ck, valid);
+      }
+    }
+    retrieval_cp_async_commit();
+  };
+  if (c_begin < c_end) issue(c_begin, 0);
 
   for (int e = tid; e < Tl::queries * kk; e += Tl::threads) lists[e] = 0;
-  for (int e = tid; e < Tl::queries; e += Tl::threads) thr_s[e] = neg_inf;
   for (int e = tid; e < Tl::queries * dh; e += Tl::threads) {
     const int qi = e / dh, d = e % dh;
     const int t = q0 + qi;
-    const float x = t < T ? bank.queries[(static_cast<index_t>(t) * H + h) * dh + d] : 0.0f;
-    q_s[d * Tl::queries + qi] = x;
-    qb_s[qi * ldb + d] = __float2bfloat16_rn(x);
+    q_s[d * Tl::queries + qi] = t < T ? bank.queries[(static_cast<index_t>(t) * H + h) * dh + d] : 0.0f;
   }
-
-  const float* ck = bank.chunk_keys + static_cast<index_t>(h) * C * dh;
-  float pf[PF];
-  auto fetch = [&](index_t c0) {
-    const int valid = static_cast<int>(min(static_cast<index_t>(Tl::chunks), c_end - c0)) * dh;
-    const float* src = ck + c0 * dh;
-#pragma unroll
-    for (int r = 0; r < PF; ++r) {
-      const int e = tid + Tl::threads * r;
-      pf[r] = e < valid ? src[e] : 0.0f;
-    }
-  };
-  if (c_begin < c_end) fetch(c_begin);
   __syncthreads();
-  if (tid < Tl::queries) {
-    float s1 = 0.0f;
-    for (int d = 0; d < dh; ++d) s1 += fabsf(q_s[d * Tl::queries + tid]);
-    q1_s[tid] = s1;  // read after the tile loop's first barrier
+
+  if (tid < Tl::queries) {  // read after the tile loop's first barrier
+    float q1 = 0.0f;
+    for (int d = 0; d < dh; ++d) q1 += fabsf(q_s[d * Tl::queries + tid]);
+    const float bound = q1 * __uint_as_float(L.key_max[b * H + h]);
+    err_s[tid] = bound <= 0x1p100f ? 0x1p-9f * (1.0f + 0x1p-8f) * bound + 0x1p-118f : pos_inf;
+    cut_s[tid] = q0 + tid < T ? neg_inf : pos_inf;  // the list is empty: thr = -inf
+  }
+  const int r0 = 16 * warp + g;  // this lane's rows: r0 and r0 + 8
+  std::uint32_t af[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int d = 8 * j + 2 * tig;
+    const bool in = d < dh;
+    af[j][0] = in ? cuda::to_tf32(q_s[d * Tl::queries + r0]) : 0u;
+    af[j][1] = in ? cuda::to_tf32(q_s[d * Tl::queries + r0 + 8]) : 0u;
+    af[j][2] = in ? cuda::to_tf32(q_s[(d + 1) * Tl::queries + r0]) : 0u;
+    af[j][3] = in ? cuda::to_tf32(q_s[(d + 1) * Tl::queries + r0 + 8]) : 0u;
   }
 
-  constexpr float coef = (0x1p-7f + 0x1p-11f) * (1.0f + 0x1p-8f);
-  for (index_t c0 = c_begin; c0 < c_end; c0 += Tl::chunks) {
+  int it = 0;
+  for (index_t c0 = c_begin; c0 < c_end; c0 += Tl::chunks, ++it) {
     const int nc = static_cast<int>(min(static_cast<index_t>(Tl::chunks), c_end - c0));
-    {
-      const int valid = nc * dh;
-      const float* src = ck + c0 * dh;
-#pragma unroll
-      for (int r = 0; r < PF; ++r) {
-        const int e = tid + Tl::threads * r;
-        const int c = static_cast<int>((static_cast<float>(e) + 0.5f) * inv_dh);  // e / dh, exactly
-        if (e < tile_elems) {
-          k_s[e + k_pad * c] = pf[r];
-          kb_s[c * ldb + (e - c * dh)] = __float2bfloat16_rn(pf[r]);
-        }
-      }
-      for (int e = tid + Tl::threads * PF; e < tile_elems; e += Tl::threads) {
-        const int c = static_cast<int>((static_cast<float>(e) + 0.5f) * inv_dh);
-        const float x = e < valid ? src[e] : 0.0f;
-        k_s[e + k_pad * c] = x;
-        kb_s[c * ldb + (e - c * dh)] = __float2bfloat16_rn(x);
-      }
-    }
-    __syncthreads();
-    if (c0 + Tl::chunks < c_end) fetch(c0 + Tl::chunks);
+    retrieval_cp_async_wait_all();
+    __syncthreads();  // tile `it` is in; every warp is done with tile it - 1, whose buffer comes next
+    if (c0 + Tl::chunks < c_end) issue(c0 + Tl::chunks, (it + 1) & 1);
+    const float* kt = k_s + (it & 1) * Tl::chunks * P;
 
-    {  // ||k||_1 and ||k||_inf of each chunk: four threads a chunk
-      const int c = tid >> 2, part = tid & 3;
-      float s1 = 0.0f, si = 0.0f;
-      for (int d = part; d < dh; d += 4) {
-        const float x = fabsf(k_s[c * k_stride + d]);
-        s1 += x;
-        si = x > si || x != x ? x : si;  // a NaN stays (fmaxf would drop it)
-      }
-#pragma unroll
-      for (int m = 1; m <= 2; m <<= 1) {
-        s1 += __shfl_xor_sync(0xffffffffu, s1, m);
-        const float o = __shfl_xor_sync(0xffffffffu, si, m);
-        si = o > si || o != o ? o : si;
-      }
-      if (part == 0) {
-        k1_s[c] = s1;
-        kinf_s[c] = si;
-      }
-    }
-
-    // Approximate scores: warp w, rows 16w + g and 16w + g + 8, chunks nt * 8 + 2 tig + {0, 1}.
     float acc[8][4];
+    switch (dh / 8) {
+      case 1: retrieval_tc_scores<1>(acc, af, kt, g, tig); break;
+      case 2: retrieval_tc_scores<2>(acc, af, kt, g, tig); break;
+      case 3: retrieval_tc_scores<3>(acc, af, kt, g, tig); break;
+      case 4: retrieval_tc_scores<4>(acc, af, kt, g, tig); break;
+      case 5: retrieval_tc_scores<5>(acc, af, kt, g, tig); break;
+      case 6: retrieval_tc_scores<6>(acc, af, kt, g, tig); break;
+      case 7: retrieval_tc_scores<7>(acc, af, kt, g, tig); break;
+      default: retrieval_tc_scores<8>(acc, af, kt, g, tig); break;
+    }
+
+    // Quick test: the best of each row's 16 scores on this lane against the row's cut.
+    const float cut0 = cut_s[r0], cut1 = cut_s[r0 + 8];
+    float m0 = neg_inf, m1 = neg_inf;
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
-    }
-    {
-      const __nv_bfloat16* qa = qb_s + (16 * warp + g) * ldb + 2 * tig;
-      const __nv_bfloat16* kbp = kb_s + g * ldb + 2 * tig;
-      for (int k0 = 0; k0 < dh; k0 += 16) {
-        const std::uint32_t a0 = retrieval_ld_pair(qa + k0), a1 = retrieval_ld_pair(qa + 8 * ldb + k0);
-        const std::uint32_t a2 = retrieval_ld_pair(qa + k0 + 8), a3 = retrieval_ld_pair(qa + 8 * ldb + k0 + 8);
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          const __nv_bfloat16* p = kbp + nt * 8 * ldb + k0;
-          retrieval_mma_bf16(acc[nt], a0, a1, a2, a3, retrieval_ld_pair(p), retrieval_ld_pair(p + 8));
-        }
+      for (int j = 0; j < 2; ++j) {
+        m0 = fmaxf(m0, acc[nt][j]);
+        m1 = fmaxf(m1, acc[nt][2 + j]);
       }
     }
-    __syncthreads();  // the chunk norms are visible
+    // A NaN score only occurs where E = inf, i.e. cut = -inf or NaN, where every row passes anyway.
+    if (!__any_sync(0xffffffffu, !(m0 < cut0) || !(m1 < cut1))) continue;
 
-    // This lane's candidates: bit half * 16 + nt * 2 + j for row 16w + g + 8 half, chunk nt * 8 + 2 tig + j.
+    // This lane's candidates: bit half * 16 + nt * 2 + j for row r0 + 8 half, chunk nt * 8 + 2 tig + j.
     std::uint32_t cand = 0;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int qi = 16 * warp + g + 8 * half;
-      const float thr = thr_s[qi], qn = q1_s[qi];
-      const bool live = q0 + qi < T;
+      const float cut = half ? cut1 : cut0;
+      const bool live = q0 + r0 + 8 * half < T;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const int c = nt * 8 + 2 * tig + j;
-          const float a = acc[nt][2 * half + j];
-          const float bound = qn * kinf_s[c];
-          const float err = coef * bound + 0x1p-124f * (qn + k1_s[c] + static_cast<float>(dh));
-          const bool pass = live && c < nc && (!(bound <= 0x1p100f) || !(a + err < thr));
+          const bool pass = live && c < nc && !(acc[nt][2 * half + j] < cut);
           cand |= static_cast<std::uint32_t>(pass) << (half * 16 + nt * 2 + j);
         }
       }
@@ -623,7 +658,7 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
         const int e = cw[idx];
         r = e >> 6;
         const int c = e & 63, qi = 16 * warp + r;
-        const float* kr = k_s + c * k_stride;
+        const float* kr = kt + c * P;
         float sc = 0.0f;
         for (int d = 0; d < dh; ++d) sc = fmaf(q_s[d * Tl::queries + qi], kr[d], sc);  // the FMA path's chain
         key = retrieval_key(sc, c0 + c, bank.oldest, C);
@@ -638,13 +673,15 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
         std::uint64_t thr = list.threshold();
         list.offer(r == rr ? key : 0, thr);
         list.store(lists + qi * kk);
-        if (lane == 0) thr_s[qi] = thr == 0 ? neg_inf : retrieval_key_score(thr);
+        if (lane == 0) {
+          cut_s[qi] = retrieval_tc_cut(thr == 0 ? neg_inf : retrieval_key_score(thr), err_s[qi]);
+        }
         __syncwarp();  // the list's stores before the next pass loads it
       }
     }
-    __syncthreads();  // the next tile overwrites the chunk keys
   }
 
+  __syncthreads();  // rows are filled by their own warp (16 w ..) and written out by warp qi % 8
   for (int qi = warp; qi < Tl::queries; qi += Tl::merge_warps) {
     const int t = q0 + qi;
     if (t >= T) break;

@@ -16,10 +16,7 @@
 // small_a small_b is <= 2^-22 |a b|), so scores and outputs keep float accuracy (the op tests' rtol
 // 1e-4 of the FMA kernel holds), at 3 tensor-core instructions per product instead of 1.
 // Split = false (DeviceMath::tf32 and bf16): one mma on the inputs rounded to TF32 (10 mantissa bits).
-// Fragment layouts (PTX ISA, mma.m16n8k8 .tf32): lane = 4 g + tig;
-//   A (16 x 8): a0 (g, tig) a1 (g + 8, tig) a2 (g, tig + 4) a3 (g + 8, tig + 4)
-//   B (8 x 8):  b0 (k tig, n g) b1 (k tig + 4, n g)
-//   C (16 x 8): c0 (g, 2 tig) c1 (g, 2 tig + 1) c2 (g + 8, 2 tig) c3 (g + 8, 2 tig + 1)
+// Fragment layouts: cuda/detail/mma.cuh.
 // Shared rows have a pitch of DhMax + 4 floats: both fragment reads (k: row g, column tig; v: rows
 // 2 tig and 2 tig + 1, column g) then fall in 32 distinct banks.
 // No branch sits inside the mma loops (a branch per slice would split the accumulator chains into
@@ -28,6 +25,7 @@
 // Blocks start with the last query block (the longest rows) so the causal triangle's tail is short.
 #include <cstdint>
 
+#include "longmem/cuda/detail/mma.cuh"
 #include "longmem/cuda/ops/attention_parts.cuh"
 #include "longmem/detail/alibi.hpp"
 
@@ -49,20 +47,10 @@ inline std::size_t attention_mma_smem_floats(int dh_max, bool memory) {
 }
 
 #if defined(__CUDACC__)
-__device__ inline std::uint32_t to_tf32(float x) {
-  std::uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
 /// x = big + small, both tf32 (small carries the 13 bits big drops, rounded once more).
 __device__ inline void split_tf32(float x, std::uint32_t& big, std::uint32_t& small) {
   big = to_tf32(x);
   small = to_tf32(x - __uint_as_float(big));
-}
-__device__ inline void mma_tf32(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 /// x as tf32 (and, when Split, the rest x - big as a second tf32).
 template <bool Split>
