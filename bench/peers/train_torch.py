@@ -244,8 +244,9 @@ class Trainer:
         self.use_sdpa = HAS_SDPA and not a.no_sdpa
         H, d = a.heads, a.d
         assert d % H == 0 and a.retrieved_tokens % a.chunk_size == 0
-        self.bias = alibi_causal_bias(a.T, H)
-        self.backbone = Gpt2Star(a.layers, d, H, a.vocab, a.memory_layer, self.use_sdpa)
+        self.dev = torch.device(a.device)
+        self.bias = alibi_causal_bias(a.T, H).to(self.dev)
+        self.backbone = Gpt2Star(a.layers, d, H, a.vocab, a.memory_layer, self.use_sdpa).to(self.dev)
         self.streams = TokenStreams(a.batch, a.vocab, a.seed + 1, perm)
         self.compile_error = None
         if a.mode == "adapt":
@@ -290,7 +291,7 @@ class Trainer:
 
     def _step(self):
         a = self.a
-        seg = self.streams.next(a.T)
+        seg = self.streams.next(a.T).to(self.dev)  # drawn on the CPU: the same tokens on every device
         tokens, targets = seg[:, :-1], seg[:, 1:]
         self.opt.zero_grad(set_to_none=True)
         if a.mode == "adapt":
@@ -362,6 +363,7 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (full mode: the from-scratch step on the GPU, fp32)")
     p.add_argument("--no-sdpa", action="store_true", help="explicit softmax attention even where SDPA exists")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true", help="30 tiny adapt steps; the loss must go down")
@@ -369,6 +371,11 @@ def main():
     torch.set_num_threads(a.threads)
     if a.check:
         sys.exit(run_check(a))
+    if a.device != "cpu" and a.mode != "full":
+        sys.exit("--device %s: only --mode full runs on the GPU here" % a.device)
+    if a.device != "cpu":  # fp32 as ours by default: no TF32 in matmuls
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     if a.memory_layer is None:
         a.memory_layer = a.layers // 2
     assert 0 <= a.memory_layer < a.layers
@@ -385,7 +392,7 @@ def main():
         times.append((time.perf_counter() - t0) * 1e3)
         cpu.append((time.process_time() - c0) * 1e3)
     med = statistics.median(times)
-    out = {"peer": "torch", "mode": a.mode, "layers": a.layers, "d": a.d, "heads": a.heads, "vocab": a.vocab,
+    out = {"peer": "torch", "device": a.device, "mode": a.mode, "layers": a.layers, "d": a.d, "heads": a.heads, "vocab": a.vocab,
            "T": a.T, "batch": a.batch}
     if a.mode == "adapt":
         out.update(side_layers=len(tr.side.layers), memory_tokens=a.memory_tokens, chunk_size=a.chunk_size,

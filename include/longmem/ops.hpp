@@ -4,7 +4,7 @@
 //
 // Each function dispatches on the buffers' location to OpsBackend<L>:
 //   OpsBackend<Host>    <longmem/cpu/ops.hpp>    Eigen + plain loops, float or double
-//   OpsBackend<Device>  <longmem/cuda/ops.cuh>   CUDA kernels (forward ops, float; backward not yet)
+//   OpsBackend<Device>  <longmem/cuda/ops.cuh>   CUDA kernels, float (every backward but memory_attention_backward)
 // Shapes use: T tokens, H heads, dh head dim, d = H*dh width, V vocabulary,
 // K retrieved memory tokens, N rows, I/O linear in/out features.
 //

@@ -4,7 +4,8 @@
 //
 //   SideNetAdaptation<Bank, Retriever, Fusion, T>   memory-augmented adaptation (the paper's
 //                                                   mode): frozen backbone, the SideNet trains
-//   BackbonePretraining<T>                          a GPT-2 / GPT-2* backbone from scratch
+//   BackbonePretraining<T, L>                       a GPT-2 / GPT-2* backbone from scratch (L = Host,
+//                                                   or Device with <longmem/cuda/ops.cuh>)
 //   Trainer<Task>                                   accumulation, clipping, schedule, AdamW,
 //                                                   validation, checkpoints
 #include "longmem/longmem.hpp"

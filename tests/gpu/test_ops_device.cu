@@ -20,6 +20,18 @@
 //   cross_entropy                    losses 1e-6 abs + rel (exp in float, sums in double, stored as
 //                                    float); the sum 1e-6 per counted row; the count exactly
 //
+// The backward ops (cases named "backward: ..."): each runs in float on both backends and, as the
+// reference, in double on the host backend (whose backwards tests/unit/test_ops_backward.cpp checks
+// against float64 finite differences). Parameter gradients start from random values, so the cases
+// check that they accumulate:
+//   embedding          rtol 1e-6   one float addition per repeated id, in position order
+//   layer_norm         rtol 1e-5   row statistics in double; column sums over up to 300 rows in float
+//   linear             rtol 1e-4   as linear; d_bias 1e-5 (a float column sum)
+//   gelu               rtol 1e-5   as gelu
+//   causal_attention   rtol 1e-4   five float GEMMs (cuBLASLt) and a float softmax per head
+//   cross_entropy      rtol 1e-5, atol 1e-7 (one float rounding of scale <= 1: a V = 1 row is 0 only in double)
+// Backward cases run in the fp32 mode only (training uses it).
+//
 // Then linear and the attention ops again on the device under the reduced-precision modes
 // (longmem::DeviceMath, cuda/math_mode.hpp), against the same float64 references. u is the unit
 // roundoff of the inputs' rounding: 2^-11 for tf32 (11 significant bits), 2^-8 for bf16 (8 bits).
@@ -270,6 +282,47 @@ RunFn on_every_backend(F f) {
     if (b == Backend::Host) return f(Host{}, p, in);
     return f(Device{}, p, in);
   };
+}
+
+/// Backward cases run the same generic lambda f(location, value, params, inputs) in float on every
+/// backend and, as the reference, in double on the host backend, whose backward ops are checked
+/// against float64 finite differences of the reference ops (tests/unit/test_ops_backward.cpp).
+template <class T, class L>
+Tensor<T, L> tensor_at(const HostD& x) {
+  if (x.data() == nullptr) return {};
+  if constexpr (std::is_same_v<T, double>) {
+    static_assert(std::is_same_v<L, Host>, "double tensors live on the host");
+    HostD h(x.shape());
+    std::copy(x.data(), x.data() + x.numel(), h.data());
+    return h;
+  } else {
+    return to<L>(x);
+  }
+}
+template <class T, class L>
+HostD read_back(const Tensor<T, L>& t) {
+  if (t.data() == nullptr) return {};
+  if constexpr (std::is_same_v<T, double>) {
+    HostD h(t.shape());
+    std::copy(t.data(), t.data() + t.numel(), h.data());
+    return h;
+  } else {
+    return back<L>(t);
+  }
+}
+template <class T, class L>
+Tensor<T, L> poisoned_at(Shape s) {
+  Tensor<T, L> t(s);
+  fill<T>(t.view(), std::numeric_limits<T>::quiet_NaN());
+  return t;
+}
+template <class F>
+void backward_case(OpCase& c, F f) {
+  c.run = [f](Backend b, const Params& p, const Inputs& in) -> Outputs {
+    if (b == Backend::Host) return f(Host{}, float{}, p, in);
+    return f(Device{}, float{}, p, in);
+  };
+  c.reference = [f](const Params& p, const Inputs& in) { return f(Host{}, double{}, p, in); };
 }
 
 constexpr index_t seq[] = {1, 7, 64, 129, 300};
@@ -650,12 +703,231 @@ std::vector<OpCase> op_table() {
     table.push_back(std::move(c));
   }
 
+  // ---------------------------------------------------------------- backward ops
+  // Parameter gradients start from random values (they accumulate); activation gradients are
+  // poisoned unless the variant accumulates into them.
+
+  {  // embedding_backward: bit 0 with d_wpe, bit 1 without d_wte (positions only)
+    OpCase c;
+    c.name = "backward: embedding";
+    for (index_t T : seq)
+      for (index_t d : {1, 16, 65, 768})
+        for (int variant : {0, 1, 3}) {
+          Params p;
+          p.T = T, p.C = d, p.V = d == 768 ? 1000 : 50, p.variant = variant;
+          c.sizes.push_back(p);
+        }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.T, p.C}, rng));       // d_out
+      in.x.push_back(random_tensor(Shape{p.V, p.C}, rng));       // d_wte start
+      in.x.push_back(random_tensor(Shape{p.T + 3, p.C}, rng));   // d_wpe start
+      std::uniform_int_distribution<std::int32_t> tok(0, static_cast<std::int32_t>(p.V - 1));
+      for (index_t t = 0; t < p.T; ++t) in.ids.push_back(tok(rng));  // V 50: many repeats
+      return in;
+    };
+    backward_case(c, [](auto loc, auto value, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using T = decltype(value);
+      auto g = tensor_at<T, L>(in.x[0]);
+      auto wte = tensor_at<T, L>(in.x[1]);
+      auto wpe = tensor_at<T, L>(in.x[2]);
+      const bool table = !(p.variant & 2), positions = p.variant & 1;
+      ops::embedding_backward(table ? wte.view() : TensorView<T, L>{}, positions ? wpe.view() : TensorView<T, L>{},
+                              cview(g), std::span<const std::int32_t>(in.ids));
+      return outputs(read_back(wte), read_back(wpe));
+    });
+    c.tolerance = {{1e-6, 1e-6}, {1e-6, 1e-6}};
+    table.push_back(std::move(c));
+  }
+
+  {  // layer_norm_backward: bit 0 accumulates into d_in, bit 1 no d_in (parameters only)
+    OpCase c;
+    c.name = "backward: layer_norm";
+    for (index_t N : seq)
+      for (index_t C : {1, 16, 67, 768, 3072})
+        for (int variant : {0, 1, 2}) {
+          Params p;
+          p.N = N, p.C = C, p.variant = variant;
+          c.sizes.push_back(p);
+        }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.N, p.C}, rng, -2, 2));     // in
+      in.x.push_back(random_tensor(Shape{p.C}, rng, 0.5, 1.5));       // weight
+      in.x.push_back(random_tensor(Shape{p.N, p.C}, rng));            // d_out
+      in.x.push_back(random_tensor(Shape{p.N, p.C}, rng));            // d_in start
+      in.x.push_back(random_tensor(Shape{p.C}, rng));                 // d_weight start
+      in.x.push_back(random_tensor(Shape{p.C}, rng));                 // d_bias start
+      return in;
+    };
+    backward_case(c, [](auto loc, auto value, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using T = decltype(value);
+      auto x = tensor_at<T, L>(in.x[0]);
+      auto w = tensor_at<T, L>(in.x[1]);
+      auto g = tensor_at<T, L>(in.x[2]);
+      const bool acc = p.variant == 1, want_in = p.variant != 2;
+      auto d_in = acc ? tensor_at<T, L>(in.x[3]) : poisoned_at<T, L>(Shape{p.N, p.C});
+      auto d_w = tensor_at<T, L>(in.x[4]);
+      auto d_b = tensor_at<T, L>(in.x[5]);
+      ops::layer_norm_backward(want_in ? d_in.view() : TensorView<T, L>{}, d_w.view(), d_b.view(), cview(g), cview(x),
+                               cview(w), 1e-5, acc ? Accumulate::Yes : Accumulate::No);
+      return outputs(want_in ? read_back(d_in) : HostD(), read_back(d_w), read_back(d_b));
+    });
+    c.tolerance = {{1e-6, 1e-5}, {1e-6, 1e-5}, {1e-6, 1e-5}};
+    table.push_back(std::move(c));
+  }
+
+  {  // linear_backward: bit 0 accumulates into d_in, bit 1 no d_in, bit 2 no d_bias
+    OpCase c;
+    c.name = "backward: linear";
+    const std::pair<index_t, index_t> io[] = {{1, 1}, {16, 33}, {67, 129}, {256, 768}};
+    for (index_t N : seq)
+      for (auto [I, O] : io)
+        for (int variant = 0; variant < 6; ++variant) {
+          Params p;
+          p.N = N, p.I = I, p.O = O, p.variant = variant;
+          c.sizes.push_back(p);
+        }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.N, p.I}, rng));  // in
+      in.x.push_back(random_tensor(Shape{p.O, p.I}, rng));  // weight
+      in.x.push_back(random_tensor(Shape{p.N, p.O}, rng));  // d_out
+      in.x.push_back(random_tensor(Shape{p.N, p.I}, rng));  // d_in start
+      in.x.push_back(random_tensor(Shape{p.O, p.I}, rng));  // d_weight start
+      in.x.push_back(random_tensor(Shape{p.O}, rng));       // d_bias start
+      return in;
+    };
+    backward_case(c, [](auto loc, auto value, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using T = decltype(value);
+      auto x = tensor_at<T, L>(in.x[0]);
+      auto w = tensor_at<T, L>(in.x[1]);
+      auto g = tensor_at<T, L>(in.x[2]);
+      const bool acc = p.variant & 1, want_in = !(p.variant & 2), want_b = !(p.variant & 4);
+      auto d_in = acc ? tensor_at<T, L>(in.x[3]) : poisoned_at<T, L>(Shape{p.N, p.I});
+      auto d_w = tensor_at<T, L>(in.x[4]);
+      auto d_b = tensor_at<T, L>(in.x[5]);
+      ops::linear_backward(want_in ? d_in.view() : TensorView<T, L>{}, d_w.view(), want_b ? d_b.view() : TensorView<T, L>{},
+                           cview(g), cview(x), cview(w), acc ? Accumulate::Yes : Accumulate::No);
+      return outputs(want_in ? read_back(d_in) : HostD(), read_back(d_w), read_back(d_b));
+    });
+    c.tolerance = {{1e-6, 1e-4}, {1e-6, 1e-4}, {1e-6, 1e-5}};
+    table.push_back(std::move(c));
+  }
+
+  {  // gelu_backward: bit 0 erf form, bit 1 in place (d_in is d_out)
+    OpCase c;
+    c.name = "backward: gelu";
+    for (index_t N : {1, 7, 257, 9000, 100003})
+      for (int variant = 0; variant < 4; ++variant) {
+        Params p;
+        p.N = N, p.variant = variant;
+        c.sizes.push_back(p);
+      }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.N}, rng, -6, 6));
+      in.x.push_back(random_tensor(Shape{p.N}, rng));
+      return in;
+    };
+    backward_case(c, [](auto loc, auto value, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using T = decltype(value);
+      const Activation kind = p.variant & 1 ? Activation::GeluErf : Activation::GeluTanh;
+      auto x = tensor_at<T, L>(in.x[0]);
+      auto g = tensor_at<T, L>(in.x[1]);
+      if (p.variant & 2) {
+        ops::gelu_backward(g.view(), cview(g), cview(x), kind);
+        return outputs(read_back(g));
+      }
+      auto d_in = poisoned_at<T, L>(Shape{p.N});
+      ops::gelu_backward(d_in.view(), cview(g), cview(x), kind);
+      return outputs(read_back(d_in));
+    });
+    c.tolerance = {{1e-6, 1e-5}};
+    table.push_back(std::move(c));
+  }
+
+  {  // causal_attention_backward; odd variants pass (T, H*dh) gradient views
+    OpCase c;
+    c.name = "backward: causal_attention";
+    int n = 0;
+    for (index_t T : seq)
+      for (auto hs : head_shapes)
+        for (auto pos : {PositionScheme::Learned, PositionScheme::Alibi}) {
+          Params p;
+          p.T = T, p.H = hs.H, p.dh = hs.dh, p.pos = pos, p.variant = n++;
+          c.sizes.push_back(p);
+        }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng, -3, 3));  // q
+      in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng));         // k
+      in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng));         // v
+      in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng));         // d_out
+      return in;
+    };
+    backward_case(c, [](auto loc, auto value, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using T = decltype(value);
+      auto q = tensor_at<T, L>(in.x[0]);
+      auto k = tensor_at<T, L>(in.x[1]);
+      auto v = tensor_at<T, L>(in.x[2]);
+      auto g = tensor_at<T, L>(in.x[3]);
+      const Shape s = p.variant % 2 ? Shape{p.T, p.H * p.dh} : Shape{p.T, p.H, p.dh};
+      auto dq = poisoned_at<T, L>(s), dk = poisoned_at<T, L>(s), dv = poisoned_at<T, L>(s);
+      ops::causal_attention_backward(dq.view(), dk.view(), dv.view(), cview(g), cview(q), cview(k), cview(v), p.pos);
+      const Shape heads{p.T, p.H, p.dh};
+      return outputs(reshaped(read_back(dq), heads), reshaped(read_back(dk), heads), reshaped(read_back(dv), heads));
+    });
+    c.tolerance = {{1e-6, 1e-4}, {1e-6, 1e-4}, {1e-6, 1e-4}};
+    table.push_back(std::move(c));
+  }
+
+  {  // cross_entropy_backward: bit 0 ignores every third target, bit 1 in place
+    OpCase c;
+    c.name = "backward: cross_entropy";
+    for (index_t T : seq)
+      for (index_t V : {1, 5, 1000, 50257})
+        for (int variant = 0; variant < 4; ++variant) {
+          Params p;
+          p.T = T, p.V = V, p.variant = variant;
+          c.sizes.push_back(p);
+        }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.T, p.V}, rng, -8, 8));
+      std::uniform_int_distribution<std::int32_t> tok(0, static_cast<std::int32_t>(p.V - 1));
+      for (index_t t = 0; t < p.T; ++t) in.ids.push_back((p.variant & 1) && t % 3 == 1 ? -1 : tok(rng));
+      return in;
+    };
+    backward_case(c, [](auto loc, auto value, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using T = decltype(value);
+      auto logits = tensor_at<T, L>(in.x[0]);
+      const double scale = 1.0 / static_cast<double>(p.T);
+      if (p.variant & 2) {
+        ops::cross_entropy_backward(logits.view(), cview(logits), std::span<const std::int32_t>(in.ids), scale);
+        return outputs(read_back(logits));
+      }
+      auto d = poisoned_at<T, L>(Shape{p.T, p.V});
+      ops::cross_entropy_backward(d.view(), cview(logits), std::span<const std::int32_t>(in.ids), scale);
+      return outputs(read_back(d));
+    });
+    c.tolerance = {{1e-7, 1e-5}};  // atol: one float rounding of scale (<= 1), e.g. V = 1 rows are 0 only in double
+    table.push_back(std::move(c));
+  }
+
   return table;
 }
 
 /// The reduced-precision tolerance of an op under a device math mode (see the header), or none
 /// when the mode does not touch the op.
 std::optional<Tolerance> reduced_tolerance(const std::string& op, DeviceMath math) {
+  if (op.starts_with("backward")) return std::nullopt;  // training runs in the fp32 mode only (for now)
   const double u_tf32 = std::ldexp(1.0, -11), u_bf16 = std::ldexp(1.0, -8);
   if (op == "linear") return Tolerance{1e-6, 8 * (math == DeviceMath::bf16 ? u_bf16 : u_tf32)};
   if (op.find("attention") != std::string::npos) return Tolerance{1e-6, 16 * u_tf32};

@@ -1,14 +1,15 @@
 #pragma once
-// OpsBackend<Device>: the forward ops of the op table (longmem/ops.hpp) for buffers in GPU memory,
-// T = float. Compile with nvcc. Each op family lives in cuda/ops/, mirroring cpu/ops/:
+// OpsBackend<Device>: the op table (longmem/ops.hpp) for buffers in GPU memory, T = float. Compile
+// with nvcc. Each op family lives in cuda/ops/, mirroring cpu/ops/, its backward beside it:
 //
-//   cuda/ops/embedding.cuh      embedding                       (ids checked on the host, then copied)
-//   cuda/ops/layer_norm.cuh     layer_norm                      (one block per row, statistics in double)
-//   cuda/ops/linear.cuh         linear                          (cuBLASLt, fp32 accumulation, bias in the epilogue)
-//   cuda/ops/elementwise.cuh    gelu (in place, out of place), add, add_difference
-//   cuda/ops/attention.cuh      causal_attention, memory_attention<F>   (one flash-style kernel)
-//   cuda/ops/cross_entropy.cuh  cross_entropy                   (per-row logsumexp; synchronises)
-//   cuda/ops/common.cuh         stream, launch checks, scratch, the host backend's argument checks
+//   cuda/ops/embedding.cuh           embedding, embedding_backward   (ids checked on the host, then copied)
+//   cuda/ops/layer_norm.cuh          layer_norm, layer_norm_backward (one block per row, statistics in double)
+//   cuda/ops/linear.cuh              linear, linear_backward         (cuBLASLt, fp32 accumulation, bias in the epilogue)
+//   cuda/ops/elementwise.cuh         gelu (in place, out of place), gelu_backward, add, add_difference
+//   cuda/ops/attention.cuh           causal_attention, memory_attention<F>   (one flash-style kernel)
+//   cuda/ops/attention_backward.cuh  causal_attention_backward       (cuBLASLt batched over heads)
+//   cuda/ops/cross_entropy.cuh       cross_entropy (synchronises), cross_entropy_backward
+//   cuda/ops/common.cuh              stream, launch checks, scratch, column sums, the host backend's argument checks
 //
 // Arguments are checked as the host backend checks them, with the same exception types and
 // messages, before anything is enqueued, so a refused call writes nothing. A failed launch or CUDA
@@ -16,13 +17,16 @@
 // default stream (detail::cuda::stream()); only cross_entropy waits for it, to return its sums.
 // Buffers are float; longmem::set_device_math (cuda/math_mode.hpp) picks how the inputs of the
 // tensor-core products (linear, the local attention branch) are rounded: fp32 (default), tf32, bf16.
-// The backward ops are not implemented on the device yet: calling one is a compile error that says so.
+// Backward ops: everything that training a backbone from scratch needs (BackbonePretraining on the
+// device); memory_attention_backward (SideNet adaptation) is not on the device yet: calling it is
+// a compile error that says so.
 #include <cstdint>
 #include <span>
 #include <utility>
 
 #include "longmem/cuda/math_mode.hpp"
 #include "longmem/cuda/ops/attention.cuh"
+#include "longmem/cuda/ops/attention_backward.cuh"
 #include "longmem/cuda/ops/common.cuh"
 #include "longmem/cuda/ops/cross_entropy.cuh"
 #include "longmem/cuda/ops/elementwise.cuh"
@@ -96,20 +100,34 @@ struct OpsBackend<Device> {
     return detail::cuda::cross_entropy(logits, targets, losses);
   }
 
-  // Backward: not on the device yet (each fails to compile with this sentence when called).
-#define LONGMEM_NO_DEVICE_BACKWARD(name)                                                                    \
-  template <class... Args>                                                                                  \
-  static void name(Args&&...) {                                                                             \
-    static_assert(detail::cuda::no_device_backward<Args...>,                                                \
-                  #name " has no CUDA implementation yet: run training on Host buffers (<longmem/cpu/ops.hpp>)"); \
+  // Backward.
+  template <class T>
+  static void embedding_backward(Out<T> d_wte, Out<T> d_wpe, In<T> d_out, std::span<const std::int32_t> tokens) {
+    detail::cuda::embedding_backward(d_wte, d_wpe, d_out, tokens);
   }
-  LONGMEM_NO_DEVICE_BACKWARD(embedding_backward)
-  LONGMEM_NO_DEVICE_BACKWARD(layer_norm_backward)
-  LONGMEM_NO_DEVICE_BACKWARD(linear_backward)
-  LONGMEM_NO_DEVICE_BACKWARD(gelu_backward)
-  LONGMEM_NO_DEVICE_BACKWARD(causal_attention_backward)
-  LONGMEM_NO_DEVICE_BACKWARD(cross_entropy_backward)
-#undef LONGMEM_NO_DEVICE_BACKWARD
+  template <class T>
+  static void layer_norm_backward(Out<T> d_in, Out<T> d_weight, Out<T> d_bias, In<T> d_out, In<T> in, In<T> weight,
+                                  double eps, Accumulate acc) {
+    detail::cuda::layer_norm_backward(d_in, d_weight, d_bias, d_out, in, weight, eps, acc);
+  }
+  template <class T>
+  static void linear_backward(Out<T> d_in, Out<T> d_weight, Out<T> d_bias, In<T> d_out, In<T> in, In<T> weight,
+                              Accumulate acc) {
+    detail::cuda::linear_backward(d_in, d_weight, d_bias, d_out, in, weight, acc);
+  }
+  template <class T>
+  static void gelu_backward(Out<T> d_in, In<T> d_out, In<T> in, Activation kind) {
+    detail::cuda::gelu_backward(d_in, d_out, in, kind);
+  }
+  template <class T>
+  static void causal_attention_backward(Out<T> d_q, Out<T> d_k, Out<T> d_v, In<T> d_out, In<T> q, In<T> k, In<T> v,
+                                        PositionScheme positions) {
+    detail::cuda::causal_attention_backward(d_q, d_k, d_v, d_out, q, k, v, positions);
+  }
+  template <class T>
+  static void cross_entropy_backward(Out<T> d_logits, In<T> logits, std::span<const std::int32_t> targets, double scale) {
+    detail::cuda::cross_entropy_backward(d_logits, logits, targets, scale);
+  }
   template <class Fusion, class... Args>
   static void memory_attention_backward(Args&&...) {
     static_assert(detail::cuda::no_device_backward<Fusion, Args...>,

@@ -2,7 +2,10 @@
 // Argument checks shared by every op backend (host and device): shapes, optional arguments and
 // aliasing, read from the views' metadata only (no Eigen, no CUDA), so both backends refuse the
 // same inputs with the same messages.
+#include <cmath>
 #include <cstdint>
+#include <string>
+#include <utility>
 
 #include "longmem/error.hpp"
 #include "longmem/tensor.hpp"
@@ -56,6 +59,78 @@ void expect_same_elements(const A& out, const B& in, const char* op, const char*
   if (!same) {
     fail<ShapeError>(op, ": ", what, " has shape ", in.shape().str(), ", expected the shape of out ", out.shape().str());
   }
+}
+
+/// linear_backward's checks (weight already checked as (O, I)): d_in (N, I), d_weight (O, I),
+/// d_bias (O), in (N, I) when d_weight is wanted, no gradient overlapping an input. Returns N.
+template <class G, class C>
+index_t check_linear_backward(const char* op, const G& d_in, const G& d_weight, const G& d_bias, const C& d_out,
+                              const C& in, const C& weight) {
+  const index_t O = weight.dim(0), I = weight.dim(1);
+  const index_t N = rows_of(d_out, O, op, "d_out");
+  if (!absent(d_in) && rows_of(d_in, I, op, "d_in") != N) {
+    fail<ShapeError>(op, ": d_in has shape ", d_in.shape().str(), ", expected ", Shape{N, I}.str());
+  }
+  if (!absent(d_weight)) {
+    expect_shape(d_weight, weight.shape(), "linear_backward: d_weight (O, I), like weight");
+    if (rows_of(in, I, op, "in") != N) {
+      fail<ShapeError>(op, ": in has shape ", in.shape().str(), ", expected ", Shape{N, I}.str(), " like d_out's rows");
+    }
+  }
+  if (!absent(d_bias)) expect_shape(d_bias, Shape{O}, "linear_backward: d_bias (O)");
+  for (auto [g, name] : {std::pair{C(d_in), "d_in"}, std::pair{C(d_weight), "d_weight"}, std::pair{C(d_bias), "d_bias"}}) {
+    if (absent(g)) continue;
+    expect_separate(g, d_out, op, (std::string("d_out (as ") + name + ")").c_str());
+    expect_separate(g, weight, op, (std::string("weight (as ") + name + ")").c_str());
+    if (!absent(in)) expect_separate(g, in, op, (std::string("in (as ") + name + ")").c_str());
+  }
+  return N;
+}
+
+/// layer_norm_backward's checks (weight already checked as (C)): in and d_out (N, C), d_in (N, C),
+/// d_weight and d_bias (C), d_in separate from d_out and in. Returns N.
+template <class G, class V>
+index_t check_layer_norm_backward(const char* op, const G& d_in, const G& d_weight, const G& d_bias, const V& d_out,
+                                  const V& in, index_t C) {
+  const index_t N = rows_of(in, C, op, "in");
+  if (rows_of(d_out, C, op, "d_out") != N) {
+    fail<ShapeError>(op, ": d_out has shape ", d_out.shape().str(), ", expected ", N, " rows of ", C, " like in");
+  }
+  if (!absent(d_in) && rows_of(d_in, C, op, "d_in") != N) {
+    fail<ShapeError>(op, ": d_in has shape ", d_in.shape().str(), ", expected ", N, " rows of ", C);
+  }
+  if (!absent(d_weight)) expect_shape(d_weight, Shape{C}, "layer_norm_backward: d_weight (C)");
+  if (!absent(d_bias)) expect_shape(d_bias, Shape{C}, "layer_norm_backward: d_bias (C)");
+  if (!absent(d_in)) {
+    expect_separate(d_in, d_out, op, "d_out (as d_in)");
+    expect_separate(d_in, in, op, "in (as d_in)");
+  }
+  return N;
+}
+
+/// cross_entropy_backward's checks besides the logits/targets ones: d_logits like logits, exactly
+/// in place or separate; a finite scale.
+template <class G, class V>
+void check_cross_entropy_backward(const G& d_logits, const V& logits, double scale) {
+  expect_shape(d_logits, logits.shape(), "cross_entropy_backward: d_logits (T, V), like logits");
+  if (!std::isfinite(scale)) fail<InputError>("cross_entropy_backward: scale must be finite, got ", scale);
+  if (d_logits.data() != logits.data()) {
+    expect_separate(d_logits, logits, "cross_entropy_backward", "logits (only exact in-place use is allowed)");
+  }
+}
+
+/// embedding_backward with d_wte absent: d_wpe (P, d) and one d_out row per token (ids are not
+/// checked: the vocabulary is unknown). Returns d.
+template <class G, class V>
+index_t check_position_embedding_backward(const G& d_wpe, const V& d_out, std::size_t n_tok) {
+  if (d_wpe.rank() != 2) fail<ShapeError>("embedding_backward: d_wpe: expected (P, d), got ", d_wpe.shape().str());
+  if (static_cast<index_t>(n_tok) > d_wpe.dim(0)) {
+    fail<InputError>("embedding_backward: ", n_tok, " tokens but only ", d_wpe.dim(0), " positions");
+  }
+  if (rows_of(d_out, d_wpe.dim(1), "embedding_backward", "d_out") != static_cast<index_t>(n_tok)) {
+    fail<ShapeError>("embedding_backward: d_out has shape ", d_out.shape().str(), ", expected one row per token");
+  }
+  return d_wpe.dim(1);
 }
 
 }  // namespace longmem::detail::op_checks

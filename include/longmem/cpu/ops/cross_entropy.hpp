@@ -65,9 +65,7 @@ template <class T>
 void cross_entropy_backward(TensorView<T, Host> d_logits, TensorView<const T, Host> logits,
                             std::span<const std::int32_t> targets, double scale) {
   const index_t Vn = check_cross_entropy("cross_entropy_backward", logits, targets);
-  expect_shape(d_logits, logits.shape(), "cross_entropy_backward: d_logits (T, V), like logits");
-  if (!std::isfinite(scale)) fail<InputError>("cross_entropy_backward: scale must be finite, got ", scale);
-  if (d_logits.data() != logits.data()) expect_separate(d_logits, logits, "cross_entropy_backward", "logits (only exact in-place use is allowed)");
+  op_checks::check_cross_entropy_backward(d_logits, logits, scale);
   const index_t n_tok = static_cast<index_t>(targets.size());
   parallel_for(n_tok, 6 * Vn, [&](index_t t) {
     const std::int32_t y = targets[static_cast<std::size_t>(t)];

@@ -75,13 +75,7 @@ void embedding_backward(TensorView<T, Host> d_wte, TensorView<T, Host> d_wpe, Te
                        TensorView<const T, Host>(d_wpe), true, "d_out");
   } else {
     // Only positions: the vocabulary is unknown here, so ids are not checked.
-    if (d_wpe.rank() != 2) fail<ShapeError>("embedding_backward: d_wpe: expected (P, d), got ", d_wpe.shape().str());
-    if (static_cast<index_t>(tokens.size()) > d_wpe.dim(0)) {
-      fail<InputError>("embedding_backward: ", tokens.size(), " tokens but only ", d_wpe.dim(0), " positions");
-    }
-    if (rows_of(d_out, d_wpe.dim(1), "embedding_backward", "d_out") != static_cast<index_t>(tokens.size())) {
-      fail<ShapeError>("embedding_backward: d_out has shape ", d_out.shape().str(), ", expected one row per token");
-    }
+    op_checks::check_position_embedding_backward(d_wpe, d_out, tokens.size());
   }
   const index_t d = table ? d_wte.dim(1) : d_wpe.dim(1);
   expect_separate(d_wte, d_out, "embedding_backward", "d_out (as d_wte)");

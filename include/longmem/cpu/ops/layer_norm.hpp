@@ -73,16 +73,8 @@ void layer_norm_backward(TensorView<T, Host> d_in, TensorView<T, Host> d_weight,
                          TensorView<const T, Host> weight, double eps, Accumulate acc) {
   const char* op = "layer_norm_backward";
   const index_t C = check_layer_norm_params(op, weight, TensorView<const T, Host>{}, eps, "bias");
-  const index_t N = rows_of(in, C, op, "in");
-  if (rows_of(d_out, C, op, "d_out") != N) fail<ShapeError>(op, ": d_out has shape ", d_out.shape().str(), ", expected ", N, " rows of ", C, " like in");
+  const index_t N = op_checks::check_layer_norm_backward(op, d_in, d_weight, d_bias, d_out, in, C);
   const bool want_in = !absent(d_in), want_w = !absent(d_weight), want_b = !absent(d_bias);
-  if (want_in && rows_of(d_in, C, op, "d_in") != N) fail<ShapeError>(op, ": d_in has shape ", d_in.shape().str(), ", expected ", N, " rows of ", C);
-  if (want_w) expect_shape(d_weight, Shape{C}, "layer_norm_backward: d_weight (C)");
-  if (want_b) expect_shape(d_bias, Shape{C}, "layer_norm_backward: d_bias (C)");
-  if (want_in) {
-    expect_separate(d_in, d_out, op, "d_out (as d_in)");
-    expect_separate(d_in, in, op, "in (as d_in)");
-  }
   if (N == 0) return;
   std::vector<double> mean(static_cast<std::size_t>(N)), inv(static_cast<std::size_t>(N));
   parallel_for(N, 8 * C, [&](index_t n) {

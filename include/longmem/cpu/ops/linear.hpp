@@ -95,23 +95,8 @@ void linear_backward(TensorView<T, Host> d_in, TensorView<T, Host> d_weight, Ten
   const char* op = "linear_backward";
   check_linear_params(op, weight, TensorView<const T, Host>{}, "bias");
   const index_t O = weight.dim(0), I = weight.dim(1);
-  const index_t N = rows_of(d_out, O, op, "d_out");
+  const index_t N = op_checks::check_linear_backward(op, d_in, d_weight, d_bias, d_out, in, weight);
   const bool want_in = !absent(d_in), want_w = !absent(d_weight), want_b = !absent(d_bias);
-  if (want_in && rows_of(d_in, I, op, "d_in") != N) {
-    fail<ShapeError>(op, ": d_in has shape ", d_in.shape().str(), ", expected ", Shape{N, I}.str());
-  }
-  if (want_w) {
-    expect_shape(d_weight, weight.shape(), "linear_backward: d_weight (O, I), like weight");
-    if (rows_of(in, I, op, "in") != N) fail<ShapeError>(op, ": in has shape ", in.shape().str(), ", expected ", Shape{N, I}.str(), " like d_out's rows");
-  }
-  if (want_b) expect_shape(d_bias, Shape{O}, "linear_backward: d_bias (O)");
-  for (auto [g, name] : {std::pair{TensorView<const T, Host>(d_in), "d_in"}, std::pair{TensorView<const T, Host>(d_weight), "d_weight"},
-                         std::pair{TensorView<const T, Host>(d_bias), "d_bias"}}) {
-    if (absent(g)) continue;
-    expect_separate(g, d_out, op, (std::string("d_out (as ") + name + ")").c_str());
-    expect_separate(g, weight, op, (std::string("weight (as ") + name + ")").c_str());
-    if (!absent(in)) expect_separate(g, in, op, (std::string("in (as ") + name + ")").c_str());
-  }
   if (N == 0) return;
   ConstMatrixMap<T> G(d_out.data(), N, O, Eigen::OuterStride<>(O));  // (N, O)
   // d_in (N, I) [+]= G (N, O) W (O, I)

@@ -1,8 +1,9 @@
 #pragma once
 // Helpers shared by the device op families (cuda/ops/*.cuh): where work is enqueued, launch
-// checks that become BackendError, stream-ordered scratch buffers, block reductions, and the
-// argument checks shared with the host backend (detail/op_checks.hpp), so both refuse the same
-// inputs with the same exception types and messages.
+// checks that become BackendError, stream-ordered scratch buffers, block reductions, deterministic
+// column sums (the gradients of biases and LayerNorm weights), and the argument checks shared with
+// the host backend (detail/op_checks.hpp), so both refuse the same inputs with the same exception
+// types and messages.
 //
 // Every op runs on the legacy default stream, like <longmem/cuda/storage.hpp>'s copies, so a
 // copy() after an op sees its result without an explicit synchronisation. stream() is the one
@@ -157,6 +158,63 @@ __device__ inline T block_max(T v, T* shared) {
   T best = shared[0];
   for (int w = 1; w < warps; ++w) best = shared[w] > best ? shared[w] : best;
   return best;
+}
+
+/// Splits of the rows for column sums: enough blocks to fill the GPU, each at least 32 rows.
+inline index_t column_sum_splits(index_t N) {
+  const index_t s = (N + 31) / 32;
+  return s < 1 ? 1 : (s > 256 ? 256 : s);
+}
+
+/// Column sums over rows, deterministic (no atomics): block (x, s) sums its columns over the rows
+/// of split s in row order into partial[s]; column_sums_finish adds the partials in split order.
+///   partial_g[s][c]  = sum_n g[n][c]
+///   partial_gx[s][c] = sum_n g[n][c] (x[n][c] - mean[n]) inv[n]      (when x; LayerNorm's d_weight)
+template <class T>
+__global__ void column_partials_kernel(float* __restrict__ partial_g, float* __restrict__ partial_gx,
+                                       const T* __restrict__ g, const T* __restrict__ x,
+                                       const double* __restrict__ mean, const double* __restrict__ inv, index_t N,
+                                       index_t C, index_t rows_per_split) {
+  const index_t c = blockIdx.x * index_t{blockDim.x} + threadIdx.x, s = blockIdx.y;
+  if (c >= C) return;
+  const index_t n0 = s * rows_per_split, n1 = n0 + rows_per_split < N ? n0 + rows_per_split : N;
+  float sg = 0, sgx = 0;
+  for (index_t n = n0; n < n1; ++n) {
+    const float gv = g[n * C + c];
+    sg += gv;
+    if (x) sgx += gv * ((x[n * C + c] - static_cast<float>(mean[n])) * static_cast<float>(inv[n]));
+  }
+  if (partial_g) partial_g[s * C + c] = sg;
+  if (partial_gx) partial_gx[s * C + c] = sgx;
+}
+
+template <class T>
+__global__ void column_sums_finish_kernel(T* __restrict__ dst, const float* __restrict__ partial, index_t splits,
+                                          index_t C) {
+  const index_t c = blockIdx.x * index_t{blockDim.x} + threadIdx.x;
+  if (c >= C) return;
+  float total = 0;
+  for (index_t s = 0; s < splits; ++s) total += partial[s * C + c];
+  dst[c] += total;
+}
+
+/// d_g (C) += column sums of g (N, C); d_gx (C) += column sums of g * xhat (x, mean, inv given).
+/// Either destination may be null.
+inline void add_column_sums(const char* op, float* d_g, float* d_gx, const float* g, const float* x, const double* mean,
+                            const double* inv, index_t N, index_t C) {
+  if (N == 0 || C == 0 || (!d_g && !d_gx)) return;
+  const index_t splits = column_sum_splits(N), per = (N + splits - 1) / splits;
+  const std::size_t part = static_cast<std::size_t>(splits * C) * sizeof(float);
+  Scratch scratch(2 * part, op);
+  float* pg = d_g ? scratch.as<float>() : nullptr;
+  float* pgx = d_gx ? scratch.as<float>(part) : nullptr;
+  const dim3 block(128), grid(static_cast<unsigned>((C + 127) / 128), static_cast<unsigned>(splits));
+  column_partials_kernel<float><<<grid, block, 0, stream()>>>(pg, pgx, g, d_gx ? x : nullptr, mean, inv, N, C, per);
+  check_launch(op, "the column-sum kernel for ", N, " rows of ", C, " (", launch_str(grid, block), ")");
+  const dim3 fgrid(static_cast<unsigned>((C + 127) / 128));
+  if (d_g) column_sums_finish_kernel<float><<<fgrid, block, 0, stream()>>>(d_g, pg, splits, C);
+  if (d_gx) column_sums_finish_kernel<float><<<fgrid, block, 0, stream()>>>(d_gx, pgx, splits, C);
+  check_launch(op, "the column-sum finishing kernel for ", C, " columns");
 }
 #endif
 

@@ -1,5 +1,6 @@
 #pragma once
-// Device next-token cross-entropy, forward.
+// Device next-token cross-entropy and its backward.
+//   cross_entropy_backward   d_logits = scale (softmax(logits) - onehot(y))   (0 where y = -1)
 //   cross_entropy   loss_t = logsumexp(logits_t) - logits_t[y_t]     (targets of -1 ignored: loss 0)
 // One block per row: the maximum in float (exact), exp(x - max) in float summed in double, the log
 // and the loss in double. Per-row losses come back to the host in double and are summed there in
@@ -100,6 +101,55 @@ std::pair<double, std::int64_t> cross_entropy(TensorView<const T, Device> logits
     ++count;
   }
   return {sum, count};
+}
+
+/// Row t: d_logits = scale (softmax(logits) - onehot(y)), 0 when y = -1; as the forward, the max
+/// in float, the normaliser summed in double. d_logits may be logits (each element is read by the
+/// thread that writes it, after the row's reductions, which end in a barrier).
+template <class T>
+__global__ void __launch_bounds__(cross_entropy_block)
+    cross_entropy_backward_kernel(T* d_logits, const T* logits, const std::int32_t* __restrict__ targets, index_t n_tok,
+                                  index_t Vn, double scale) {
+  __shared__ float partial_max[32];
+  __shared__ double partial_sum[32];
+  for (index_t t = blockIdx.x; t < n_tok; t += gridDim.x) {
+    const std::int32_t y = targets[t];
+    T* g = d_logits + t * Vn;
+    if (y == -1) {
+      for (index_t j = threadIdx.x; j < Vn; j += blockDim.x) g[j] = T(0);
+      continue;
+    }
+    const T* x = logits + t * Vn;
+    float mx = -INFINITY;
+    for (index_t j = threadIdx.x; j < Vn; j += blockDim.x) mx = fmaxf(mx, static_cast<float>(x[j]));
+    mx = block_max(mx, partial_max);
+    double z = 0;
+    for (index_t j = threadIdx.x; j < Vn; j += blockDim.x) z += static_cast<double>(expf(static_cast<float>(x[j]) - mx));
+    z = block_sum(z, partial_sum);
+    const double s = scale / z;
+    for (index_t j = threadIdx.x; j < Vn; j += blockDim.x) {
+      const double p = s * static_cast<double>(expf(static_cast<float>(x[j]) - mx));
+      g[j] = static_cast<T>(j == y ? p - scale : p);
+    }
+  }
+}
+
+/// d_logits (T, V) = scale (softmax(logits) - onehot(target)) per row; 0 where the target is -1.
+template <class T>
+void cross_entropy_backward(TensorView<T, Device> d_logits, TensorView<const T, Device> logits,
+                            std::span<const std::int32_t> targets, double scale) {
+  require_float<T>();
+  const char* op = "cross_entropy_backward";
+  const index_t Vn = check_cross_entropy(op, logits, targets);
+  op_checks::check_cross_entropy_backward(d_logits, logits, scale);
+  const index_t n_tok = static_cast<index_t>(targets.size());
+  if (n_tok == 0) return;
+  Scratch ids(targets.size_bytes(), op);
+  upload_ids(targets, ids.as<std::int32_t>(), op);
+  const dim3 block(cross_entropy_block), grid(grid_for(n_tok, 1));
+  cross_entropy_backward_kernel<T><<<grid, block, 0, stream()>>>(d_logits.data(), logits.data(), ids.as<std::int32_t>(),
+                                                                 n_tok, Vn, scale);
+  check_launch(op, "the kernel for ", n_tok, " rows of ", Vn, " logits (", launch_str(grid, block), ")");
 }
 
 }  // namespace longmem::detail::cuda

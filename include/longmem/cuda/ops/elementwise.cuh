@@ -4,6 +4,7 @@
 //                    erf:  0.5 x (1 + erf(x / sqrt 2))
 //   add              out += in
 //   add_difference   out += a - b
+//   gelu_backward    d_in = d_out gelu'(in)
 // CUDA's tanhf and erff (a few ulp) stand in for the host's Eigen tanh and vectorised erf.
 #include "longmem/cuda/ops/common.cuh"
 #include "longmem/model_config.hpp"
@@ -89,6 +90,43 @@ void add_difference(TensorView<T, Device> out, TensorView<const T, Device> a, Te
   const dim3 block(elementwise_block), grid(grid_for(n, elementwise_block));
   add_kernel<T><<<grid, block, 0, stream()>>>(out.data(), a.data(), b.data(), n);
   check_launch("add_difference", "the kernel for ", n, " elements (", launch_str(grid, block), ")");
+}
+
+/// gelu'(x): tanh form  0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2),  t = tanh(c (x + a x^3));
+///           erf form   Phi(x) + x phi(x).
+__device__ inline float gelu_derivative(float v, bool tanh_form) {
+  if (tanh_form) {
+    const float c = 0.7978845608f, a = 0.044715f;
+    const float t = tanhf(c * (v + a * v * v * v));
+    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * c * (1.0f + 3.0f * a * v * v);
+  }
+  return 0.5f * (1.0f + erff(v * 0.7071067812f)) + v * 0.3989422804f * expf(-0.5f * v * v);
+}
+
+/// d_in = d_out * gelu'(x); d_in may be d_out (each element read and written by one thread).
+template <class T>
+__global__ void gelu_backward_kernel(T* d_in, const T* d_out, const T* __restrict__ x, index_t n, bool tanh_form) {
+  for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
+    d_in[i] = d_out[i] * gelu_derivative(x[i], tanh_form);
+  }
+}
+
+/// d_in = d_out * gelu'(in), elementwise; d_in may be d_out itself.
+template <class T>
+void gelu_backward(TensorView<T, Device> d_in, TensorView<const T, Device> d_out, TensorView<const T, Device> in,
+                   Activation kind) {
+  require_float<T>();
+  const char* op = "gelu_backward";
+  check_activation(op, kind);
+  expect_same_elements(d_in, d_out, op, "d_out");
+  expect_same_elements(d_in, in, op, "in");
+  if (d_in.data() != d_out.data()) expect_separate(d_in, d_out, op, "d_out (only exact in-place use is allowed)");
+  expect_separate(d_in, in, op, "in");
+  if (absent(d_in)) return;
+  const index_t n = d_in.numel();
+  const dim3 block(elementwise_block), grid(grid_for(n, elementwise_block));
+  gelu_backward_kernel<T><<<grid, block, 0, stream()>>>(d_in.data(), d_out.data(), in.data(), n, kind == Activation::GeluTanh);
+  check_launch(op, "the kernel for ", n, " elements (", launch_str(grid, block), ")");
 }
 
 }  // namespace longmem::detail::cuda

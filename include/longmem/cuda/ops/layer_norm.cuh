@@ -4,6 +4,8 @@
 // One block per row. As on the host, the statistics are two passes in double (mean, then the
 // squared deviations) and the output is computed in double and rounded once, so the two backends
 // agree to a rounding of the output.
+//   layer_norm_backward   d_in [+]= d x;  d_weight += sum_n d_out xhat;  d_bias += sum_n d_out
+// (statistics recomputed per row in double; the column sums deterministic, without atomics).
 #include <cmath>
 #include <string>
 
@@ -68,6 +70,69 @@ void layer_norm(TensorView<T, Device> out, TensorView<const T, Device> in, Tenso
   layer_norm_kernel<T><<<grid, block, 0, stream()>>>(out.data(), in.data(), weight.data(),
                                                      absent(bias) ? nullptr : bias.data(), N, C, eps);
   check_launch(op, "the kernel for ", N, " rows of ", C, " features (", launch_str(grid, block), ")");
+}
+
+/// Per row: the statistics in double as the forward, then (when d_in)
+///   d_in [+]= inv (g - mean(g) - xhat mean(g xhat)),  g = d_out w,  xhat = (x - mean) inv
+/// with the row means of g and g xhat in double; mean and inv are kept for the column sums.
+template <class T>
+__global__ void __launch_bounds__(layer_norm_block)
+    layer_norm_backward_kernel(T* __restrict__ d_in /*(N,C) or null*/, double* __restrict__ row_mean,
+                               double* __restrict__ row_inv, const T* __restrict__ d_out, const T* __restrict__ in,
+                               const T* __restrict__ weight, index_t N, index_t C, double eps, bool accumulate) {
+  __shared__ double partial[32];
+  for (index_t n = blockIdx.x; n < N; n += gridDim.x) {
+    const T* x = in + n * C;
+    const T* g = d_out + n * C;
+    double s = 0;
+    for (index_t c = threadIdx.x; c < C; c += blockDim.x) s += static_cast<double>(x[c]);
+    const double mean = block_sum(s, partial) / static_cast<double>(C);
+    double q = 0;
+    for (index_t c = threadIdx.x; c < C; c += blockDim.x) {
+      const double dx = static_cast<double>(x[c]) - mean;
+      q += dx * dx;
+    }
+    const double inv = 1.0 / sqrt(block_sum(q, partial) / static_cast<double>(C) + eps);
+    if (threadIdx.x == 0) row_mean[n] = mean, row_inv[n] = inv;
+    if (!d_in) continue;
+    double sg = 0, sgx = 0;
+    for (index_t c = threadIdx.x; c < C; c += blockDim.x) {
+      const double gw = static_cast<double>(g[c]) * static_cast<double>(weight[c]);
+      sg += gw;
+      sgx += gw * ((static_cast<double>(x[c]) - mean) * inv);
+    }
+    const double mg = block_sum(sg, partial) / static_cast<double>(C);
+    const double mgx = block_sum(sgx, partial) / static_cast<double>(C);
+    T* dx = d_in + n * C;
+    for (index_t c = threadIdx.x; c < C; c += blockDim.x) {
+      const double gw = static_cast<double>(g[c]) * static_cast<double>(weight[c]);
+      const double xhat = (static_cast<double>(x[c]) - mean) * inv;
+      const T v = static_cast<T>(inv * (gw - mg - xhat * mgx));
+      dx[c] = accumulate ? dx[c] + v : v;
+    }
+  }
+}
+
+/// d_in (N, C) [+]= d in;  d_weight (C) += sum_n d_out xhat;  d_bias (C) += sum_n d_out.
+/// The column sums are deterministic (add_column_sums in common.cuh: partials per row split).
+template <class T>
+void layer_norm_backward(TensorView<T, Device> d_in, TensorView<T, Device> d_weight, TensorView<T, Device> d_bias,
+                         TensorView<const T, Device> d_out, TensorView<const T, Device> in,
+                         TensorView<const T, Device> weight, double eps, Accumulate acc) {
+  require_float<T>();
+  const char* op = "layer_norm_backward";
+  const index_t C = check_layer_norm_params(op, weight, TensorView<const T, Device>{}, eps, "bias");
+  const index_t N = op_checks::check_layer_norm_backward(op, d_in, d_weight, d_bias, d_out, in, C);
+  if (N == 0) return;
+  Scratch stats(2 * static_cast<std::size_t>(N) * sizeof(double), op);
+  double* mean = stats.as<double>();
+  double* inv = stats.as<double>(static_cast<std::size_t>(N) * sizeof(double));
+  const dim3 block(layer_norm_block), grid(grid_for(N, 1));
+  layer_norm_backward_kernel<T><<<grid, block, 0, stream()>>>(absent(d_in) ? nullptr : d_in.data(), mean, inv, d_out.data(),
+                                                           in.data(), weight.data(), N, C, eps, acc == Accumulate::Yes);
+  check_launch(op, "the kernel for ", N, " rows of ", C, " features (", launch_str(grid, block), ")");
+  add_column_sums(op, absent(d_bias) ? nullptr : d_bias.data(), absent(d_weight) ? nullptr : d_weight.data(),
+                  d_out.data(), in.data(), mean, inv, N, C);
 }
 
 }  // namespace longmem::detail::cuda

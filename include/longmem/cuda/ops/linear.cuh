@@ -4,7 +4,10 @@
 // the default: no rounding of the inputs), CUBLAS_COMPUTE_32F_FAST_TF32 (tf32) or
 // CUBLAS_COMPUTE_32F_FAST_16BF (bf16: cuBLASLt may round the inputs to bf16; on an H200 it ran
 // the tf32 kernels).
-//   linear   out (N, O) [+]= in (N, I) W (O, I)^T + b (O)
+//   linear            out (N, O) [+]= in (N, I) W (O, I)^T + b (O)
+//   linear_backward   d_in (N, I) [+]= d_out W;  d_W (O, I) += d_out^T in;  d_b (O) += sum_n d_out
+//   gemm              any row-major C = op(A) op(B) (+ C), strided-batched (linear_backward, the
+//                     attention backward)
 //
 // cuBLASLt is column-major. The row-major buffers read column-major are out^T (O, N), in^T (I, N)
 // and W^T (I, O), so the product is out^T = op(W^T) in^T with op = transpose: m = O, n = N, k = I.
@@ -222,6 +225,108 @@ void linear(TensorView<T, Device> out, TensorView<const T, Device> in, TensorVie
     add_bias_kernel<T><<<grid, block, 0, stream()>>>(out.data(), bias.data(), N, O);
     check_launch(op, "the bias kernel for ", N, " rows of ", O, " features (", launch_str(grid, block), ")");
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// General GEMM and the backward
+
+/// Row-major C (M, N) = op(A) (M, K) op(B) (K, N) + beta C, `batch` times: matrix b of each operand
+/// starts `stride_*` elements after matrix b - 1. A is stored (K, M) when ta, B (N, K) when tb;
+/// lda, ldb, ldc are stored row lengths. Read column-major, the row-major buffers are transposes,
+/// so cuBLASLt computes C^T (N, M) = op(B)^T op(A)^T: B is its first operand, A its second.
+struct GemmOperand {
+  const float* data;
+  index_t ld, stride;
+  bool transposed;
+};
+
+inline void gemm(const char* op, index_t M, index_t N, index_t K, GemmOperand A, GemmOperand B, float beta, float* C,
+                 index_t ldc, index_t stride_c, int batch, DeviceMath math) {
+  if (M == 0 || N == 0 || batch == 0) return;
+  const BlasLtContext& ctx = blaslt_context();
+  MatmulDescriptors d;
+  check_cublas(cublasLtMatmulDescCreate(&d.op, compute_type(math), CUDA_R_32F), op, "cublasLtMatmulDescCreate (",
+               to_string(math), ")");
+  const cublasOperation_t trans_first = B.transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t trans_second = A.transposed ? CUBLAS_OP_T : CUBLAS_OP_N;
+  check_cublas(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &trans_first, sizeof(trans_first)), op,
+               "setting TRANSA");
+  check_cublas(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &trans_second, sizeof(trans_second)),
+               op, "setting TRANSB");
+  auto u = [](index_t x) { return static_cast<std::uint64_t>(x); };
+  // Stored column-major shapes: B^T is (N, K) or, transposed, (K, N); A^T is (K, M) or (M, K).
+  check_cublas(cublasLtMatrixLayoutCreate(&d.a, CUDA_R_32F, B.transposed ? u(K) : u(N), B.transposed ? u(N) : u(K), B.ld),
+               op, "layout of the second factor");
+  check_cublas(cublasLtMatrixLayoutCreate(&d.b, CUDA_R_32F, A.transposed ? u(M) : u(K), A.transposed ? u(K) : u(M), A.ld),
+               op, "layout of the first factor");
+  check_cublas(cublasLtMatrixLayoutCreate(&d.c, CUDA_R_32F, u(N), u(M), ldc), op, "layout of the product");
+  if (batch > 1) {
+    const std::int32_t count = batch;
+    const std::int64_t strides[3] = {B.stride, A.stride, stride_c};
+    cublasLtMatrixLayout_t layouts[3] = {d.a, d.b, d.c};
+    for (int i = 0; i < 3; ++i) {
+      check_cublas(cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)),
+                   op, "setting the batch count");
+      check_cublas(cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &strides[i],
+                                                    sizeof(strides[i])), op, "setting the batch stride");
+    }
+  }
+  check_cublas(cublasLtMatmulPreferenceCreate(&d.pref), op, "cublasLtMatmulPreferenceCreate");
+  const std::uint64_t ws = ctx.workspace_bytes;
+  check_cublas(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)),
+               op, "setting the workspace size");
+  // With a batch, every matrix's start counts: the alignment of the strides too.
+  auto align = [&](const void* p, index_t stride) {
+    std::uint32_t a = pointer_alignment(p);
+    if (batch > 1) a = std::min(a, pointer_alignment(reinterpret_cast<const void*>(static_cast<std::uintptr_t>(stride) * 4)));
+    return a;
+  };
+  const std::uint32_t align_a = align(B.data, B.stride), align_b = align(A.data, A.stride), align_c = align(C, stride_c);
+  const cublasLtMatmulPreferenceAttributes_t which[4] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  const std::uint32_t values[4] = {align_a, align_b, align_c, align_c};
+  for (int i = 0; i < 4; ++i) {
+    check_cublas(cublasLtMatmulPreferenceSetAttribute(d.pref, which[i], &values[i], sizeof(values[i])), op,
+                 "setting an alignment");
+  }
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t h = cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &result, &found);
+  if (h != CUBLAS_STATUS_NOT_SUPPORTED) check_cublas(h, op, "cublasLtMatmulAlgoGetHeuristic for ", M, " x ", N, " x ", K);
+  if (h == CUBLAS_STATUS_NOT_SUPPORTED || found == 0 || result.state != CUBLAS_STATUS_SUCCESS) {
+    fail<BackendError>(op, ": cuBLASLt has no ", to_string(math), " algorithm for a ", M, " x ", N, " x ", K,
+                       " product (batch ", batch, ") with these pointer alignments (", align_a, ", ", align_b, ", ",
+                       align_c, " bytes)");
+  }
+  const float alpha = 1.0f;
+  check_cublas(cublasLtMatmul(ctx.handle, d.op, &alpha, B.data, d.a, A.data, d.b, &beta, C, d.c, C, d.c, &result.algo,
+                              ctx.workspace, ctx.workspace_bytes, stream()),
+               op, "cublasLtMatmul of ", M, " x ", N, " x ", K, " (batch ", batch, ")");
+}
+
+/// linear_backward (see the header); the argument checks are the host backend's.
+template <class T>
+void linear_backward(TensorView<T, Device> d_in, TensorView<T, Device> d_weight, TensorView<T, Device> d_bias,
+                     TensorView<const T, Device> d_out, TensorView<const T, Device> in, TensorView<const T, Device> weight,
+                     Accumulate acc) {
+  require_float<T>();
+  const char* op = "linear_backward";
+  check_linear_params(op, weight, TensorView<const T, Device>{}, "bias");
+  const index_t O = weight.dim(0), I = weight.dim(1);
+  const index_t N = op_checks::check_linear_backward(op, d_in, d_weight, d_bias, d_out, in, weight);
+  if (N == 0) return;
+  const DeviceMath math = device_math();
+  // d_in (N, I) [+]= d_out (N, O) W (O, I)
+  if (!absent(d_in)) {
+    gemm(op, N, I, O, {d_out.data(), O, 0, false}, {weight.data(), I, 0, false}, acc == Accumulate::Yes ? 1.0f : 0.0f,
+         d_in.data(), I, 0, 1, math);
+  }
+  // d_W (O, I) += d_out^T (O, N) in (N, I)
+  if (!absent(d_weight)) {
+    gemm(op, O, I, N, {d_out.data(), O, 0, true}, {in.data(), I, 0, false}, 1.0f, d_weight.data(), I, 0, 1, math);
+  }
+  if (!absent(d_bias)) add_column_sums(op, d_bias.data(), nullptr, d_out.data(), nullptr, nullptr, nullptr, N, O);
 }
 
 }  // namespace longmem::detail::cuda
