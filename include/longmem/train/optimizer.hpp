@@ -12,6 +12,7 @@
 //   Schedule: linear warm-up from 0 over `warmup` steps, then constant, linear/polynomial
 //   decay to `end_lr` at `total` steps (fairseq's polynomial_decay), or cosine decay.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -93,21 +94,55 @@ struct ScheduleConfig {
   }
 };
 
-/// L2 norm of all gradients together, accumulated in double in a fixed order.
+namespace detail {
+/// Fixed blocks of every gradient tensor: (tensor, first element, end). Reductions sum each block
+/// in element order and the blocks in list order, so results do not depend on the thread count.
+template <class T>
+std::vector<std::array<index_t, 3>> gradient_blocks(const std::vector<NamedTensor<T, Host>>& grads) {
+  constexpr index_t block = index_t{1} << 15;
+  std::vector<std::array<index_t, 3>> blocks;
+  for (std::size_t i = 0; i < grads.size(); ++i) {
+    const index_t n = grads[i].tensor->numel();
+    for (index_t b = 0; b < n; b += block) blocks.push_back({static_cast<index_t>(i), b, std::min(n, b + block)});
+  }
+  return blocks;
+}
+}  // namespace detail
+
+/// L2 norm of all gradients together, accumulated in double in a fixed order (blocks of 32 Ki
+/// elements in parallel, their sums added in order).
 template <class T>
 double global_norm(const std::vector<NamedTensor<T, Host>>& grads) {
-  double s = 0;
-  for (const auto& g : grads) {
-    for (const T& x : *g.tensor) s += static_cast<double>(x) * static_cast<double>(x);
+  const auto blocks = detail::gradient_blocks(grads);
+  std::vector<double> partial(blocks.size());
+  const index_t nb = static_cast<index_t>(blocks.size());
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (nb > 4)
+#endif
+  for (index_t j = 0; j < nb; ++j) {
+    const auto [i, b, e] = blocks[static_cast<std::size_t>(j)];
+    const T* x = grads[static_cast<std::size_t>(i)].tensor->data();
+    double s = 0;
+    for (index_t k = b; k < e; ++k) s += static_cast<double>(x[k]) * static_cast<double>(x[k]);
+    partial[static_cast<std::size_t>(j)] = s;
   }
+  double s = 0;
+  for (double p : partial) s += p;
   return std::sqrt(s);
 }
 
-/// Multiplies every gradient by `factor`.
+/// Multiplies every gradient by `factor` (elementwise: threads cannot change the result).
 template <class T>
 void scale_gradients(const std::vector<NamedTensor<T, Host>>& grads, double factor) {
-  for (const auto& g : grads) {
-    for (T& x : *g.tensor) x = static_cast<T>(static_cast<double>(x) * factor);
+  const auto blocks = detail::gradient_blocks(grads);
+  const index_t nb = static_cast<index_t>(blocks.size());
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (nb > 4)
+#endif
+  for (index_t j = 0; j < nb; ++j) {
+    const auto [i, b, e] = blocks[static_cast<std::size_t>(j)];
+    T* x = grads[static_cast<std::size_t>(i)].tensor->data();
+    for (index_t k = b; k < e; ++k) x[k] = static_cast<T>(static_cast<double>(x[k]) * factor);
   }
 }
 

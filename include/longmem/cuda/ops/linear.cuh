@@ -24,9 +24,12 @@
 // and so run one after another; giving ops their own streams will need a workspace per stream.
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "longmem/cuda/math_mode.hpp"
@@ -102,6 +105,36 @@ struct MatmulDescriptors {
   }
 };
 
+/// What decides cuBLASLt's choice of algorithm: the device, compute type, epilogue, transposes,
+/// sizes, leading dimensions, batch and strides, pointer alignments.
+using GemmKey = std::array<std::int64_t, 18>;
+
+/// The heuristic's first algorithm for a GEMM, remembered per GemmKey: the query costs about as
+/// much as a small GEMM, and training repeats the same few dozen shapes every update. Returns
+/// false when no algorithm supports the request (remembered too).
+inline bool cached_algo(const BlasLtContext& ctx, const MatmulDescriptors& d, const GemmKey& key, const char* op,
+                        cublasLtMatmulAlgo_t& algo) {
+  static std::mutex mutex;
+  static std::map<GemmKey, std::optional<cublasLtMatmulAlgo_t>> cache;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (auto it = cache.find(key); it != cache.end()) {
+      if (it->second) algo = *it->second;
+      return it->second.has_value();
+    }
+  }
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t h = cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &result, &found);
+  if (h != CUBLAS_STATUS_NOT_SUPPORTED) check_cublas(h, op, "cublasLtMatmulAlgoGetHeuristic");
+  std::optional<cublasLtMatmulAlgo_t> chosen;
+  if (h != CUBLAS_STATUS_NOT_SUPPORTED && found > 0 && result.state == CUBLAS_STATUS_SUCCESS) chosen = result.algo;
+  std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace(key, chosen);
+  if (chosen) algo = *chosen;
+  return chosen.has_value();
+}
+
 /// out (N, O) += bias (O) per row, for the path without the epilogue.
 template <class T>
 __global__ void add_bias_kernel(T* out, const T* __restrict__ bias, index_t N, index_t O) {
@@ -167,17 +200,14 @@ inline bool matmul(float* out, const float* in, const float* weight, const float
   check_cublas(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c,
                                                     sizeof(align_c)), op, "setting alignment D");
 
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  const cublasStatus_t h = cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &result, &found);
-  if (h != CUBLAS_STATUS_NOT_SUPPORTED) {
-    check_cublas(h, op, "cublasLtMatmulAlgoGetHeuristic for (", N, ", ", I, ") x (", O, ", ", I, ")^T");
-  }
-  if (h == CUBLAS_STATUS_NOT_SUPPORTED || found == 0 || result.state != CUBLAS_STATUS_SUCCESS) return false;
+  const GemmKey key{current_device(), static_cast<std::int64_t>(compute_type(math)), epilogue_bias ? 1 : 0, 1, 0,
+                    O, N, I, I, I, O, 1, 0, 0, 0, align_a, align_b, align_c};
+  cublasLtMatmulAlgo_t algo;
+  if (!cached_algo(ctx, d, key, op, algo)) return false;
 
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   const cublasStatus_t s = cublasLtMatmul(ctx.handle, d.op, &alpha, weight, d.a, in, d.b, &beta, out, d.c, out, d.c,
-                                          &result.algo, ctx.workspace, ctx.workspace_bytes, stream());
+                                          &algo, ctx.workspace, ctx.workspace_bytes, stream());
   if (s == CUBLAS_STATUS_NOT_SUPPORTED) return false;
   check_cublas(s, op, "cublasLtMatmul of (", N, ", ", I, ") x (", O, ", ", I, ")^T", epilogue_bias ? " with bias" : "",
                accumulate ? " accumulating" : "");
@@ -290,17 +320,16 @@ inline void gemm(const char* op, index_t M, index_t N, index_t K, GemmOperand A,
     check_cublas(cublasLtMatmulPreferenceSetAttribute(d.pref, which[i], &values[i], sizeof(values[i])), op,
                  "setting an alignment");
   }
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  const cublasStatus_t h = cublasLtMatmulAlgoGetHeuristic(ctx.handle, d.op, d.a, d.b, d.c, d.c, d.pref, 1, &result, &found);
-  if (h != CUBLAS_STATUS_NOT_SUPPORTED) check_cublas(h, op, "cublasLtMatmulAlgoGetHeuristic for ", M, " x ", N, " x ", K);
-  if (h == CUBLAS_STATUS_NOT_SUPPORTED || found == 0 || result.state != CUBLAS_STATUS_SUCCESS) {
+  const GemmKey key{current_device(), static_cast<std::int64_t>(compute_type(math)), 0, B.transposed, A.transposed,
+                    M, N, K, A.ld, B.ld, ldc, batch, A.stride, B.stride, stride_c, align_a, align_b, align_c};
+  cublasLtMatmulAlgo_t algo;
+  if (!cached_algo(ctx, d, key, op, algo)) {
     fail<BackendError>(op, ": cuBLASLt has no ", to_string(math), " algorithm for a ", M, " x ", N, " x ", K,
                        " product (batch ", batch, ") with these pointer alignments (", align_a, ", ", align_b, ", ",
                        align_c, " bytes)");
   }
   const float alpha = 1.0f;
-  check_cublas(cublasLtMatmul(ctx.handle, d.op, &alpha, B.data, d.a, A.data, d.b, &beta, C, d.c, C, d.c, &result.algo,
+  check_cublas(cublasLtMatmul(ctx.handle, d.op, &alpha, B.data, d.a, A.data, d.b, &beta, C, d.c, C, d.c, &algo,
                               ctx.workspace, ctx.workspace_bytes, stream()),
                op, "cublasLtMatmul of ", M, " x ", N, " x ", K, " (batch ", batch, ")");
 }
