@@ -82,6 +82,25 @@ class BackbonePretraining {
     request_.logits = true;
     request_.hidden_states = true;
     request_.memory_layer = -1;
+    if constexpr (!on_host) {
+      // Page-lock the host tensors that cross to the device every update (large ones: small
+      // tensors share pages, which CUDA locks only once).
+      for (const auto& list : {parameters(), gradients()}) {
+        for (const auto& t : list) {
+          const std::size_t bytes = static_cast<std::size_t>(t.tensor->numel()) * sizeof(T);
+          if (bytes >= (std::size_t{1} << 16) && detail::Allocator<L>::pin_host(t.tensor->data(), bytes)) {
+            pinned_.push_back(t.tensor->data());
+          }
+        }
+      }
+    }
+  }
+  BackbonePretraining(BackbonePretraining&&) = default;
+  BackbonePretraining& operator=(BackbonePretraining&&) = delete;
+  ~BackbonePretraining() {
+    if constexpr (!on_host) {
+      for (void* p : pinned_) detail::Allocator<L>::unpin_host(p);
+    }
   }
 
   /// The master weights (host), as AdamW last left them.
@@ -214,6 +233,7 @@ class BackbonePretraining {
   Tensor<T, Host> staged_logits_;
   std::vector<std::span<const std::int32_t>> segments_;
   std::vector<std::int32_t> targets_;
+  std::vector<void*> pinned_;  // L = Device: host buffers page-locked by the constructor
 };
 
 }  // namespace longmem
