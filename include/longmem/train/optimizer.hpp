@@ -107,6 +107,20 @@ std::vector<std::array<index_t, 3>> gradient_blocks(const std::vector<NamedTenso
   }
   return blocks;
 }
+
+/// f(j, data, begin, end) for every block j of gradient_blocks(grads), blocks in parallel.
+template <class T, class F>
+void for_each_gradient_block(const std::vector<NamedTensor<T, Host>>& grads,
+                             const std::vector<std::array<index_t, 3>>& blocks, F&& f) {
+  const index_t nb = static_cast<index_t>(blocks.size());
+#if defined(_OPENMP)
+#pragma omp parallel for schedule(static) if (nb > 4)
+#endif
+  for (index_t j = 0; j < nb; ++j) {
+    const auto [i, b, e] = blocks[static_cast<std::size_t>(j)];
+    f(j, grads[static_cast<std::size_t>(i)].tensor->data(), b, e);
+  }
+}
 }  // namespace detail
 
 /// L2 norm of all gradients together, accumulated in double in a fixed order (blocks of 32 Ki
@@ -115,17 +129,11 @@ template <class T>
 double global_norm(const std::vector<NamedTensor<T, Host>>& grads) {
   const auto blocks = detail::gradient_blocks(grads);
   std::vector<double> partial(blocks.size());
-  const index_t nb = static_cast<index_t>(blocks.size());
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (nb > 4)
-#endif
-  for (index_t j = 0; j < nb; ++j) {
-    const auto [i, b, e] = blocks[static_cast<std::size_t>(j)];
-    const T* x = grads[static_cast<std::size_t>(i)].tensor->data();
+  detail::for_each_gradient_block(grads, blocks, [&](index_t j, const T* x, index_t b, index_t e) {
     double s = 0;
     for (index_t k = b; k < e; ++k) s += static_cast<double>(x[k]) * static_cast<double>(x[k]);
     partial[static_cast<std::size_t>(j)] = s;
-  }
+  });
   double s = 0;
   for (double p : partial) s += p;
   return std::sqrt(s);
@@ -134,16 +142,9 @@ double global_norm(const std::vector<NamedTensor<T, Host>>& grads) {
 /// Multiplies every gradient by `factor` (elementwise: threads cannot change the result).
 template <class T>
 void scale_gradients(const std::vector<NamedTensor<T, Host>>& grads, double factor) {
-  const auto blocks = detail::gradient_blocks(grads);
-  const index_t nb = static_cast<index_t>(blocks.size());
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (nb > 4)
-#endif
-  for (index_t j = 0; j < nb; ++j) {
-    const auto [i, b, e] = blocks[static_cast<std::size_t>(j)];
-    T* x = grads[static_cast<std::size_t>(i)].tensor->data();
+  detail::for_each_gradient_block(grads, detail::gradient_blocks(grads), [&](index_t, T* x, index_t b, index_t e) {
     for (index_t k = b; k < e; ++k) x[k] = static_cast<T>(static_cast<double>(x[k]) * factor);
-  }
+  });
 }
 
 /// AdamW with its first and second moments (float for float parameters; same shapes).
