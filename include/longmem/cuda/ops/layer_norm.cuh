@@ -10,6 +10,7 @@
 #include <string>
 
 #include "longmem/cuda/ops/common.cuh"
+#include "longmem/ops.hpp"
 
 namespace longmem::detail::cuda {
 
