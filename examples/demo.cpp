@@ -390,7 +390,37 @@ int run(const Options& o) {
     const auto& gate = model.side_net().parameters().layers.at(static_cast<std::size_t>(sc.memory_augmented_layer())).gate;
     std::printf("diagnosis: memory weight sigmoid(g) per head:");
     for (index_t h = 0; h < gate.dim(0); ++h) std::printf(" %.3f", 1.0 / (1.0 + std::exp(-static_cast<double>(gate.data()[h]))));
-    std::printf("\n%-8s %-40s %12s %14s %14s %14s\n", "N", "digit's chunk retrieved, per head (%)", "any head (%)", "digit right (%)",
+    std::printf("\n");
+    // The backbone alone with the key in its window (statement, then the question): whether it copies
+    // a number from its context at all. Memory keys and values are its layer-m keys and values, so
+    // the SideNet can only read a number out of memory along what the backbone's attention already does.
+    {
+      std::mt19937_64 key_rng(o.seed + 1);
+      double p_first = 0, p_rest = 0;
+      BackboneOutput<float> out;
+      for (int t = 0; t < o.trials; ++t) {
+        char key[6];
+        std::snprintf(key, sizeof key, "%05d", key_dist(key_rng));
+        auto prompt = ByteTokenizer::encode(std::string("The pass key is ") + key + ". Remember it. " + key + " is the pass key.\n");
+        prompt.insert(prompt.end(), question.begin(), question.end());
+        const auto answer_at = static_cast<index_t>(prompt.size());  // logits row answer_at - 1 + i predicts digit i
+        for (int i = 0; i < 5; ++i) prompt.push_back(static_cast<std::int32_t>(static_cast<unsigned char>(key[i])));
+        model.backbone().forward(prompt, BackboneRequest{true, false, -1}, out);
+        const TensorView<const float, Host> logits = cview(out.logits);
+        const index_t V = logits.dim(1);
+        for (int i = 0; i < 5; ++i) {
+          const float* row = logits.data() + (answer_at - 1 + i) * V;
+          const float top = *std::max_element(row, row + V);
+          double z = 0;
+          for (index_t v = 0; v < V; ++v) z += std::exp(static_cast<double>(row[v] - top));
+          const double p = std::exp(static_cast<double>(row[static_cast<unsigned char>(key[i])] - top)) / z;
+          (i == 0 ? p_first : p_rest) += p;
+        }
+      }
+      std::printf("backbone alone, the key in its window (digits fed back): mean p(digit) %.3f; first digit %.3f, the others %.3f\n",
+                  (p_first + p_rest) / (5.0 * o.trials), p_first / o.trials, p_rest / (4.0 * o.trials));
+    }
+    std::printf("%-8s %-40s %12s %14s %14s %14s\n", "N", "digit's chunk retrieved, per head (%)", "any head (%)", "digit right (%)",
                 "mean p(digit)", "1st: right/digit (%)");
     for (std::int64_t n : {std::int64_t{0}, std::int64_t{1024}, std::int64_t{4096}, std::int64_t{16384}, std::int64_t{65536}}) {
       PasskeyDiagnosis d;

@@ -33,8 +33,8 @@ fi
 # the GPU session's time at 45 ms per update), cosine from lr 1e-3 to 5e-5 after 300 warm-up updates.
 # 16,000 short recall-practice documents (1-3 facts, 0-160 bytes of text, then recalled: all inside
 # the window) are mixed into the books: they teach the backbone to copy a number from its context (an
-# induction step). Without them it never does (mean p = 0.10 for a key's digit right there in its
-# window, chance level); memory keys and values are the frozen backbone's, so the SideNet cannot
+# induction step). Without them it never does (mean p = 0.097 for a key's digit right there in its
+# window, chance level; 0.79 with them: longmem_demo --diagnose); memory keys and values are the frozen backbone's, so the SideNet cannot
 # learn to read a number back out of memory unless the backbone's layer-m keys carry that step.
 "$train" pretrain --device "${LONGMEM_PRETRAIN_DEVICE:-cuda}" --corpus "$work/corpus" --layers 4 --width 256 --heads 8 \
   --context 256 --segment-length 256 --batch 32 --steps 7900 --lr 1e-3 --warmup 300 --decay cosine --end-lr 5e-5 \
