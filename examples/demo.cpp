@@ -24,6 +24,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <unistd.h>
@@ -202,6 +203,20 @@ std::string continue_greedy(const Gpt2Backbone<float>* backbone, LongMem* model,
 /// records per head whether a retrieved chunk holds that digit (either place the statement gives it)
 /// and whether the prediction is right. It separates retrieval from reading: a digit whose chunk is
 /// retrieved but not predicted is a reading failure.
+/// The passkey's statement: the key twice, "The pass key is " first (the key starts at its size).
+constexpr std::string_view kPasskeyLead = "The pass key is ";
+std::string passkey_statement(const char* key) {
+  return std::string(kPasskeyLead) + key + ". Remember it. " + key + " is the pass key.\n";
+}
+
+/// Softmax probability of `token` in one logits row of V entries (in double).
+double token_probability(const float* row, index_t V, std::int32_t token) {
+  const float top = *std::max_element(row, row + V);
+  double z = 0;
+  for (index_t v = 0; v < V; ++v) z += std::exp(static_cast<double>(row[v] - top));
+  return std::exp(static_cast<double>(row[token] - top)) / z;
+}
+
 struct PasskeyDiagnosis {
   std::vector<std::int64_t> head_hits;  // (H) digit predictions whose chunk the head retrieved
   std::int64_t any_head_hits = 0, predictions = 0, right = 0;
@@ -219,10 +234,7 @@ void diagnose_passkey(LongMem& model, std::vector<std::int32_t> prompt, const st
     const index_t V = logits.dim(1), last = logits.dim(0) - 1;
     const float* row = logits.data() + last * V;
     const auto want = static_cast<std::int32_t>(static_cast<unsigned char>(key[i]));
-    const float top = *std::max_element(row, row + V);
-    double z = 0;
-    for (index_t v = 0; v < V; ++v) z += std::exp(static_cast<double>(row[v] - top));
-    d.p_right += std::exp(static_cast<double>(row[want] - top)) / z;
+    d.p_right += token_probability(row, V, want);
     const auto best = static_cast<std::int32_t>(std::max_element(row, row + V) - row);
     d.right += best == want;
     if (i == 0) {
@@ -401,7 +413,7 @@ int run(const Options& o) {
       for (int t = 0; t < o.trials; ++t) {
         char key[6];
         std::snprintf(key, sizeof key, "%05d", key_dist(key_rng));
-        auto prompt = ByteTokenizer::encode(std::string("The pass key is ") + key + ". Remember it. " + key + " is the pass key.\n");
+        auto prompt = ByteTokenizer::encode(passkey_statement(key));
         prompt.insert(prompt.end(), question.begin(), question.end());
         const auto answer_at = static_cast<index_t>(prompt.size());  // logits row answer_at - 1 + i predicts digit i
         for (int i = 0; i < 5; ++i) prompt.push_back(static_cast<std::int32_t>(static_cast<unsigned char>(key[i])));
@@ -409,11 +421,7 @@ int run(const Options& o) {
         const TensorView<const float, Host> logits = cview(out.logits);
         const index_t V = logits.dim(1);
         for (int i = 0; i < 5; ++i) {
-          const float* row = logits.data() + (answer_at - 1 + i) * V;
-          const float top = *std::max_element(row, row + V);
-          double z = 0;
-          for (index_t v = 0; v < V; ++v) z += std::exp(static_cast<double>(row[v] - top));
-          const double p = std::exp(static_cast<double>(row[static_cast<unsigned char>(key[i])] - top)) / z;
+          const double p = token_probability(logits.data() + (answer_at - 1 + i) * V, V, static_cast<unsigned char>(key[i]));
           (i == 0 ? p_first : p_rest) += p;
         }
       }
@@ -427,9 +435,9 @@ int run(const Options& o) {
       for (int t = 0; t < o.trials; ++t) {
         char key[6];
         std::snprintf(key, sizeof key, "%05d", key_dist(rng));
-        const std::string lead = "The pass key is ", statement = lead + key + ". Remember it. " + key + " is the pass key.\n";
-        const std::vector<std::int64_t> at = {static_cast<std::int64_t>(lead.size()),
-                                              static_cast<std::int64_t>(statement.find(key, lead.size() + 5))};
+        const std::string statement = passkey_statement(key);
+        const std::vector<std::int64_t> at = {static_cast<std::int64_t>(kPasskeyLead.size()),
+                                              static_cast<std::int64_t>(statement.find(key, kPasskeyLead.size() + 5))};
         model.reset();
         model.set_remember(true);
         model.forward(ByteTokenizer::encode(statement));
@@ -460,7 +468,7 @@ int run(const Options& o) {
     for (int t = 0; t < o.trials; ++t) {
       char key[6];
       std::snprintf(key, sizeof key, "%05d", key_dist(rng));
-      const std::string statement = std::string("The pass key is ") + key + ". Remember it. " + key + " is the pass key.\n";
+      const std::string statement = passkey_statement(key);
       model.reset();
       model.set_remember(true);
       model.forward(ByteTokenizer::encode(statement));  // the key becomes memory

@@ -34,18 +34,23 @@ fi
 # 16,000 short recall-practice documents (1-3 facts, 0-160 bytes of text, then recalled: all inside
 # the window) are mixed into the books: they teach the backbone to copy a number from its context (an
 # induction step). Without them it never does (mean p = 0.097 for a key's digit right there in its
-# window, chance level; 0.79 with them: longmem_demo --diagnose); memory keys and values are the frozen backbone's, so the SideNet cannot
-# learn to read a number back out of memory unless the backbone's layer-m keys carry that step.
+# window, chance level; 0.79 with them: longmem_demo --diagnose). Memory keys and values are the
+# frozen backbone's, so the SideNet cannot learn to read a number back out of memory unless the
+# backbone's layer-m keys carry that step.
 "$train" pretrain --device "${LONGMEM_PRETRAIN_DEVICE:-cuda}" --corpus "$work/corpus" --layers 4 --width 256 --heads 8 \
   --context 256 --segment-length 256 --batch 32 --steps 7900 --lr 1e-3 --warmup 300 --decay cosine --end-lr 5e-5 \
   --recall-practice 16000 --recall-min-facts 1 --recall-facts 3 --recall-wording varied --recall-min-gap 0 --recall-max-gap 160 \
   --eval-every 1000 --eval-tokens 16384 --checkpoint-every 1000 --log-every 500 --resume auto --out "$work/backbone"
 
-# Adaptation, phase 1: the training books mixed with 3,000 recall-practice documents in varied
-# wordings (1-8 facts, 256 B - 8 KiB of text between statement and recall), every token scored.
-"$train" adapt --backbone "$work/backbone/backbone.safetensors" --memory-layer 3 --corpus "$work/corpus" \
-  --recall-practice 3000 --recall-min-facts 1 --recall-facts 8 --recall-wording varied --recall-min-gap 256 --recall-max-gap 8192 \
-  --memory-tokens 16384 --chunk-size 4 --retrieved-tokens 64 --segment-length 256 --batch 8 \
+# Both adaptation phases: the backbone's layer 3 remembered, 16 Ki tokens per stream, and the training
+# books mixed with 3,000 recall-practice documents in varied wordings (1-8 facts, 256 B - 8 KiB of text
+# between statement and recall).
+adapt=(adapt --backbone "$work/backbone/backbone.safetensors" --memory-layer 3 --corpus "$work/corpus"
+  --recall-practice 3000 --recall-min-facts 1 --recall-facts 8 --recall-wording varied --recall-min-gap 256 --recall-max-gap 8192
+  --memory-tokens 16384 --chunk-size 4 --retrieved-tokens 64 --segment-length 256 --batch 8)
+
+# Phase 1: every token scored.
+"$train" "${adapt[@]}" \
   --steps 3000 --lr 1e-3 --warmup 200 --decay cosine --eval-every 1000 --eval-tokens 16384 \
   --checkpoint-every 250 --log-every 250 --resume auto --out "$work/sidenet-phase1"
 
@@ -53,11 +58,8 @@ fi
 # digit of each recalled number (and a random 5% of the other tokens) is scored; the books stay fully
 # scored. The first digit is the step that memory alone must supply: after phase 1 the SideNet read
 # the later digits back from memory (81% at 1 Ki, teacher-forced) but never began a number.
-"$train" adapt --backbone "$work/backbone/backbone.safetensors" --sidenet "$work/sidenet-phase1/sidenet.safetensors" \
-  --memory-layer 3 --corpus "$work/corpus" \
-  --recall-practice 3000 --recall-min-facts 1 --recall-facts 8 --recall-wording varied --recall-min-gap 256 --recall-max-gap 8192 \
+"$train" "${adapt[@]}" --sidenet "$work/sidenet-phase1/sidenet.safetensors" \
   --recall-targets first-digits --recall-text-targets 0.05 \
-  --memory-tokens 16384 --chunk-size 4 --retrieved-tokens 64 --segment-length 256 --batch 8 \
   --steps 1500 --lr 5e-4 --warmup 50 --decay cosine --eval-every 500 --eval-tokens 16384 \
   --checkpoint-every 250 --log-every 250 --resume auto --out "$work/sidenet-phase2"
 
