@@ -525,7 +525,9 @@ void attention_backward(AttentionGrad<T> g, T* d_gate) {
   const bool partial = groups > 1;
   const index_t nb_max = std::min(B, n_tok);
   const index_t per_thread = local_backward_scratch(nb_max, n_tok, dh, partial), part_offset = 2 * nb_max * n_tok + nb_max * dh;
-  Tensor<T, Host> scratch(Shape{partial ? jobs : std::min(jobs, threads), per_thread});
+  // One buffer per job when partial, else one per thread: any of the team's threads may take a job
+  // (dynamic schedule), so thread_id() can exceed jobs - 1 when there are fewer jobs than threads.
+  Tensor<T, Host> scratch(Shape{partial ? jobs : threads, per_thread});
   if (!partial) {
     std::fill(g.d_k, g.d_k + n_tok * ld, T(0));
     std::fill(g.d_v, g.d_v + n_tok * ld, T(0));
