@@ -4,15 +4,17 @@
 //
 //   cpu/ops/embedding.hpp      embedding, embedding_backward
 //   cpu/ops/layer_norm.hpp     layer_norm, layer_norm_backward
-//   cpu/ops/linear.hpp         linear, linear_backward                 (Eigen GEMMs)
+//   cpu/ops/linear.hpp         linear, linear_backward                 (through gemm.hpp)
 //   cpu/ops/elementwise.hpp    gelu (in place, out of place), gelu_backward, add, add_difference
 //   cpu/ops/attention.hpp      causal_attention, memory_attention<F> and their backwards
 //   cpu/ops/cross_entropy.hpp  cross_entropy, cross_entropy_backward
+//   cpu/ops/gemm.hpp           the one host GEMM (oneDNN sgemm for float when built with it, else Eigen)
 //   cpu/ops/common.hpp         Eigen maps, argument checks, the thresholded parallel loop
 //
-// Matrix products go through Eigen GEMMs on row-major Eigen::Map views; the rest are plain
-// loops. Threads come from OpenMP when the translation unit is compiled with -fopenmp (and
-// Eigen then threads its GEMMs too); without it everything runs on one core. Views whose last
+// Matrix products (linear layers and the attention blocks) go through gemm() on row-major
+// buffers; the rest are Eigen expressions and plain loops. Threads come from OpenMP when the
+// translation unit is compiled with -fopenmp (and Eigen or oneDNN then thread their GEMMs too);
+// without it everything runs on one core. Views whose last
 // extents multiply to the feature count are accepted as (N, features): linear reads a
 // (T, H, dh) input as (T, H*dh), layer_norm reads any (..., C).
 #include <cstdint>

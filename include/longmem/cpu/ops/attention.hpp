@@ -12,8 +12,9 @@
 // Backward (attention_backward<Mode>), with P the local probabilities as they enter the output:
 //   1. memory (K > 0): recompute M and the memory log-normaliser
 //   2. local, one pass over query blocks per (head, group of blocks), each block's scores once:
-//      Z (log-normaliser of P) and A = P v, G (gradient reaching the local output: d_out, or
-//      (1 - sigmoid g) d_out when gated) and D = G . (sum_s P_ts v_s) (joint: d_out . out);
+//      Z (log-normaliser of P), G (gradient reaching the local output: d_out, or (1 - sigmoid g)
+//      d_out when gated) and D = G . (sum_s P_ts v_s) = sum_s P_ts (G . v_s) (joint: d_out . out),
+//      taken from the same G v^T as dS so that dS sums to zero over each row in any precision;
 //      dS = P (G v^T - D);  d_q = scale dS k;  d_k += scale dS^T q;  d_v += P^T G
 //   3. memory branch (K > 0): dr_j = p_j (G_m . Vr_j - D_m);  d_q += scale sum_j dr_j Kr_j
 //   4. gate (gated): d_g += sigmoid'(g) sum_t d_out . (M - A)
@@ -27,6 +28,7 @@
 #include <vector>
 
 #include "longmem/cpu/ops/common.hpp"
+#include "longmem/cpu/ops/gemm.hpp"
 #include "longmem/detail/alibi.hpp"
 #include "longmem/fusion.hpp"
 #include "longmem/model_config.hpp"
@@ -122,13 +124,10 @@ void attention_block(const AttentionProblem<T>& p, index_t h, index_t t0, index_
   T* inv_sum = block_out + nb * dh;  // (nb)
   T* mem_weight = inv_sum + nb;      // (nb) joint: exp(mm - mx) / sum
 
-  ConstMatrixMap<T> Q(p.q + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-  ConstMatrixMap<T> Kh(p.k + h * dh, nk, dh, Eigen::OuterStride<>(ld));
-  ConstMatrixMap<T> Vh(p.v + h * dh, nk, dh, Eigen::OuterStride<>(ld));
-  MatrixMap<T> S(scores, nb, nk, Eigen::OuterStride<>(nk));
   MatrixMap<T> Ob(block_out, nb, dh, Eigen::OuterStride<>(dh));
 
-  S.noalias() = Q * Kh.transpose();  // keys beyond each row's query are masked below
+  // S = Q K^T (keys beyond each row's query are masked below); gemm(): oneDNN where built with it.
+  gemm<T>(false, true, nb, nk, dh, p.q + t0 * ld + h * dh, ld, p.k + h * dh, ld, T(0), scores, nk);
 
   for (index_t i = 0; i < nb; ++i) {
     const index_t t = t0 + i, n = t + 1;
@@ -156,7 +155,7 @@ void attention_block(const AttentionProblem<T>& p, index_t h, index_t t0, index_
     inv_sum[i] = T(1) / sum;
   }
 
-  Ob.noalias() = S * Vh;
+  gemm<T>(false, false, nb, dh, nk, scores, nk, p.v + h * dh, ld, T(0), block_out, dh);  // Ob = S V
 
   for (index_t i = 0; i < nb; ++i) {
     Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>> o(p.out + (t0 + i) * ld + h * dh, dh);
@@ -399,17 +398,18 @@ void memory_backward(const AttentionGrad<T>& g) {
   }
 }
 
-/// Scratch elements one job of the fused local pass needs: P and dS (nb, T), the block's A (nb, dh),
-/// and, when it accumulates into its own buffers, partial d_k and d_v (T, dh) each.
+/// Scratch elements one job of the fused local pass needs: P and dS (nb, T), and, when it
+/// accumulates into its own buffers, partial d_k and d_v (T, dh) each.
 inline index_t local_backward_scratch(index_t nb, index_t n_tok, index_t head_dim, bool partial) {
-  const index_t n = 2 * nb * n_tok + nb * head_dim + (partial ? 2 * n_tok * head_dim : 0);
+  const index_t n = 2 * nb * n_tok + (partial ? 2 * n_tok * head_dim : 0);
   return (n + 15) / 16 * 16;
 }
 
 /// Step 2, the local branch, in one pass over the query blocks [b0, b1) of head h
 /// (block size B), each block's scores computed once (FlashAttention-2's order, with whole rows):
-///   S = Q K^T over keys [0, t1), Z and P = exp(S' - Z) per row, A = P V, D from A (and M)
-///   dP = G V^T, dS = P (dP - D);  d_q rows = scale dS K (overwritten; step 3 adds the memory part)
+///   S = Q K^T over keys [0, t1), Z and P = exp(S' - Z) per row, dP = G V^T,
+///   d_out . A = sum_j P dP (A = P V is never formed), D from it (and M), dS = P (dP - D)
+///   d_q rows = scale dS K (overwritten; step 3 adds the memory part)
 ///   d_k[0, t1) += scale dS^T Q,  d_v[0, t1) += P^T G   into (dk, ldk), (dv, ldk)
 /// Stores Z (norm), D (delta) and, gated, go.M - go.A (gate_terms) per (t, h) for steps 3 and 4.
 template <AttentionMode Mode, class T>
@@ -422,15 +422,9 @@ void local_backward_blocks(const AttentionGrad<T>& g, index_t h, index_t b0, ind
     const index_t t0 = block * B, t1 = std::min(n_tok, t0 + B), nb = t1 - t0, nk = t1;
     T* prob = scratch;             // (nb, nk) P as it enters the output (zero above the diagonal)
     T* dprob = prob + nb * nk;     // (nb, nk) dP, then dS
-    T* local = dprob + nb * nk;    // (nb, dh) A, the normalised local output
-    ConstMatrixMap<T> Q(p.q + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-    ConstMatrixMap<T> GO(g.d_out + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-    ConstMatrixMap<T> Kh(p.k + h * dh, nk, dh, Eigen::OuterStride<>(ld));
-    ConstMatrixMap<T> Vh(p.v + h * dh, nk, dh, Eigen::OuterStride<>(ld));
-    MatrixMap<T> P(prob, nb, nk, Eigen::OuterStride<>(nk));
-    MatrixMap<T> dP(dprob, nb, nk, Eigen::OuterStride<>(nk));
-    MatrixMap<T> A(local, nb, dh, Eigen::OuterStride<>(dh));
-    P.noalias() = Q * Kh.transpose();
+    const T *q = p.q + t0 * ld + h * dh, *go_rows = g.d_out + t0 * ld + h * dh;  // (nb, dh), row stride ld
+    const T *kh = p.k + h * dh, *vh = p.v + h * dh;                             // (nk, dh), row stride ld
+    gemm<T>(false, true, nb, nk, dh, q, ld, kh, ld, T(0), prob, nk);  // P = Q K^T, then the softmax
     for (index_t i = 0; i < nb; ++i) {
       const index_t t = t0 + i, n = t + 1;
       RowArrayMap<T> row(prob + i * nk, n);
@@ -446,17 +440,17 @@ void local_backward_blocks(const AttentionGrad<T>& g, index_t h, index_t b0, ind
       std::fill(prob + i * nk + n, prob + (i + 1) * nk, T(0));
       norm[t * H + h] = mx + std::log(sum);  // local log-normaliser for now
     }
-    A.noalias() = P * Vh;
-    dP.noalias() = GO * Vh.transpose();
+    gemm<T>(false, true, nb, nk, dh, go_rows, ld, vh, ld, T(0), dprob, nk);    // dP = G V^T
     for (index_t i = 0; i < nb; ++i) {
       const index_t t = t0 + i, th = t * H + h, n = t + 1;
-      ConstVectorMap<T> go(g.d_out + t * ld + h * dh, dh);
-      const T go_a = go.dot(A.row(i).transpose());
+      // d_out . A = sum_j P_j dP_j, from the same dP as dS below: dS sums to zero over the row even
+      // in float (go . (P V) rounds differently from P . (G V^T) when the GEMMs differ).
+      const T go_a = (RowArrayMap<T>(prob + i * nk, n) * RowArrayMap<T>(dprob + i * nk, n)).sum();
       T gs = T(1), D;  // G = gs d_out reaches the local probabilities P (as they enter the output)
       if constexpr (Mode == AttentionMode::Causal) {
         D = go_a;
       } else {
-        ConstVectorMap<T> m(g.mem_out + t * ld + h * dh, dh);
+        ConstVectorMap<T> go(g.d_out + t * ld + h * dh, dh), m(g.mem_out + t * ld + h * dh, dh);
         const T go_m = go.dot(m);
         if constexpr (Mode == AttentionMode::Gated) {
           gs = p.gate_local[h];
@@ -478,12 +472,9 @@ void local_backward_blocks(const AttentionGrad<T>& g, index_t h, index_t b0, ind
       std::fill(dprob + i * nk + n, dprob + (i + 1) * nk, T(0));
       if (gs != T(1)) prow *= gs;  // P^T G then gives d_v directly
     }
-    MatrixMap<T> DQ(g.d_q + t0 * ld + h * dh, nb, dh, Eigen::OuterStride<>(ld));
-    MatrixMap<T> DK(dk, nk, dh, Eigen::OuterStride<>(ldk));
-    MatrixMap<T> DV(dv, nk, dh, Eigen::OuterStride<>(ldk));
-    DQ.noalias() = (dP * Kh) * scale;
-    DK.noalias() += (dP.transpose() * Q) * scale;
-    DV.noalias() += P.transpose() * GO;
+    gemm<T>(false, false, nb, dh, nk, dprob, nk, kh, ld, T(0), g.d_q + t0 * ld + h * dh, ld, scale);  // d_q = scale dS K
+    gemm<T>(true, false, nk, dh, nb, dprob, nk, q, ld, T(1), dk, ldk, scale);                       // d_k += scale dS^T Q
+    gemm<T>(true, false, nk, dh, nb, prob, nk, go_rows, ld, T(1), dv, ldk);                         // d_v += P^T G
   }
 }
 
@@ -524,7 +515,7 @@ void attention_backward(AttentionGrad<T> g, T* d_gate) {
   }
   const bool partial = groups > 1;
   const index_t nb_max = std::min(B, n_tok);
-  const index_t per_thread = local_backward_scratch(nb_max, n_tok, dh, partial), part_offset = 2 * nb_max * n_tok + nb_max * dh;
+  const index_t per_thread = local_backward_scratch(nb_max, n_tok, dh, partial), part_offset = 2 * nb_max * n_tok;
   // One buffer per job when partial, else one per thread: any of the team's threads may take a job
   // (dynamic schedule), so thread_id() can exceed jobs - 1 when there are fewer jobs than threads.
   Tensor<T, Host> scratch(Shape{partial ? jobs : threads, per_thread});
