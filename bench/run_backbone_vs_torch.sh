@@ -28,13 +28,11 @@ for style in ${LONGMEM_BENCH_STYLES:-sdpa compile}; do
     2>"$tmp/peer.err" | tee -a "$tmp/peer.jsonl" || { echo "peer exited with an error:"; tail -5 "$tmp/peer.err"; }
 done
 echo "== ratios (PyTorch ms / longmem ms; > 1: longmem faster)"
-"$PYTHON" - "$tmp/ours.json" "$tmp/peer.jsonl" <<'EOF'
-import json, re, sys
-ours = {}
-for b in json.load(open(sys.argv[1]))["benchmarks"]:
-    m = re.search(r"T:(\d+)/d:(\d+)/L:(\d+)/V:(\d+)/star:(\d)", b["name"])
-    if m and b.get("run_type", "iteration") == "iteration" and "error_occurred" not in b:
-        ours[tuple(map(int, m.groups()))] = b["real_time"]  # ms (the benchmark's unit)
+"$PYTHON" - "$tmp/ours.json" "$tmp/peer.jsonl" "$here/peers" <<'EOF'
+import json, sys
+sys.path.insert(0, sys.argv[3])
+from bench_json import our_times
+ours = our_times(sys.argv[1], r"T:(\d+)/d:(\d+)/L:(\d+)/V:(\d+)/star:(\d)")  # ms
 peers = {}
 for line in open(sys.argv[2]):
     if line.startswith("{"):

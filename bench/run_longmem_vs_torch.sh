@@ -41,13 +41,11 @@ for style in "${styles[@]}"; do
     2>"$tmp/peer.err" | tee -a "$tmp/peer.jsonl" || { echo "peer exited with an error:"; tail -5 "$tmp/peer.err"; }
 done
 echo "== ratios (PyTorch ms / longmem ms; > 1: longmem faster)"
-"$py" - "$tmp/ours.json" "$tmp/peer.jsonl" <<'EOF'
-import json, re, sys
-ours = {}
-for b in json.load(open(sys.argv[1]))["benchmarks"]:
-    m = re.search(r"streams:(\d+)/batched:(\d)/memory:(\d)", b["name"])
-    if m and b.get("run_type", "iteration") == "iteration" and "error_occurred" not in b:
-        ours[tuple(map(int, m.groups()))] = b["real_time"]  # ms (the benchmark's unit)
+"$py" - "$tmp/ours.json" "$tmp/peer.jsonl" "$here/peers" <<'EOF'
+import json, sys
+sys.path.insert(0, sys.argv[3])
+from bench_json import our_times
+ours = our_times(sys.argv[1], r"streams:(\d+)/batched:(\d)/memory:(\d)")  # ms
 try:
     peers = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
 except FileNotFoundError:
