@@ -221,7 +221,9 @@ struct PasskeyDiagnosis {
   std::vector<std::int64_t> head_hits;  // (H) digit predictions whose chunk the head retrieved
   std::int64_t any_head_hits = 0, predictions = 0, right = 0;
   std::int64_t trials = 0, first_right = 0, first_digit = 0;  // the first prediction: the key's first digit, any digit
-  double p_right = 0;  // sum over predictions of p(right digit)
+  std::int64_t first_hits = 0;            // the first prediction: some head retrieved the first digit's chunk
+  double p_right = 0;                     // sum over predictions of p(right digit)
+  double first_p_right = 0, first_p_digit = 0;  // the first prediction: p(its digit), p(any digit)
 };
 
 void diagnose_passkey(LongMem& model, std::vector<std::int32_t> prompt, const std::string& key,
@@ -239,6 +241,8 @@ void diagnose_passkey(LongMem& model, std::vector<std::int32_t> prompt, const st
     d.right += best == want;
     if (i == 0) {
       ++d.trials;
+      d.first_p_right += token_probability(row, V, want);
+      for (std::int32_t c = '0'; c <= '9'; ++c) d.first_p_digit += token_probability(row, V, c);
       d.first_right += best == want;
       d.first_digit += best >= '0' && best <= '9';
     }
@@ -257,6 +261,7 @@ void diagnose_passkey(LongMem& model, std::vector<std::int32_t> prompt, const st
       any |= hit;
     }
     d.any_head_hits += any;
+    if (i == 0) d.first_hits += any;
     prompt.push_back(want);
   }
 }
@@ -428,8 +433,8 @@ int run(const Options& o) {
       std::printf("backbone alone, the key in its window (digits fed back): mean p(digit) %.3f; first digit %.3f, the others %.3f\n",
                   (p_first + p_rest) / (5.0 * o.trials), p_first / o.trials, p_rest / (4.0 * o.trials));
     }
-    std::printf("%-8s %-40s %12s %14s %14s %14s\n", "N", "digit's chunk retrieved, per head (%)", "any head (%)", "digit right (%)",
-                "mean p(digit)", "1st: right/digit (%)");
+    std::printf("%-8s %-40s %12s %14s %14s %14s %22s %18s\n", "N", "digit's chunk retrieved, per head (%)", "any head (%)",
+                "digit right (%)", "mean p(digit)", "1st: right/digit (%)", "1st: chunk retrieved (%)", "1st: p(it) / p(any)");
     for (std::int64_t n : {std::int64_t{0}, std::int64_t{1024}, std::int64_t{4096}, std::int64_t{16384}, std::int64_t{65536}}) {
       PasskeyDiagnosis d;
       for (int t = 0; t < o.trials; ++t) {
@@ -447,11 +452,13 @@ int run(const Options& o) {
       }
       std::string heads;
       for (auto h : d.head_hits) heads += std::to_string(static_cast<int>(std::lround(100.0 * static_cast<double>(h) / static_cast<double>(d.predictions)))) + " ";
-      std::printf("%-8s %-40s %12.0f %14.0f %14.3f %9.0f / %.0f\n", (std::to_string(n / 1024) + (n ? " Ki" : "")).c_str(),
-                  heads.c_str(), 100.0 * static_cast<double>(d.any_head_hits) / static_cast<double>(d.predictions),
+      const auto trials = static_cast<double>(d.trials);
+      std::printf("%-8s %-40s %12.0f %14.0f %14.3f %9.0f / %-4.0f %22.0f %11.3f / %.3f\n",
+                  (std::to_string(n / 1024) + (n ? " Ki" : "")).c_str(), heads.c_str(),
+                  100.0 * static_cast<double>(d.any_head_hits) / static_cast<double>(d.predictions),
                   100.0 * static_cast<double>(d.right) / static_cast<double>(d.predictions), d.p_right / static_cast<double>(d.predictions),
-                  100.0 * static_cast<double>(d.first_right) / static_cast<double>(d.trials),
-                  100.0 * static_cast<double>(d.first_digit) / static_cast<double>(d.trials));
+                  100.0 * static_cast<double>(d.first_right) / trials, 100.0 * static_cast<double>(d.first_digit) / trials,
+                  100.0 * static_cast<double>(d.first_hits) / trials, d.first_p_right / trials, d.first_p_digit / trials);
     }
     return 0;
   }
