@@ -165,9 +165,10 @@ void timed(benchmark::State& state, Setup<S>& s, F&& call) {
 }
 
 template <class S>
-void BM_Select(benchmark::State& state, index_t memory, index_t queries, int splits, bool filter, bool tc) {
+void BM_Select(benchmark::State& state, index_t memory, index_t queries, int splits, bool filter, bool tc,
+               bool seeded) {
   Setup<S>& s = setup<S>(memory, queries);
-  FusedChunkRetriever retriever(FusedRetrieverTuning{splits, filter, tc});
+  FusedChunkRetriever retriever(FusedRetrieverTuning{splits, filter, tc, seeded});
   Tensor<std::int32_t, Device> slots;
   Tensor<float, Device> scores;
   timed(state, s, [&](const DeviceMemoryBank<S>& bank, const Tensor<float, Device>& q) {
@@ -221,21 +222,22 @@ int main(int argc, char** argv) {
   };
   for (const Shape sh : {Shape{65536, 1024}, Shape{1048576, 1024}, Shape{4194304, 256}}) {
     const std::string args = detail::concat('/', sh.memory, '/', sh.queries, '/');
-    reg("Select" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, true, false);
+    reg("Select" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, true, false, true);
     reg("Retrieve" + args + storage_name<__half>(), BM_Retrieve<__half>, sh.memory, sh.queries, false);
-    reg("SelectUnfiltered" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, false, false);
-    reg("SelectTC" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, true, true);
+    reg("SelectUnfiltered" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, false, false, true);
+    reg("SelectTC" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, true, true, true);
+    reg("SelectTCUnseeded" + args + storage_name<__half>(), BM_Select<__half>, sh.memory, sh.queries, 0, true, true, false);
     reg("RetrieveTC" + args + storage_name<__half>(), BM_Retrieve<__half>, sh.memory, sh.queries, true);
     if (sh.memory == 65536) {
       for (int splits : {1, 2, 4, 8, 16, 32}) {
         reg(detail::concat("SelectSplits", args, storage_name<__half>(), '/', splits), BM_Select<__half>, sh.memory,
-            sh.queries, splits, true, false);
+            sh.queries, splits, true, false, true);
         reg(detail::concat("SelectTCSplits", args, storage_name<__half>(), '/', splits), BM_Select<__half>, sh.memory,
-            sh.queries, splits, true, true);
+            sh.queries, splits, true, true, true);
       }
     }
   }
-  reg("Select/65536/1024/float", BM_Select<float>, index_t{65536}, index_t{1024}, 0, true, false);
+  reg("Select/65536/1024/float", BM_Select<float>, index_t{65536}, index_t{1024}, 0, true, false, true);
   reg("Retrieve/65536/1024/float", BM_Retrieve<float>, index_t{65536}, index_t{1024}, false);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

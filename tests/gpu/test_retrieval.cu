@@ -602,10 +602,11 @@ void test_threshold_filter() {
           }
         }
         const Tensor<float, Device> qd = to_device(queries);
-        for (int mode = 0; mode < 3; ++mode) {  // 0: threshold filter, 1: none, 2: tensor-core prefilter
+        // 0: threshold filter, 1: none, 2: tensor-core prefilter (seeded cuts), 3: the same, cuts from -inf
+        for (int mode = 0; mode < 4; ++mode) {
           const bool filter = mode != 1;
           for (int splits : {0, 1, 2, 5}) {
-            FusedChunkRetriever retriever(FusedRetrieverTuning{splits, filter, mode == 2});
+            FusedChunkRetriever retriever(FusedRetrieverTuning{splits, filter, mode >= 2, mode != 3});
             for (int kq : {1, 16, 17, 128}) {
               const std::string ctx = detail::concat("threshold ", names[pattern], " ", geometry_str(g), " T=", Tq,
                                                      " k=", kq, " splits=", splits, " mode=", mode);
@@ -641,7 +642,7 @@ void test_threshold_filter() {
     }
   }
   std::printf("threshold filter: %d adversarial retrievals (ties at the threshold, monotone scores) equal the "
-              "float64 reference exactly (threshold filter, none, tensor-core prefilter)\n",
+              "float64 reference exactly (threshold filter, none, tensor-core prefilter with and without seeded cuts)\n",
               runs);
 }
 
@@ -681,15 +682,16 @@ void test_filter_paths_agree() {
       const Tensor<float, Device> qd = to_device(q);
       for (int kq : {1, 16, 100}) {
         FusedChunkRetriever on(FusedRetrieverTuning{0, true, false}), off(FusedRetrieverTuning{1, false, false}),
-            tc(FusedRetrieverTuning{0, true, true});
-        Retrieved<float, Device> a, c, t;
+            tc(FusedRetrieverTuning{0, true, true}), tc_unseeded(FusedRetrieverTuning{0, true, true, false});
+        Retrieved<float, Device> a, c, t, u;
         on.retrieve(*b.dev, qd, kq, a);
         off.retrieve(*b.dev, qd, kq, c);
         tc.retrieve(*b.dev, qd, kq, t);
+        tc_unseeded.retrieve(*b.dev, qd, kq, u);
         const std::string ctx = detail::concat("select paths ", wide ? "(wide range) " : "", geometry_str(g), " T=", Tq,
                                                " k=", kq);
         if (!device_ok(ctx)) continue;
-        const HostResult ra = fetch(a), rc = fetch(c), rt = fetch(t);
+        const HostResult ra = fetch(a), rc = fetch(c), rt = fetch(t), ru = fetch(u);
         auto same = [](const HostResult& x, const HostResult& y) {
           return x.chunks == y.chunks && x.slots.numel() == y.slots.numel() &&
                  std::memcmp(x.slots.data(), y.slots.data(), x.slots.bytes()) == 0 &&
@@ -699,6 +701,7 @@ void test_filter_paths_agree() {
         };
         CHECK(same(ra, rc), "%s: the filtered and unfiltered paths differ", ctx.c_str());
         CHECK(same(rt, rc), "%s: the tensor-core prefilter path differs from the unfiltered one", ctx.c_str());
+        CHECK(same(ru, rc), "%s: the tensor-core prefilter without seeded cuts differs from the unfiltered one", ctx.c_str());
         ++runs;
       }
     }

@@ -10,7 +10,8 @@
 //   1. select: one pass over the chunk keys; per block a (128 queries, 64 chunks) score tile in
 //      registers, compared with each query's running k'-th best score; rows with a score that can
 //      still enter (at or above it: equal scores are decided by age) are merged at once into
-//      their running top-k' lists (after the first tiles almost none). The chunk
+//      their running top-k' lists (after the first tiles almost none; on the tensor-core path each
+//      query's bound starts from sample tiles of its split, not from -inf). The chunk
 //      range is split S ways so that small T still fills the GPU; each split leaves k' candidates
 //      per (query, head) in a workspace, (H, T, S, k') 64-bit keys. The (T, n) score matrix is
 //      never written anywhere.
@@ -67,11 +68,15 @@ struct FusedRetrieverTuning {
   /// results are the same bits. Needs head_dim % 8 == 0, head_dim <= 64 and its tiles to fit
   /// shared memory; otherwise the fp32 FMA kernel runs.
   bool tensor_core_prefilter = true;
+  /// With the tensor-core prefilter: true (the default) starts each query's cut from a bound taken
+  /// from sample tiles of its split (so the first tiles are not merged wholesale); false starts it
+  /// at -inf (the earlier path, kept for comparison; same results).
+  bool seeded_cuts = true;
 
   friend bool operator==(const FusedRetrieverTuning&, const FusedRetrieverTuning&) = default;
   friend std::ostream& operator<<(std::ostream& os, const FusedRetrieverTuning& t) {
     return os << "FusedRetrieverTuning{splits=" << t.splits << ", threshold_filter=" << t.threshold_filter
-              << ", tensor_core_prefilter=" << t.tensor_core_prefilter << "}";
+              << ", tensor_core_prefilter=" << t.tensor_core_prefilter << ", seeded_cuts=" << t.seeded_cuts << "}";
   }
 };
 
@@ -276,7 +281,8 @@ class FusedChunkRetriever {
     const bool tensor_cores = tuning_.tensor_core_prefilter && detail::retrieval_tc_head_dim_ok(dh) &&
                               tc_smem <= static_cast<std::size_t>(smem_optin_);
     const std::size_t smem = tensor_cores ? tc_smem : fma_smem;
-    auto select = tensor_cores ? detail::retrieval_select_tc_kernel<S>
+    auto select = tensor_cores ? (max_kk <= 32 ? detail::retrieval_select_tc_kernel<S, 1>
+                                               : detail::retrieval_select_tc_kernel<S, detail::retrieval_list_regs>)
                   : tuning_.threshold_filter ? detail::retrieval_select_kernel<S, true>
                                              : detail::retrieval_select_kernel<S, false>;
     // Beyond 48 KiB a kernel needs a raised limit (per kernel instantiation and device; a cheap host call).
@@ -294,6 +300,7 @@ class FusedChunkRetriever {
     L.head_dim = dh;
     L.chunk_size = g0.chunk_size;
     L.splits = splits;
+    L.seeded = tuning_.seeded_cuts;
     index_t workspace = 0;
     for (std::size_t b = 0; b < banks.size(); ++b) {
       workspace += H * queries[b].dim(0) * splits * std::min<index_t>(k, banks[b]->num_chunks());

@@ -88,6 +88,7 @@ struct RetrievalLaunch {
   int n_banks = 0;
   int n_head = 0, head_dim = 0, chunk_size = 0;
   int splits = 1;
+  bool seeded = true;                      // the tensor-core select seeds its cuts from sample tiles
   const std::uint32_t* key_max = nullptr;  // (n_banks, H) K of the tensor-core select (its bits), else null
 };
 
@@ -120,21 +121,24 @@ __device__ inline index_t retrieval_key_slot(std::uint64_t key, index_t oldest, 
 
 /// A warp's top-kk list, best first: entry e (< kk) is v[e / 32] on lane e % 32. Entries beyond
 /// kk are ignored. Every function here is called by all 32 lanes with warp-uniform arguments.
+/// R registers a lane: kk <= 32 R (R = 1 serves the usual k' <= 32 with a quarter of the shuffles).
+template <int R = retrieval_list_regs>
 struct RetrievalWarpList {
-  std::uint64_t v[retrieval_list_regs];
+  static_assert(R >= 1 && R <= retrieval_list_regs);
+  std::uint64_t v[R];
   int kk;
   int lane;
 
   __device__ __forceinline__ void load(const std::uint64_t* list) {
 #pragma unroll
-    for (int r = 0; r < retrieval_list_regs; ++r) {
+    for (int r = 0; r < R; ++r) {
       const int e = lane + 32 * r;
       v[r] = e < kk ? list[e] : 0;
     }
   }
   __device__ __forceinline__ void store(std::uint64_t* list) const {
 #pragma unroll
-    for (int r = 0; r < retrieval_list_regs; ++r) {
+    for (int r = 0; r < R; ++r) {
       const int e = lane + 32 * r;
       if (e < kk) list[e] = v[r];
     }
@@ -145,7 +149,7 @@ struct RetrievalWarpList {
     // compiler turn it into a run-time indexed array, which lives in local memory.
     std::uint64_t x = 0;
 #pragma unroll
-    for (int r = 0; r < retrieval_list_regs; ++r) {
+    for (int r = 0; r < R; ++r) {
       const std::uint64_t y = __shfl_sync(0xffffffffu, v[r], i & 31);
       x = r == (i >> 5) ? y : x;
     }
@@ -158,19 +162,20 @@ struct RetrievalWarpList {
   __device__ __forceinline__ void insert(std::uint64_t key) {
     int pos = 0;  // entries better than key
 #pragma unroll
-    for (int r = 0; r < retrieval_list_regs; ++r) {
+    for (int r = 0; r < R; ++r) {
       const int e = lane + 32 * r;
       pos += __popc(__ballot_sync(0xffffffffu, e < kk && v[r] > key));
     }
-    std::uint64_t prev[retrieval_list_regs];  // entry e - 1
+    std::uint64_t prev[R];  // entry e - 1
 #pragma unroll
-    for (int r = 0; r < retrieval_list_regs; ++r) {
+    for (int r = 0; r < R; ++r) {
       const std::uint64_t up = __shfl_up_sync(0xffffffffu, v[r], 1);
-      const std::uint64_t carry = __shfl_sync(0xffffffffu, v[r > 0 ? r - 1 : 0], 31);
-      prev[r] = lane > 0 ? up : (r > 0 ? carry : 0);
+      std::uint64_t carry = 0;  // entry 32 r - 1 (r is a constant here: no shuffle for r = 0)
+      if (r > 0) carry = __shfl_sync(0xffffffffu, v[r > 0 ? r - 1 : 0], 31);
+      prev[r] = lane > 0 ? up : carry;
     }
 #pragma unroll
-    for (int r = 0; r < retrieval_list_regs; ++r) {
+    for (int r = 0; r < R; ++r) {
       const int e = lane + 32 * r;
       v[r] = e < pos ? v[r] : (e == pos ? key : prev[r]);
     }
@@ -360,7 +365,7 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
         if (!flagged) continue;
         if (lane == 0) flag_s[qi] = 0;
       }
-      RetrievalWarpList list{{}, kk, lane};
+      RetrievalWarpList<> list{{}, kk, lane};
       list.load(lists + qi * kk);
       std::uint64_t thr = list.threshold();
       const float* row = s_s + qi * (Tl::chunks + 1);
@@ -421,6 +426,19 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
 // exact merge would reject, and the lists come out bit for bit as retrieval_select_kernel's.
 // Per warp and tile in the steady state: 8 * dh / 8 mma, as many 8-byte shared loads, one max
 // over each row's 16 scores a lane and a warp vote; the rescoring and merging are rare.
+//
+// Seeded cuts. A list that starts empty takes every chunk of its first tile (64 exact rescorings
+// and warp-sequential inserts per row, in every split) and many of the next: on an H200 that
+// warm-up was about 70% of the time at 64 Ki tokens. So before its scan a block first scores a
+// few sample tiles of its split (retrieval_seed_tiles, spread over it) approximately, keeps for
+// each row the largest score of each of the 64 tile columns, and takes the kk-th largest a of
+// those 64 maxima (kk <= 64). They belong to 64 distinct chunks, so at least kk chunks of the
+// split have approximate scores >= a, hence exact scores >= a - E, and so does the split's kk-th
+// best exact score: every chunk that the split's list keeps has s >= a - E and a' >= s - E. The
+// row's cut starts at retrieval_tc_cut(a - E) (less a rounding margin) instead of -inf and never
+// falls below it. The split's list comes out the same bits as without the seed: the seed only
+// skips chunks that its exact merge would reject.
+
 
 inline constexpr int retrieval_tc_pitch = 72;   // floats per chunk row in shared memory (conflict-free B loads)
 inline constexpr int retrieval_tc_max_dh = 64;  // the query fragments live in registers
@@ -434,7 +452,7 @@ inline constexpr bool retrieval_tc_head_dim_ok(int head_dim) {
 inline std::size_t retrieval_select_tc_smem(int head_dim, int kept) {
   using Tl = RetrievalTile;
   return static_cast<std::size_t>(Tl::queries) * static_cast<std::size_t>(kept) * sizeof(std::uint64_t) +  // lists
-         static_cast<std::size_t>(Tl::queries) * 2 * sizeof(float) +                       // cuts, E
+         static_cast<std::size_t>(Tl::queries) * 3 * sizeof(float) +                       // cuts, E, seeds
          static_cast<std::size_t>(head_dim) * Tl::queries * sizeof(float) +                // query tile, transposed
          2 * static_cast<std::size_t>(Tl::chunks) * retrieval_tc_pitch * sizeof(float) +  // two chunk-key tiles
          static_cast<std::size_t>(Tl::queries) * Tl::chunks * sizeof(std::uint16_t);      // candidates per warp
@@ -508,7 +526,31 @@ __device__ __forceinline__ void retrieval_tc_scores(float (&acc)[8][4], const st
   }
 }
 
-template <class S>
+/// Sample tiles of the seed pass for a split of `n_tiles` chunk tiles: all of a short split, else
+/// an eighth, at least 8 and at most 32 (at 64 Ki tokens in 2 splits: 16 of 128 tiles).
+__host__ __device__ constexpr int retrieval_seed_tiles(int n_tiles) {
+  return n_tiles <= 8 ? n_tiles : (n_tiles / 8 < 8 ? 8 : (n_tiles / 8 > 32 ? 32 : n_tiles / 8));
+}
+
+/// The kk-th largest (1 <= kk <= 64) of the 64 values that the four lanes of a quad (lanes 4 g ..
+/// 4 g + 3) hold in v, 0 when fewer than kk are non-zero: the largest x with at least kk values >= x,
+/// found bit by bit from the top. Called by all 32 lanes.
+__device__ __forceinline__ std::uint32_t retrieval_quad_kth_largest(const std::uint32_t (&v)[16], int kk) {
+  std::uint32_t x = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const std::uint32_t c = x | (1u << bit);
+    int n = 0;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) n += v[i] >= c;
+    n += __shfl_xor_sync(0xffffffffu, n, 1);
+    n += __shfl_xor_sync(0xffffffffu, n, 2);
+    if (n >= kk) x = c;
+  }
+  return x;
+}
+
+/// R: list registers a lane (1 when every bank's k' <= 32, else retrieval_list_regs).
+template <class S, int R>
 __global__ void __launch_bounds__(RetrievalTile::threads, 2)
     retrieval_select_tc_kernel(const __grid_constant__ RetrievalLaunch<S> L) {
   using Tl = RetrievalTile;
@@ -530,7 +572,8 @@ __global__ void __launch_bounds__(RetrievalTile::threads, 2)
   auto* lists = reinterpret_cast<std::uint64_t*>(retrieval_smem);   // (128, kk)
   float* cut_s = reinterpret_cast<float*>(lists + Tl::queries * kk);  // (128): the row's cut (+inf: no such query)
   float* err_s = cut_s + Tl::queries;                                 // (128): the row's E
-  float* q_s = err_s + Tl::queries;                                   // (dh, 128): exact queries, transposed
+  float* seed_s = err_s + Tl::queries;                                // (128): the row's seeded cut (-inf: none)
+  float* q_s = seed_s + Tl::queries;                                  // (dh, 128): exact queries, transposed
   float* k_s = q_s + dh * Tl::queries;                                // (2, 64, P): chunk-key tiles
   auto* cand_s = reinterpret_cast<std::uint16_t*>(k_s + 2 * Tl::chunks * P);  // (8 warps, 16 * 64)
 
@@ -551,7 +594,6 @@ __global__ void __launch_bounds__(RetrievalTile::threads, 2)
     }
     retrieval_cp_async_commit();
   };
-  if (c_begin < c_end) issue(c_begin, 0);
 
   for (int e = tid; e < Tl::queries * kk; e += Tl::threads) lists[e] = 0;
   for (int e = tid; e < Tl::queries * dh; e += Tl::threads) {
@@ -567,6 +609,7 @@ __global__ void __launch_bounds__(RetrievalTile::threads, 2)
     const float bound = q1 * __uint_as_float(L.key_max[b * H + h]);
     err_s[tid] = bound <= 0x1p100f ? 0x1p-9f * (1.0f + 0x1p-8f) * bound + 0x1p-118f : pos_inf;
     cut_s[tid] = q0 + tid < T ? neg_inf : pos_inf;  // the list is empty: thr = -inf
+    seed_s[tid] = neg_inf;                         // no seed (yet)
   }
   const int r0 = 16 * warp + g;  // this lane's rows: r0 and r0 + 8
   std::uint32_t af[8][4];
@@ -580,15 +623,7 @@ __global__ void __launch_bounds__(RetrievalTile::threads, 2)
     af[j][3] = in ? cuda::to_tf32(q_s[(d + 1) * Tl::queries + r0 + 8]) : 0u;
   }
 
-  int it = 0;
-  for (index_t c0 = c_begin; c0 < c_end; c0 += Tl::chunks, ++it) {
-    const int nc = static_cast<int>(min(static_cast<index_t>(Tl::chunks), c_end - c0));
-    retrieval_cp_async_wait_all();
-    __syncthreads();  // tile `it` is in; every warp is done with tile it - 1, whose buffer comes next
-    if (c0 + Tl::chunks < c_end) issue(c0 + Tl::chunks, (it + 1) & 1);
-    const float* kt = k_s + (it & 1) * Tl::chunks * P;
-
-    float acc[8][4];
+  auto scores = [&](float (&acc)[8][4], const float* kt) {
     switch (dh / 8) {
       case 1: retrieval_tc_scores<1>(acc, af, kt, g, tig); break;
       case 2: retrieval_tc_scores<2>(acc, af, kt, g, tig); break;
@@ -599,6 +634,70 @@ __global__ void __launch_bounds__(RetrievalTile::threads, 2)
       case 7: retrieval_tc_scores<7>(acc, af, kt, g, tig); break;
       default: retrieval_tc_scores<8>(acc, af, kt, g, tig); break;
     }
+  };
+
+  // Seed (see "Seeded cuts" above): approximate scores of sample tiles of this split, the largest
+  // of each of a row's 64 tile columns, and from their kk-th largest a first cut for the row.
+  const index_t n_split = c_end - c_begin;
+  if (L.seeded && kk <= Tl::chunks && n_split >= Tl::chunks) {  // uniform over the block
+    const int n_tiles = static_cast<int>((n_split + Tl::chunks - 1) / Tl::chunks);
+    const int samples = retrieval_seed_tiles(n_tiles);
+    auto sample_c0 = [&](int i) {  // distinct tiles spread over the split (samples <= n_tiles)
+      return c_begin + static_cast<index_t>(static_cast<long long>(i) * n_tiles / samples) * Tl::chunks;
+    };
+    std::uint32_t best[2][16];  // order keys (0: none) of rows r0 / r0 + 8, column nt * 8 + 2 tig + j at [2 nt + j]
+#pragma unroll
+    for (int i = 0; i < 16; ++i) best[0][i] = best[1][i] = 0u;
+    issue(sample_c0(0), 0);
+    for (int i = 0; i < samples; ++i) {
+      const index_t s0 = sample_c0(i);
+      const int nc = static_cast<int>(min(static_cast<index_t>(Tl::chunks), c_end - s0));
+      retrieval_cp_async_wait_all();
+      __syncthreads();  // sample i is in; every warp is done with sample i - 1, whose buffer comes next
+      if (i + 1 < samples) issue(sample_c0(i + 1), (i + 1) & 1);
+      float acc[8][4];
+      scores(acc, k_s + (i & 1) * Tl::chunks * P);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          if (nt * 8 + 2 * tig + j < nc) {
+            best[0][2 * nt + j] = max(best[0][2 * nt + j], retrieval_order(acc[nt][j]));
+            best[1][2 * nt + j] = max(best[1][2 * nt + j], retrieval_order(acc[nt][2 + j]));
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const std::uint32_t kth = retrieval_quad_kth_largest(best[half], kk);  // every lane: the shuffles
+      const int row = r0 + 8 * half;
+      if (tig == 0 && q0 + row < T) {
+        const float err = err_s[row];
+        if (kth != 0u && err < pos_inf) {
+          const float a = retrieval_key_score(static_cast<std::uint64_t>(kth) << 32);
+          // kk chunks of the split score >= a approximately, so >= a - E exactly: so does the
+          // split's kk-th best (the margin covers the rounding of a - E).
+          const float seed = retrieval_tc_cut((a - err) - 0x1p-20f * (fabsf(a) + err), err);
+          seed_s[row] = seed;
+          cut_s[row] = seed;
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with the samples (buffer 0 is refilled next); seeds visible
+  }
+
+  if (c_begin < c_end) issue(c_begin, 0);
+  int it = 0;
+  for (index_t c0 = c_begin; c0 < c_end; c0 += Tl::chunks, ++it) {
+    const int nc = static_cast<int>(min(static_cast<index_t>(Tl::chunks), c_end - c0));
+    retrieval_cp_async_wait_all();
+    __syncthreads();  // tile `it` is in; every warp is done with tile it - 1, whose buffer comes next
+    if (c0 + Tl::chunks < c_end) issue(c0 + Tl::chunks, (it + 1) & 1);
+    const float* kt = k_s + (it & 1) * Tl::chunks * P;
+
+    float acc[8][4];
+    scores(acc, kt);
 
     // Quick test: the best of each row's 16 scores on this lane against the row's cut.
     const float cut0 = cut_s[r0], cut1 = cut_s[r0 + 8];
@@ -668,13 +767,13 @@ __global__ void __launch_bounds__(RetrievalTile::threads, 2)
       for (int off = 16; off >= 1; off >>= 1) present |= __shfl_xor_sync(0xffffffffu, present, off);
       for (unsigned m = present; m != 0; m &= m - 1) {
         const int rr = __ffs(static_cast<int>(m)) - 1, qi = 16 * warp + rr;
-        RetrievalWarpList list{{}, kk, lane};
+        RetrievalWarpList<R> list{{}, kk, lane};
         list.load(lists + qi * kk);
         std::uint64_t thr = list.threshold();
         list.offer(r == rr ? key : 0, thr);
         list.store(lists + qi * kk);
         if (lane == 0) {
-          cut_s[qi] = retrieval_tc_cut(thr == 0 ? neg_inf : retrieval_key_score(thr), err_s[qi]);
+          cut_s[qi] = fmaxf(seed_s[qi], retrieval_tc_cut(thr == 0 ? neg_inf : retrieval_key_score(thr), err_s[qi]));
         }
         __syncwarp();  // the list's stores before the next pass loads it
       }
@@ -727,7 +826,7 @@ __global__ void __launch_bounds__(256) retrieval_merge_kernel(const __grid_const
   const index_t C = bank.capacity;
 
   const std::uint64_t* part = bank.partial + (static_cast<index_t>(h) * T + t) * splits * kk;  // (splits, kk)
-  RetrievalWarpList list{{}, kk, lane};
+  RetrievalWarpList<> list{{}, kk, lane};
   list.load(part);
   std::uint64_t thr = list.threshold();
   for (int sp = 1; sp < splits; ++sp) {
