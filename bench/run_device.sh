@@ -13,7 +13,8 @@
 #   fixtures    regenerate the fixtures with this machine's torch/transformers, compare them with
 #               the committed ones and re-run the fixture tests against the fresh ones
 #
-# usage (repo root, after `bash .devdeps/install.sh`): bash bench/run_device.sh STAGE...
+# usage (repo root, after `bash .devdeps/install.sh`; `bash bench/pack_device_deps.sh` makes .devdeps here,
+#       and the call carries it): bash bench/run_device.sh STAGE...
 #       (no stage: build test sanitize bench-gpu bench-cpu)
 # Logs go to $OUT (or /tmp/device-out), one file per stage plus machine.txt.
 set -u
