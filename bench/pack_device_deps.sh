@@ -6,9 +6,8 @@
 #   in each GPU run:    carry [".devdeps"], begin the command with  bash .devdeps/install.sh &&
 #
 # The packages are the build's own dependencies (Eigen, nlohmann-json, Catch2, Google Benchmark,
-# CLI11 and oneDNN for the host GEMMs): their files as
-# dpkg lists them, documentation left out, as one xz archive (about 9 MB: the tree that travels is
-# limited to 64 MiB), unpacked there under / as here.
+# CLI11 and oneDNN for the host GEMMs): their files as dpkg lists them, documentation left out, as
+# one xz archive (about 8 MB: the tree that travels is limited to 64 MiB), unpacked there under /.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 out="$root/.devdeps"

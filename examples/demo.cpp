@@ -209,12 +209,15 @@ std::string passkey_statement(const char* key) {
   return std::string(kPasskeyLead) + key + ". Remember it. " + key + " is the pass key.\n";
 }
 
-/// Softmax probability of `token` in one logits row of V entries (in double).
-double token_probability(const float* row, index_t V, std::int32_t token) {
+/// Softmax probability of the tokens first .. last (default: `first` alone) in one logits row of V
+/// entries (in double).
+double token_probability(const float* row, index_t V, std::int32_t first, std::int32_t last = -1) {
   const float top = *std::max_element(row, row + V);
   double z = 0;
   for (index_t v = 0; v < V; ++v) z += std::exp(static_cast<double>(row[v] - top));
-  return std::exp(static_cast<double>(row[token] - top)) / z;
+  double p = 0;
+  for (std::int32_t t = first; t <= std::max(first, last); ++t) p += std::exp(static_cast<double>(row[t] - top));
+  return p / z;
 }
 
 struct PasskeyDiagnosis {
@@ -236,13 +239,14 @@ void diagnose_passkey(LongMem& model, std::vector<std::int32_t> prompt, const st
     const index_t V = logits.dim(1), last = logits.dim(0) - 1;
     const float* row = logits.data() + last * V;
     const auto want = static_cast<std::int32_t>(static_cast<unsigned char>(key[i]));
-    d.p_right += token_probability(row, V, want);
+    const double p_want = token_probability(row, V, want);
+    d.p_right += p_want;
     const auto best = static_cast<std::int32_t>(std::max_element(row, row + V) - row);
     d.right += best == want;
     if (i == 0) {
       ++d.trials;
-      d.first_p_right += token_probability(row, V, want);
-      for (std::int32_t c = '0'; c <= '9'; ++c) d.first_p_digit += token_probability(row, V, c);
+      d.first_p_right += p_want;
+      d.first_p_digit += token_probability(row, V, '0', '9');
       d.first_right += best == want;
       d.first_digit += best >= '0' && best <= '9';
     }

@@ -439,7 +439,6 @@ __global__ void __launch_bounds__(RetrievalTile::threads)
 // falls below it. The split's list comes out the same bits as without the seed: the seed only
 // skips chunks that its exact merge would reject.
 
-
 inline constexpr int retrieval_tc_pitch = 72;   // floats per chunk row in shared memory (conflict-free B loads)
 inline constexpr int retrieval_tc_max_dh = 64;  // the query fragments live in registers
 
