@@ -57,6 +57,8 @@
 #include "longmem/cuda/ops.cuh"
 #include "longmem/cuda/storage.hpp"
 
+#include "bench_gpu_support.cuh"
+
 namespace {
 
 using namespace longmem;
@@ -107,20 +109,12 @@ void time_loop(benchmark::State& state, F&& f) {
   const cudaStream_t s = detail::cuda::stream();
   f();
   detail::cuda_check(cudaStreamSynchronize(s), "warm-up", 0);
-  cudaEvent_t start, stop;
-  detail::cuda_check(cudaEventCreate(&start), "cudaEventCreate", 0);
-  detail::cuda_check(cudaEventCreate(&stop), "cudaEventCreate", 0);
+  bench::EventTimer timer;
   for (auto _ : state) {
-    detail::cuda_check(cudaEventRecord(start, s), "cudaEventRecord", 0);
+    timer.start(s);
     f();
-    detail::cuda_check(cudaEventRecord(stop, s), "cudaEventRecord", 0);
-    detail::cuda_check(cudaEventSynchronize(stop), "cudaEventSynchronize", 0);
-    float ms = 0;
-    detail::cuda_check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime", 0);
-    state.SetIterationTime(ms * 1e-3);
+    state.SetIterationTime(timer.seconds(s));
   }
-  (void)cudaEventDestroy(start);
-  (void)cudaEventDestroy(stop);
 }
 
 void set_counters(benchmark::State& state, double flops, double mem_bytes) {

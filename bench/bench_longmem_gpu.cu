@@ -48,6 +48,8 @@
 #include <longmem/cuda/storage.hpp>
 #include <longmem/model.hpp>
 
+#include "bench_gpu_support.cuh"
+
 namespace {
 
 using namespace longmem;
@@ -156,21 +158,13 @@ void BM_Forward(benchmark::State& state) {
       return;
     }
   }
-  cudaEvent_t start, stop;
-  detail::cuda_check(cudaEventCreate(&start), "cudaEventCreate", 0);
-  detail::cuda_check(cudaEventCreate(&stop), "cudaEventCreate", 0);
+  bench::EventTimer timer;
   for (auto _ : state) {
-    detail::cuda_check(cudaEventRecord(start, st), "cudaEventRecord", 0);
+    timer.start(st);
     const auto& r = model.forward(segs);
-    detail::cuda_check(cudaEventRecord(stop, st), "cudaEventRecord", 0);
-    detail::cuda_check(cudaEventSynchronize(stop), "cudaEventSynchronize", 0);
-    float ms = 0;
-    detail::cuda_check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime", 0);
-    state.SetIterationTime(ms * 1e-3);
+    state.SetIterationTime(timer.seconds(st));
     benchmark::DoNotOptimize(r.logits.back().data());
   }
-  (void)cudaEventDestroy(start);
-  (void)cudaEventDestroy(stop);
   state.counters["tokens/s"] =
       benchmark::Counter(static_cast<double>(streams) * kT, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["TFLOP/s"] =

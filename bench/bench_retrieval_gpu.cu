@@ -37,6 +37,8 @@
 #include "longmem/cuda/device_memory_bank.cuh"
 #include "longmem/cuda/storage.hpp"
 
+#include "bench_gpu_support.cuh"
+
 namespace {
 
 using namespace longmem;
@@ -143,25 +145,17 @@ void set_counters(benchmark::State& state, index_t queries, index_t n_chunks, in
 // Times `call(bank, queries)` with CUDA events, rotating over the setup's copies.
 template <class S, class F>
 void timed(benchmark::State& state, Setup<S>& s, F&& call) {
-  cudaEvent_t start, stop;
-  detail::cuda_check(cudaEventCreate(&start), "cudaEventCreate", 0);
-  detail::cuda_check(cudaEventCreate(&stop), "cudaEventCreate", 0);
+  bench::EventTimer timer;
   call(*s.banks[0], s.q[0]);  // warm-up: workspace and outputs allocated, kernels loaded
   detail::cuda_check(cudaDeviceSynchronize(), "warm-up", 0);
   std::size_t next = 0;
   for (auto _ : state) {
     const std::size_t i = next++ % s.banks.size();
     const cudaStream_t stream = s.banks[i]->stream();
-    detail::cuda_check(cudaEventRecord(start, stream), "cudaEventRecord", 0);
+    timer.start(stream);
     call(*s.banks[i], s.q[i]);
-    detail::cuda_check(cudaEventRecord(stop, stream), "cudaEventRecord", 0);
-    detail::cuda_check(cudaEventSynchronize(stop), "cudaEventSynchronize", 0);
-    float ms = 0;
-    detail::cuda_check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime", 0);
-    state.SetIterationTime(ms * 1e-3);
+    state.SetIterationTime(timer.seconds(stream));
   }
-  detail::cuda_check(cudaEventDestroy(start), "cudaEventDestroy", 0);
-  detail::cuda_check(cudaEventDestroy(stop), "cudaEventDestroy", 0);
 }
 
 template <class S>

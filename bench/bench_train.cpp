@@ -8,36 +8,18 @@
 //   BM_*Backward       one backward op at a training shape
 #include <benchmark/benchmark.h>
 
-#include <random>
 #include <vector>
 
 #include <longmem/train.hpp>
 
 #include "bench_support.hpp"
+#include "bench_train_support.hpp"
 
 namespace {
 
 using namespace longmem;
 
-std::vector<Document> random_corpus(int docs, std::size_t tokens, int vocab) {
-  std::mt19937_64 rng(5);
-  std::uniform_int_distribution<int> u(0, vocab - 1);
-  std::vector<Document> out;
-  for (int i = 0; i < docs; ++i) {
-    Document d{"doc " + std::to_string(i), std::vector<std::int32_t>(tokens), {}};
-    for (auto& t : d.tokens) t = u(rng);
-    out.push_back(std::move(d));
-  }
-  return out;
-}
-
-TrainConfig bench_config(int T) {
-  TrainConfig c;
-  c.segment_length = T;
-  c.steps = 1 << 30;
-  c.schedule.decay = Decay::Constant;
-  return c;
-}
+using bench::random_corpus;
 
 void BM_AdaptationStep(benchmark::State& state) {
   const int T = static_cast<int>(state.range(0)), d = static_cast<int>(state.range(1));
@@ -55,7 +37,7 @@ void BM_AdaptationStep(benchmark::State& state) {
   const auto docs = random_corpus(B, static_cast<std::size_t>(msz + 400 * T), 256);
   DocumentStreams fill(docs, B, T);
   for (int s = 0; s < msz / T; ++s) task.memorize(fill.next());
-  Trainer<decltype(task)> trainer(task, docs, {}, bench_config(T));
+  Trainer<decltype(task)> trainer(task, docs, {}, bench::train_config(T));
   trainer.restore_data(fill.state());  // continue the streams where the memory ends
   trainer.step();               // warm-up: allocations
   for (auto _ : state) benchmark::DoNotOptimize(trainer.step().loss);
@@ -69,7 +51,7 @@ void BM_PretrainStep(benchmark::State& state) {
   const auto cfg = BackboneConfig::gpt2_star(L, d, d / 32, 256, T);
   BackbonePretraining<float> task(initial_backbone<float>(cfg, 1), B);
   const auto docs = random_corpus(B, static_cast<std::size_t>(400 * T), 256);
-  Trainer<decltype(task)> trainer(task, docs, {}, bench_config(T));
+  Trainer<decltype(task)> trainer(task, docs, {}, bench::train_config(T));
   trainer.step();
   for (auto _ : state) benchmark::DoNotOptimize(trainer.step().loss);
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(B) * T, benchmark::Counter::kIsIterationInvariantRate);

@@ -238,5 +238,40 @@ void cross_entropy_backward(TensorView<T, L> d_logits, In<T, L> logits, std::spa
   OpsBackend<L>::cross_entropy_backward(d_logits, logits, targets, scale);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Optimizer ops (the Trainer's gradient scaling, global norm and AdamW update, on the buffers'
+// location, so training on the GPU keeps weights, gradients and moments there)
+
+/// Sum of x^2 over every element of every tensor, in double. Deterministic: each tensor is cut
+/// into fixed blocks of 32 Ki elements, each block summed in a fixed order, and the block sums
+/// added in list order, so the result does not depend on the thread count (the host sums a
+/// block in element order, the device in a fixed tree: the two differ by rounding).
+template <class T, class L>
+double sum_of_squares(std::span<const TensorView<const T, L>> xs) {
+  detail::require_backend<L>();
+  return OpsBackend<L>::sum_of_squares(xs);
+}
+
+/// x = x * factor for every element of every tensor (the product in double, rounded to T).
+template <class T, class L>
+void scale(std::span<const TensorView<T, L>> xs, double factor) {
+  detail::require_backend<L>();
+  OpsBackend<L>::scale(xs, factor);
+}
+
+/// The constants of one AdamW update (optimizer.hpp computes them): step t's bias corrections
+/// bias1 = 1 - beta1^t, bias2 = 1 - beta2^t, and this tensor's weight decay.
+struct AdamWStep {
+  double lr = 0, beta1 = 0, beta2 = 0, eps = 0, bias1 = 1, bias2 = 1, weight_decay = 0;
+};
+
+/// One AdamW update of `param` (any shape; grad, m, v the same shape), elementwise in double:
+///   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= lr wd p;  p -= lr (m / bias1) / (sqrt(v / bias2) + eps)
+template <class T, class L>
+void adamw_update(TensorView<T, L> param, In<T, L> grad, TensorView<T, L> m, TensorView<T, L> v, const AdamWStep& s) {
+  detail::require_backend<L>();
+  OpsBackend<L>::adamw_update(param, grad, m, v, s);
+}
+
 }  // namespace ops
 }  // namespace longmem

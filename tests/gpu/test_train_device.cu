@@ -13,6 +13,13 @@
 //                  weights within 1e-3 x max |w| (rounding differences grow through AdamW's updates,
 //                  which divide by sqrt(v): a few ulp of gradient move a weight by a few ulp of lr)
 //   4. evaluate    the validation loss of the device task equals the host's within 1e-5 relative
+//   5. optimizer ops  sum_of_squares, scale and adamw_update on the device against the host backend
+//                  on fresh random tensors of odd sizes (1 to 100,003 elements; 130 tensors, more
+//                  than one launch's 96): the sum within 1e-12 relative of a float64 sum (both sum
+//                  float squares in double) and the same bits on a second call; scale equal bit for
+//                  bit (both round the double product to float); AdamW within 2 float ulp (the
+//                  device may fuse the double multiply-adds); bad shapes and aliasing refused with
+//                  the host's exceptions, the parameter unchanged
 // Exit status: 0 passed, 1 failed, 77 no CUDA device (ctest: skipped).
 #define EIGEN_NO_CUDA
 
@@ -26,6 +33,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -92,6 +100,12 @@ Batch make_batch(const std::vector<std::size_t>& lengths, int vocab, std::uint64
   return b;
 }
 
+Tensor<float, Host> to_host(const Tensor<float, Device>& t) {
+  Tensor<float, Host> h(t.shape());
+  copy(cview(t), h.view());
+  return h;
+}
+
 template <class A, class B>
 double max_abs_diff(const Tensor<A, Host>& a, const Tensor<B, Host>& b) {
   double m = 0;
@@ -128,7 +142,7 @@ void gradients(const char* label, const BackboneConfig& cfg, std::uint64_t seed)
   for (const auto& g : gr) global = std::max(global, max_abs(*g.tensor));
   for (std::size_t i = 0; i < gr.size(); ++i) {
     const double scale = max_abs(*gr[i].tensor);
-    const double e = max_abs_diff(*gd[i].tensor, *gr[i].tensor), eh = max_abs_diff(*gh[i].tensor, *gr[i].tensor);
+    const double e = max_abs_diff(to_host(*gd[i].tensor), *gr[i].tensor), eh = max_abs_diff(*gh[i].tensor, *gr[i].tensor);
     // atol 1e-5 of the largest gradient of the model: a tensor whose exact gradient is 0 (the key
     // bias: adding q.b to every score of a row leaves its softmax unchanged) holds float noise.
     const double bound = 1e-4 * scale + 1e-5 * global;
@@ -143,18 +157,15 @@ void gradients(const char* label, const BackboneConfig& cfg, std::uint64_t seed)
 
   // Accumulation: a second call adds the same gradient again.
   std::vector<Tensor<float, Host>> once;
-  for (auto& g : gd) {
-    Tensor<float, Host> c(g.tensor->shape());
-    copy(cview(*g.tensor), c.view());
-    once.push_back(std::move(c));
-  }
+  for (auto& g : gd) once.push_back(to_host(*g.tensor));
   dev.forward_backward(batch.segments);
   auto g2 = dev.gradients();
   double acc_err = 0;
   for (std::size_t i = 0; i < g2.size(); ++i) {
     const double scale = max_abs(once[i]);
+    const Tensor<float, Host> twice = to_host(*g2[i].tensor);
     double e = 0;
-    for (index_t j = 0; j < once[i].numel(); ++j) e = std::max(e, std::abs(double(g2[i].tensor->data()[j]) - 2.0 * once[i].data()[j]));
+    for (index_t j = 0; j < once[i].numel(); ++j) e = std::max(e, std::abs(double(twice.data()[j]) - 2.0 * once[i].data()[j]));
     acc_err = std::max(acc_err, scale > 0 ? e / scale : e);
     EXPECT(e <= 1e-6 * scale + 1e-9, "%s: accumulated gradient %s is not twice one call (err %.3g, max %.3g)", label,
            g2[i].name.c_str(), e, scale);
@@ -203,7 +214,7 @@ void trainer(const char* label, const BackboneConfig& cfg, std::uint64_t seed) {
   auto pd = dev.parameters();
   double werr = 0, wmax = 0;
   for (std::size_t i = 0; i < ph.size(); ++i) {
-    werr = std::max(werr, max_abs_diff(*pd[i].tensor, *ph[i].tensor));
+    werr = std::max(werr, max_abs_diff(to_host(*pd[i].tensor), *ph[i].tensor));
     wmax = std::max(wmax, max_abs(*ph[i].tensor));
   }
   EXPECT(werr <= 1e-3 * wmax, "%s: weights after %lld updates differ by %.3g (max |w| %.3g)", label, (long long)tc.steps, werr, wmax);
@@ -213,6 +224,126 @@ void trainer(const char* label, const BackboneConfig& cfg, std::uint64_t seed) {
   std::printf("%-8s trainer: %lld updates, loss %.4f -> %.4f, worst step-loss difference %.3g relative, weights within %.3g "
               "(max |w| %.3g), validation %.6f (device) %.6f (host)\n", label, (long long)tc.steps, first, last, worst, werr,
               wmax, vd.mean(), vh.mean());
+}
+
+std::vector<Tensor<float, Host>> random_host_tensors(const std::vector<index_t>& sizes, std::uint64_t seed, float lo, float hi) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<Tensor<float, Host>> out;
+  for (index_t n : sizes) {
+    Tensor<float, Host> t(Shape{n});
+    for (index_t i = 0; i < n; ++i) t.data()[i] = u(rng);
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+std::vector<Tensor<float, Device>> to_device(const std::vector<Tensor<float, Host>>& xs) {
+  std::vector<Tensor<float, Device>> out;
+  for (const auto& x : xs) {
+    Tensor<float, Device> d(x.shape());
+    copy(cview(x), d.view());
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+template <class T, class L>
+std::vector<TensorView<const T, L>> const_views(const std::vector<Tensor<T, L>>& xs) {
+  std::vector<TensorView<const T, L>> v;
+  for (const auto& x : xs) v.push_back(cview(x));
+  return v;
+}
+
+template <class T, class L>
+std::vector<TensorView<T, L>> views(std::vector<Tensor<T, L>>& xs) {
+  std::vector<TensorView<T, L>> v;
+  for (auto& x : xs) v.push_back(x.view());
+  return v;
+}
+
+void optimizer_ops(std::uint64_t seed) {
+  std::vector<index_t> sizes = {1, 1000, 32768, 32769, 100003, 7};
+  std::mt19937_64 rng(seed);
+  for (int i = 0; i < 124; ++i) sizes.push_back(1 + static_cast<index_t>(rng() % 5000));
+  auto host = random_host_tensors(sizes, seed + 1, -3.0f, 3.0f);
+  auto dev = to_device(host);
+
+  // sum_of_squares
+  double exact = 0;
+  for (const auto& t : host)
+    for (index_t i = 0; i < t.numel(); ++i) exact += static_cast<double>(t.data()[i]) * t.data()[i];
+  const auto dv = const_views(dev);
+  const double s1 = ops::sum_of_squares(std::span<const TensorView<const float, Device>>(dv));
+  const double s2 = ops::sum_of_squares(std::span<const TensorView<const float, Device>>(dv));
+  const auto hv = const_views(host);
+  const double sh = ops::sum_of_squares(std::span<const TensorView<const float, Host>>(hv));
+  EXPECT(std::abs(s1 - exact) <= 1e-12 * exact, "sum_of_squares: device %.17g, float64 %.17g", s1, exact);
+  EXPECT(std::abs(sh - exact) <= 1e-12 * exact, "sum_of_squares: host %.17g, float64 %.17g", sh, exact);
+  EXPECT(s1 == s2, "sum_of_squares: two device calls differ (%.17g, %.17g)", s1, s2);
+  EXPECT(ops::sum_of_squares(std::span<const TensorView<const float, Device>>()) == 0.0, "sum_of_squares of no tensors");
+
+  // scale
+  const double factor = 0.37136;
+  auto dm = views(dev);
+  ops::scale(std::span<const TensorView<float, Device>>(dm), factor);
+  auto hm = views(host);
+  ops::scale(std::span<const TensorView<float, Host>>(hm), factor);
+  double scale_err = 0;
+  for (std::size_t i = 0; i < host.size(); ++i) scale_err = std::max(scale_err, max_abs_diff(to_host(dev[i]), host[i]));
+  EXPECT(scale_err == 0.0, "scale: device and host differ by %.3g", scale_err);
+
+  // adamw_update: three updates of every tensor from the same state
+  auto hg = random_host_tensors(sizes, seed + 2, -0.5f, 0.5f);
+  auto hmom = random_host_tensors(sizes, seed + 3, -0.1f, 0.1f);
+  auto hvar = random_host_tensors(sizes, seed + 4, 0.0f, 0.02f);
+  auto dg = to_device(hg), dmom = to_device(hmom), dvar = to_device(hvar);
+  ops::AdamWStep st;
+  st.beta1 = 0.9;
+  st.beta2 = 0.98;
+  st.eps = 1e-6;
+  st.weight_decay = 0.01;
+  for (int t = 1; t <= 3; ++t) {
+    st.lr = 1e-3 * t;
+    st.bias1 = 1.0 - std::pow(st.beta1, t);
+    st.bias2 = 1.0 - std::pow(st.beta2, t);
+    for (std::size_t i = 0; i < host.size(); ++i) {
+      ops::adamw_update(host[i].view(), cview(hg[i]), hmom[i].view(), hvar[i].view(), st);
+      ops::adamw_update(dev[i].view(), cview(dg[i]), dmom[i].view(), dvar[i].view(), st);
+    }
+  }
+  double ulps = 0;
+  for (std::size_t i = 0; i < host.size(); ++i) {
+    for (const auto& [d, h] : {std::pair{&dev[i], &host[i]}, std::pair{&dmom[i], &hmom[i]}, std::pair{&dvar[i], &hvar[i]}}) {
+      const Tensor<float, Host> got = to_host(*d);
+      for (index_t j = 0; j < got.numel(); ++j) {
+        const double want = h->data()[j], ulp = std::max(std::ldexp(std::abs(want), -23), 1e-30);
+        ulps = std::max(ulps, std::abs(got.data()[j] - want) / ulp);
+      }
+    }
+  }
+  EXPECT(ulps <= 2.0, "adamw_update: device and host differ by %.3g float ulp (parameters or moments)", ulps);
+
+  // bad input: refused before anything is written
+  const Tensor<float, Host> before = to_host(dev[1]);
+  Tensor<float, Device> wrong(Shape{999});
+  bool shape_error = false, alias_error = false;
+  try {
+    ops::adamw_update(dev[1].view(), cview(wrong), dmom[1].view(), dvar[1].view(), st);
+  } catch (const ShapeError&) {
+    shape_error = true;
+  }
+  try {
+    ops::adamw_update(dev[1].view(), cview(dg[1]), dmom[1].view(), dmom[1].view(), st);
+  } catch (const InputError&) {
+    alias_error = true;
+  }
+  EXPECT(shape_error, "adamw_update accepted a gradient of another shape");
+  EXPECT(alias_error, "adamw_update accepted m and v in one buffer");
+  EXPECT(max_abs_diff(to_host(dev[1]), before) == 0.0, "a refused adamw_update changed the parameter");
+  std::printf("optimizer ops: %zu tensors (%lld elements): sum of squares %.17g (device) %.17g (float64), scale equal, "
+              "AdamW within %.3g ulp\n", sizes.size(), (long long)std::accumulate(sizes.begin(), sizes.end(), index_t{0}), s1,
+              exact, ulps);
 }
 
 }  // namespace
@@ -229,6 +360,7 @@ int main() {
     gradients("gpt2", gpt2, 6);
     trainer("gpt2*", star, 7);
     trainer("gpt2", gpt2, 8);
+    optimizer_ops(9);
   } catch (const std::exception& e) {
     ++failures;
     std::printf("FAILED: uncaught exception: %s\n", e.what());

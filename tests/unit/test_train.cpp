@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include "longmem/train.hpp"
 #include "model_test_support.hpp"
 #include "recall_task.hpp"
@@ -337,6 +341,55 @@ TEST_CASE("train: document streams read documents in consecutive segments with n
   CHECK_THROWS_WITH(DocumentStreams(docs, 0, 4), Catch::Contains("streams"));
   DocumentStreams three(docs, 3, 3);
   CHECK_THROWS_WITH(three.restore(saved), Catch::Contains("same batch size"));
+}
+
+TEST_CASE("train: the optimizer ops sum in fixed blocks, whatever the thread count", "[train][optimizer]") {
+  // Several tensors, two of them longer than one 32 Ki-element block; fresh random values.
+  std::mt19937_64 rng(Catch::rngSeed() + 17);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  std::vector<Tensor<float, Host>> ts;
+  for (index_t n : {index_t{5}, index_t{70001}, index_t{1}, index_t{32768}, index_t{40000}}) {
+    Tensor<float, Host> t(Shape{n});
+    for (float& x : t) x = u(rng);
+    ts.push_back(std::move(t));
+  }
+  std::vector<NamedTensor<float, Host>> grads;
+  double exact = 0;
+  for (auto& t : ts) {
+    grads.push_back({"t", &t});
+    for (float x : t) exact += static_cast<double>(x) * x;
+  }
+  const double one = [&] {
+#if defined(_OPENMP)
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const double r = global_norm(grads);
+    omp_set_num_threads(saved);
+    return r;
+#else
+    return global_norm(grads);
+#endif
+  }();
+  const double all = global_norm(grads);
+  CHECK(all == one);  // bit for bit
+  CHECK(all == Approx(std::sqrt(exact)).epsilon(1e-13));
+  // scale: the double product rounded to float, element by element
+  const std::vector<float> before(ts[1].begin(), ts[1].end());
+  scale_gradients(grads, 0.3);
+  for (index_t i = 0; i < ts[1].numel(); ++i) {
+    REQUIRE(ts[1].data()[i] == static_cast<float>(static_cast<double>(before[static_cast<std::size_t>(i)]) * 0.3));
+  }
+  // AdamW refuses a gradient of another shape before changing anything
+  Tensor<float, Host> p(Shape{5}), g(Shape{4});
+  fill(p.view(), 1.0f);
+  std::vector<NamedTensor<float, Host>> ps{{"w", &p}}, gs{{"w", &g}};
+  AdamW<float> opt(AdamWConfig{}, ps);
+  CHECK_THROWS_WITH(opt.step(ps, gs, 0.1), Catch::Contains("AdamW: tensor w has shape (5)"));
+  CHECK(opt.steps() == 0);
+  for (float x : p) CHECK(x == 1.0f);
+  Tensor<float, Host> m(Shape{5}), v(Shape{6});
+  CHECK_THROWS_AS(ops::adamw_update(p.view(), cview(ts[0]), m.view(), v.view(), ops::AdamWStep{}), ShapeError);
+  CHECK_THROWS_AS(ops::adamw_update(p.view(), cview(ts[0]), m.view(), m.view(), ops::AdamWStep{}), InputError);
 }
 
 TEST_CASE("train: AdamW, the schedule and clipping follow their formulas", "[train][optimizer]") {

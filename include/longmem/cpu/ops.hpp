@@ -8,6 +8,7 @@
 //   cpu/ops/elementwise.hpp    gelu (in place, out of place), gelu_backward, add, add_difference
 //   cpu/ops/attention.hpp      causal_attention, memory_attention<F> and their backwards
 //   cpu/ops/cross_entropy.hpp  cross_entropy, cross_entropy_backward
+//   cpu/ops/optimizer.hpp      sum_of_squares, scale, adamw_update     (the Trainer's update)
 //   cpu/ops/gemm.hpp           the one host GEMM (oneDNN sgemm for float when built with it, else Eigen)
 //   cpu/ops/common.hpp         Eigen maps, argument checks, the thresholded parallel loop
 //
@@ -28,6 +29,7 @@
 #include "longmem/cpu/ops/embedding.hpp"
 #include "longmem/cpu/ops/layer_norm.hpp"
 #include "longmem/cpu/ops/linear.hpp"
+#include "longmem/cpu/ops/optimizer.hpp"
 #include "longmem/ops.hpp"
 #include "longmem/tensor.hpp"
 
@@ -118,6 +120,20 @@ struct OpsBackend<Host> {
   static void cross_entropy_backward(Out<T> d_logits, In<T> logits, std::span<const std::int32_t> targets,
                                      double scale) {
     detail::cpu::cross_entropy_backward(d_logits, logits, targets, scale);
+  }
+
+  // Optimizer.
+  template <class T>
+  static double sum_of_squares(std::span<const In<T>> xs) {
+    return detail::cpu::sum_of_squares(xs);
+  }
+  template <class T>
+  static void scale(std::span<const Out<T>> xs, double factor) {
+    detail::cpu::scale(xs, factor);
+  }
+  template <class T>
+  static void adamw_update(Out<T> param, In<T> grad, Out<T> m, Out<T> v, const ops::AdamWStep& s) {
+    detail::cpu::adamw_update(param, grad, m, v, s);
   }
 };
 

@@ -9,12 +9,14 @@
 //   cuda/ops/attention.cuh           causal_attention, memory_attention<F>   (one flash-style kernel)
 //   cuda/ops/attention_backward.cuh  causal_attention_backward       (cuBLASLt batched over heads)
 //   cuda/ops/cross_entropy.cuh       cross_entropy (synchronises), cross_entropy_backward
+//   cuda/ops/optimizer.cuh           sum_of_squares (synchronises), scale, adamw_update   (the Trainer's update)
 //   cuda/ops/common.cuh              stream, launch checks, scratch, column sums, the host backend's argument checks
 //
 // Arguments are checked as the host backend checks them, with the same exception types and
 // messages, before anything is enqueued, so a refused call writes nothing. A failed launch or CUDA
 // call is a BackendError that names the op and what was asked for. Work is enqueued on the legacy
-// default stream (detail::cuda::stream()); only cross_entropy waits for it, to return its sums.
+// default stream (detail::cuda::stream()); only cross_entropy and sum_of_squares wait for it, to return
+// their sums.
 // Buffers are float; longmem::set_device_math (cuda/math_mode.hpp) picks how the inputs of the
 // tensor-core products (linear, the local attention branch) are rounded: fp32 (default), tf32, bf16.
 // Backward ops: everything that training a backbone from scratch needs (BackbonePretraining on the
@@ -33,6 +35,7 @@
 #include "longmem/cuda/ops/embedding.cuh"
 #include "longmem/cuda/ops/layer_norm.cuh"
 #include "longmem/cuda/ops/linear.cuh"
+#include "longmem/cuda/ops/optimizer.cuh"
 #include "longmem/cuda/storage.hpp"
 #include "longmem/ops.hpp"
 #include "longmem/tensor.hpp"
@@ -133,6 +136,20 @@ struct OpsBackend<Device> {
     static_assert(detail::cuda::no_device_backward<Fusion, Args...>,
                   "memory_attention_backward has no CUDA implementation yet: run training on Host buffers "
                   "(<longmem/cpu/ops.hpp>)");
+  }
+
+  // Optimizer.
+  template <class T>
+  static double sum_of_squares(std::span<const In<T>> xs) {
+    return detail::cuda::sum_of_squares(xs);
+  }
+  template <class T>
+  static void scale(std::span<const Out<T>> xs, double factor) {
+    detail::cuda::scale(xs, factor);
+  }
+  template <class T>
+  static void adamw_update(Out<T> param, In<T> grad, Out<T> m, Out<T> v, const ops::AdamWStep& s) {
+    detail::cuda::adamw_update(param, grad, m, v, s);
   }
 };
 

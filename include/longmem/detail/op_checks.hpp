@@ -133,4 +133,24 @@ index_t check_position_embedding_backward(const G& d_wpe, const V& d_out, std::s
   return d_wpe.dim(1);
 }
 
+/// adamw_update's checks: grad, m and v have param's shape; m and v are separate from each other,
+/// from param and from grad (param and grad may not alias either).
+template <class P, class G>
+void check_adamw_update(const P& param, const G& grad, const P& m, const P& v) {
+  const char* op = "adamw_update";
+  for (auto [x, name] : {std::pair{grad.shape(), "grad"}, std::pair{m.shape(), "m"}, std::pair{v.shape(), "v"}}) {
+    if (!(x == param.shape())) {
+      fail<ShapeError>(op, ": ", name, " has shape ", x.str(), ", expected the parameter's shape ", param.shape().str());
+    }
+  }
+  if (overlaps(param, grad) || overlaps(param, m) || overlaps(param, v) || overlaps(grad, m) || overlaps(grad, v) ||
+      overlaps(m, v)) {
+    fail<InputError>(op, ": the parameter, its gradient and the two moments must be separate buffers");
+  }
+}
+
+/// Number of fixed summation blocks (32 Ki elements) sum_of_squares cuts n elements into.
+inline constexpr index_t square_sum_block = index_t{1} << 15;
+inline index_t square_sum_blocks(index_t n) { return (n + square_sum_block - 1) / square_sum_block; }
+
 }  // namespace longmem::detail::op_checks

@@ -11,15 +11,19 @@
 //   biases, LayerNorms and gates).
 //   Schedule: linear warm-up from 0 over `warmup` steps, then constant, linear/polynomial
 //   decay to `end_lr` at `total` steps (fairseq's polynomial_decay), or cosine decay.
+//   The arithmetic is the op table's (ops::adamw_update, ops::sum_of_squares, ops::scale), so it
+//   runs where the tensors are: host tensors on the CPU, device tensors on the GPU.
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "longmem/error.hpp"
+#include "longmem/ops.hpp"
 #include "longmem/tensor.hpp"
 
 namespace longmem {
@@ -95,67 +99,42 @@ struct ScheduleConfig {
 };
 
 namespace detail {
-/// Fixed blocks of every gradient tensor: (tensor, first element, end). Reductions sum each block
-/// in element order and the blocks in list order, so results do not depend on the thread count.
-template <class T>
-std::vector<std::array<index_t, 3>> gradient_blocks(const std::vector<NamedTensor<T, Host>>& grads) {
-  constexpr index_t block = index_t{1} << 15;
-  std::vector<std::array<index_t, 3>> blocks;
-  for (std::size_t i = 0; i < grads.size(); ++i) {
-    const index_t n = grads[i].tensor->numel();
-    for (index_t b = 0; b < n; b += block) blocks.push_back({static_cast<index_t>(i), b, std::min(n, b + block)});
-  }
-  return blocks;
-}
-
-/// f(j, data, begin, end) for every block j of gradient_blocks(grads), blocks in parallel.
-template <class T, class F>
-void for_each_gradient_block(const std::vector<NamedTensor<T, Host>>& grads,
-                             const std::vector<std::array<index_t, 3>>& blocks, F&& f) {
-  const index_t nb = static_cast<index_t>(blocks.size());
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (nb > 4)
-#endif
-  for (index_t j = 0; j < nb; ++j) {
-    const auto [i, b, e] = blocks[static_cast<std::size_t>(j)];
-    f(j, grads[static_cast<std::size_t>(i)].tensor->data(), b, e);
-  }
+template <class T, class L>
+std::vector<TensorView<T, L>> views_of(const std::vector<NamedTensor<T, L>>& xs) {
+  std::vector<TensorView<T, L>> out;
+  out.reserve(xs.size());
+  for (const auto& x : xs) out.push_back(x.tensor->view());
+  return out;
 }
 }  // namespace detail
 
-/// L2 norm of all gradients together, accumulated in double in a fixed order (blocks of 32 Ki
-/// elements in parallel, their sums added in order).
-template <class T>
-double global_norm(const std::vector<NamedTensor<T, Host>>& grads) {
-  const auto blocks = detail::gradient_blocks(grads);
-  std::vector<double> partial(blocks.size());
-  detail::for_each_gradient_block(grads, blocks, [&](index_t j, const T* x, index_t b, index_t e) {
-    double s = 0;
-    for (index_t k = b; k < e; ++k) s += static_cast<double>(x[k]) * static_cast<double>(x[k]);
-    partial[static_cast<std::size_t>(j)] = s;
-  });
-  double s = 0;
-  for (double p : partial) s += p;
-  return std::sqrt(s);
+/// L2 norm of all gradients together (ops::sum_of_squares: double, fixed blocks summed in a fixed
+/// order, so the result does not depend on the thread count). On the device: one copy to the host.
+template <class T, class L>
+double global_norm(const std::vector<NamedTensor<T, L>>& grads) {
+  std::vector<TensorView<const T, L>> views;
+  views.reserve(grads.size());
+  for (const auto& g : grads) views.push_back(cview(*g.tensor));
+  return std::sqrt(ops::sum_of_squares(std::span<const TensorView<const T, L>>(views)));
 }
 
 /// Multiplies every gradient by `factor` (elementwise: threads cannot change the result).
-template <class T>
-void scale_gradients(const std::vector<NamedTensor<T, Host>>& grads, double factor) {
-  detail::for_each_gradient_block(grads, detail::gradient_blocks(grads), [&](index_t, T* x, index_t b, index_t e) {
-    for (index_t k = b; k < e; ++k) x[k] = static_cast<T>(static_cast<double>(x[k]) * factor);
-  });
+template <class T, class L>
+void scale_gradients(const std::vector<NamedTensor<T, L>>& grads, double factor) {
+  const auto views = detail::views_of(grads);
+  ops::scale(std::span<const TensorView<T, L>>(views), factor);
 }
 
-/// AdamW with its first and second moments (float for float parameters; same shapes).
-template <class T>
+/// AdamW with its first and second moments (T, same shapes, at the parameters' location L:
+/// ops::adamw_update runs where the weights are).
+template <class T, class L = Host>
 class AdamW {
  public:
   AdamW() = default;
-  AdamW(AdamWConfig config, const std::vector<NamedTensor<T, Host>>& params) : config_(config) {
+  AdamW(AdamWConfig config, const std::vector<NamedTensor<T, L>>& params) : config_(config) {
     config_.validate();
     for (const auto& p : params) {
-      Tensor<T, Host> m(p.tensor->shape()), v(p.tensor->shape());
+      Tensor<T, L> m(p.tensor->shape()), v(p.tensor->shape());
       fill(m.view(), T(0));
       fill(v.view(), T(0));
       names_.push_back(p.name);
@@ -167,58 +146,47 @@ class AdamW {
   const AdamWConfig& config() const { return config_; }
   std::int64_t steps() const { return step_; }
   const std::vector<std::string>& names() const { return names_; }
-  Tensor<T, Host>& first_moment(std::size_t i) { return m_.at(i); }
-  Tensor<T, Host>& second_moment(std::size_t i) { return v_.at(i); }
-  const Tensor<T, Host>& first_moment(std::size_t i) const { return m_.at(i); }
-  const Tensor<T, Host>& second_moment(std::size_t i) const { return v_.at(i); }
+  Tensor<T, L>& first_moment(std::size_t i) { return m_.at(i); }
+  Tensor<T, L>& second_moment(std::size_t i) { return v_.at(i); }
+  const Tensor<T, L>& first_moment(std::size_t i) const { return m_.at(i); }
+  const Tensor<T, L>& second_moment(std::size_t i) const { return v_.at(i); }
   /// Restores the step counter (checkpoints).
   void set_steps(std::int64_t s) { step_ = s; }
 
   /// One update of every parameter with learning rate `lr`; params and grads in the order
   /// (and shapes) the optimizer was made with.
-  void step(const std::vector<NamedTensor<T, Host>>& params, const std::vector<NamedTensor<T, Host>>& grads, double lr) {
+  void step(const std::vector<NamedTensor<T, L>>& params, const std::vector<NamedTensor<T, L>>& grads, double lr) {
     if (params.size() != m_.size() || grads.size() != m_.size()) {
       detail::fail<ShapeError>("AdamW: made for ", m_.size(), " tensors, stepped with ", params.size(), " parameters and ",
                                grads.size(), " gradients");
     }
-    ++step_;
-    const double b1 = config_.beta1, b2 = config_.beta2;
-    const double c1 = 1.0 - std::pow(b1, static_cast<double>(step_)), c2 = 1.0 - std::pow(b2, static_cast<double>(step_));
     for (std::size_t i = 0; i < params.size(); ++i) {
-      Tensor<T, Host>& p = *params[i].tensor;
-      const Tensor<T, Host>& g = *grads[i].tensor;
+      const Tensor<T, L>& p = *params[i].tensor;
+      const Tensor<T, L>& g = *grads[i].tensor;
       if (!(p.shape() == m_[i].shape()) || !(g.shape() == p.shape())) {
         detail::fail<ShapeError>("AdamW: tensor ", names_[i], " has shape ", p.shape().str(), " (gradient ",
                                  g.shape().str(), "), the optimizer state ", m_[i].shape().str());
       }
-      const double wd = (config_.decay_vectors || p.rank() > 1) ? config_.weight_decay : 0.0;
-      T* pw = p.data();
-      const T* gw = g.data();
-      T* m = m_[i].data();
-      T* v = v_[i].data();
-      const index_t n = p.numel();
-      // Element by element: threads cannot change the result.
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(static) if (n >= (index_t{1} << 15))
-#endif
-      for (index_t j = 0; j < n; ++j) {
-        const double gj = static_cast<double>(gw[j]);
-        const double mj = b1 * static_cast<double>(m[j]) + (1.0 - b1) * gj;
-        const double vj = b2 * static_cast<double>(v[j]) + (1.0 - b2) * gj * gj;
-        m[j] = static_cast<T>(mj);
-        v[j] = static_cast<T>(vj);
-        double x = static_cast<double>(pw[j]);
-        x -= lr * wd * x;
-        x -= lr * (mj / c1) / (std::sqrt(vj / c2) + config_.eps);
-        pw[j] = static_cast<T>(x);
-      }
+    }
+    ++step_;
+    ops::AdamWStep s;
+    s.lr = lr;
+    s.beta1 = config_.beta1;
+    s.beta2 = config_.beta2;
+    s.eps = config_.eps;
+    s.bias1 = 1.0 - std::pow(config_.beta1, static_cast<double>(step_));
+    s.bias2 = 1.0 - std::pow(config_.beta2, static_cast<double>(step_));
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      Tensor<T, L>& p = *params[i].tensor;
+      s.weight_decay = (config_.decay_vectors || p.rank() > 1) ? config_.weight_decay : 0.0;
+      ops::adamw_update(p.view(), cview(*grads[i].tensor), m_[i].view(), v_[i].view(), s);
     }
   }
 
  private:
   AdamWConfig config_;
   std::vector<std::string> names_;
-  std::vector<Tensor<T, Host>> m_, v_;
+  std::vector<Tensor<T, L>> m_, v_;
   std::int64_t step_ = 0;
 };
 

@@ -52,11 +52,10 @@ Gpt2Backbone<T> initial_backbone(const BackboneConfig& cfg, std::uint64_t seed) 
   return Gpt2Backbone<T>(cfg, std::move(p));
 }
 
-/// The from-scratch task. L = Host trains on the CPU; L = Device runs the forward and backward on
-/// the GPU (<longmem/cuda/ops.cuh>, float) while the Trainer's AdamW, clipping and checkpoints stay
-/// on the host: the host keeps the master weights, each forward_backward copies the gradients back
-/// and parameters_changed() copies the updated weights to the device (two copies of the weights per
-/// update, small next to the step at these model sizes). Either way the same Trainer drives it.
+/// The from-scratch task. L = Host trains on the CPU; L = Device keeps the weights, gradients and
+/// (through the Trainer's AdamW<T, Device>) the optimizer state on the GPU
+/// (<longmem/cuda/ops.cuh>, float): an update crosses PCIe only for the token ids, the loss and the
+/// gradient norm; checkpoints and save_model() copy the weights out. The same Trainer drives both.
 template <ComputeType T = float, class L = Host>
 class BackbonePretraining {
   static constexpr bool on_host = std::is_same_v<L, Host>;
@@ -66,72 +65,37 @@ class BackbonePretraining {
   using location = L;
   static constexpr const char* task_name = "pretraining";
 
-  BackbonePretraining(Gpt2Backbone<T> backbone, int streams) : master_(std::move(backbone)), streams_(streams) {
+  BackbonePretraining(Gpt2Backbone<T> backbone, int streams) : model_(place(std::move(backbone))), streams_(streams) {
     if (streams <= 0) detail::fail<ConfigError>("BackbonePretraining: streams must be positive, got ", streams);
-    if constexpr (!on_host) {
-      device_.emplace(master_.template to<L>());
-      host_grads_ = zero_gpt2_parameters<T>(master_.config());
-      grads_.blocks.resize(host_grads_.blocks.size());
-      visit_gpt2_tensors(master_.config(), grads_, [](const std::string&, Tensor<T, L>& t, const Shape& sh) {
-        t.resize(sh);
-        fill(t.view(), T(0));
-      });
-    } else {
-      grads_ = zero_gpt2_parameters<T>(master_.config());
-    }
+    grads_.blocks.resize(model_.parameters().blocks.size());
+    visit_gpt2_tensors(model_.config(), grads_, [](const std::string&, Tensor<T, L>& t, const Shape& sh) {
+      t.resize(sh);
+      fill(t.view(), T(0));
+    });
     request_.logits = true;
     request_.hidden_states = true;
     request_.memory_layer = -1;
-    if constexpr (!on_host) {
-      // Page-lock the host tensors that cross to the device every update (large ones: small
-      // tensors share pages, which CUDA locks only once).
-      for (const auto& list : {parameters(), gradients()}) {
-        for (const auto& t : list) {
-          const std::size_t bytes = static_cast<std::size_t>(t.tensor->numel()) * sizeof(T);
-          if (bytes >= (std::size_t{1} << 16) && detail::Allocator<L>::pin_host(t.tensor->data(), bytes)) {
-            pinned_.push_back(t.tensor->data());
-          }
-        }
-      }
-    }
   }
   BackbonePretraining(BackbonePretraining&&) = default;
   BackbonePretraining& operator=(BackbonePretraining&&) = delete;
-  ~BackbonePretraining() {
-    if constexpr (!on_host) {
-      for (void* p : pinned_) detail::Allocator<L>::unpin_host(p);
-    }
-  }
 
-  /// The master weights (host), as AdamW last left them.
-  const Gpt2Backbone<T>& backbone() const { return master_; }
+  /// The weights as AdamW last left them, at location L (Gpt2Backbone::to<Host>() copies them out).
+  const Gpt2Backbone<T, L>& backbone() const { return model_; }
   int streams() const { return streams_; }
-  int vocab_size() const { return master_.config().vocab_size; }
+  int vocab_size() const { return model_.config().vocab_size; }
 
-  std::vector<NamedTensor<T, Host>> parameters() {
-    return named_tensors<T, Host>([&](auto&& fn) { visit_gpt2_tensors(master_.config(), master_.parameters(), fn); });
+  std::vector<NamedTensor<T, L>> parameters() {
+    return named_tensors<T, L>([&](auto&& fn) { visit_gpt2_tensors(model_.config(), model_.parameters(), fn); });
   }
-  std::vector<NamedTensor<T, Host>> gradients() {
-    return named_tensors<T, Host>([&](auto&& fn) { visit_gpt2_tensors(master_.config(), host_gradients(), fn); });
+  std::vector<NamedTensor<T, L>> gradients() {
+    return named_tensors<T, L>([&](auto&& fn) { visit_gpt2_tensors(model_.config(), grads_, fn); });
   }
   void zero_gradients() {
-    visit_gpt2_tensors(master_.config(), grads_, [](const std::string&, Tensor<T, L>& t, const Shape&) { fill(t.view(), T(0)); });
-    if constexpr (!on_host) {
-      for (auto& g : gradients()) fill(g.tensor->view(), T(0));
-    }
+    visit_gpt2_tensors(model_.config(), grads_, [](const std::string&, Tensor<T, L>& t, const Shape&) { fill(t.view(), T(0)); });
   }
-  /// The weights changed (an update, a resume): the device copy follows, and the fingerprint that
-  /// SideNets record must be recomputed (wte changed).
-  void parameters_changed() {
-    master_.refresh_fingerprint();
-    if constexpr (!on_host) {
-      std::vector<Tensor<T, L>*> dst;
-      visit_gpt2_tensors(master_.config(), device_->parameters(),
-                         [&](const std::string&, Tensor<T, L>& t, const Shape&) { dst.push_back(&t); });
-      std::size_t i = 0;
-      for (const auto& p : parameters()) copy(cview(*p.tensor), dst[i++]->view());
-    }
-  }
+  /// The weights changed (an update, a resume): the fingerprint that SideNets record must be
+  /// recomputed (wte changed); it is, lazily, when asked for.
+  void parameters_changed() { model_.refresh_fingerprint(); }
   void reset_memory() {}
 
   LossSum forward_backward(std::span<const StreamSegment> batch) {
@@ -140,19 +104,10 @@ class BackbonePretraining {
     }
     detail::split_batch(batch, segments_, targets_);
     const std::span<const std::span<const std::int32_t>> segs(segments_);
-    model().forward(segs, request_, out_, &acts_);
+    model_.forward(segs, request_, out_, &acts_);
     const auto [sum, count] = ops::cross_entropy(cview(out_.logits), targets_, TensorView<float, L>{});
     ops::cross_entropy_backward(out_.logits.view(), cview(out_.logits), targets_, 1.0);  // in place
-    gpt2_backward(model(), segs, out_, acts_, cview(out_.logits), grads_, scratch_);
-    if constexpr (!on_host) {
-      // The Trainer reads the host gradients next (norm, clipping, AdamW); the device buffers keep
-      // accumulating over micro-batches, so the copy after the last one holds the sum.
-      std::size_t i = 0;
-      const auto host = gradients();
-      visit_gpt2_tensors(master_.config(), grads_, [&](const std::string&, const Tensor<T, L>& t, const Shape&) {
-        copy(cview(t), host[i++].tensor->view());
-      });
-    }
+    gpt2_backward(model_, segs, out_, acts_, cview(out_.logits), grads_, scratch_);
     return {sum, count};
   }
 
@@ -165,7 +120,7 @@ class BackbonePretraining {
     for (std::size_t begin = 0; begin < tokens.size(); begin += static_cast<std::size_t>(segment_length)) {
       const std::size_t len = std::min<std::size_t>(static_cast<std::size_t>(segment_length), tokens.size() - begin);
       detail::next_token_targets(tokens, scored, begin, len, targets_);
-      model().forward(tokens.subspan(begin, len), req, out_);
+      model_.forward(tokens.subspan(begin, len), req, out_);
       losses_.resize({static_cast<index_t>(len)});
       if constexpr (on_host) {
         total += detail::loss_with_tokens(cview(out_.logits), targets_, losses_, token_losses);
@@ -178,53 +133,50 @@ class BackbonePretraining {
     return total;
   }
 
-  void save_model(const std::filesystem::path& path) const { master_.save(path); }
+  void save_model(const std::filesystem::path& path) const {
+    if constexpr (on_host) {
+      model_.save(path);
+    } else {
+      model_.template to<Host>().save(path);
+    }
+  }
 
   /// The gradient buffers, times `scale`, under the backbone file's names and layout (Hugging
   /// Face Conv1D layout for GPT-2, as save() writes weights).
   void save_gradients(const std::filesystem::path& path, double scale) const {
     Gpt2Parameters<T, Host> scaled;
-    scaled.blocks.resize(master_.parameters().blocks.size());
-    auto dst = named_tensors<T, Host>([&](auto&& fn) { visit_gpt2_tensors(master_.config(), scaled, fn); });
+    scaled.blocks.resize(model_.parameters().blocks.size());
+    auto dst = named_tensors<T, Host>([&](auto&& fn) { visit_gpt2_tensors(model_.config(), scaled, fn); });
     std::size_t i = 0;
-    visit_gpt2_tensors(master_.config(), host_gradients(), [&](const std::string&, const Tensor<T, Host>& g, const Shape&) {
+    visit_gpt2_tensors(model_.config(), grads_, [&](const std::string&, const Tensor<T, L>& g, const Shape&) {
       Tensor<T, Host>& s = *dst[i++].tensor;
       s.resize(g.shape());
-      for (index_t j = 0; j < g.numel(); ++j) s.data()[j] = static_cast<T>(g.data()[j] * scale);
+      copy(cview(g), s.view());
+      for (index_t j = 0; j < s.numel(); ++j) s.data()[j] = static_cast<T>(s.data()[j] * scale);
     });
-    Gpt2Backbone<T>(master_.config(), std::move(scaled)).save(path);
+    Gpt2Backbone<T>(model_.config(), std::move(scaled)).save(path);
   }
 
   std::map<std::string, std::string> model_metadata() const {
     std::map<std::string, std::string> md;
-    backbone_config_to_metadata(master_.config(), md);
+    backbone_config_to_metadata(model_.config(), md);
     return md;
   }
   void save_state(SafetensorsWriter&) const {}
   void load_state(const SafetensorsFile&) {}
 
  private:
-  const Gpt2Backbone<T, L>& model() const {
+  static Gpt2Backbone<T, L> place(Gpt2Backbone<T>&& host) {
     if constexpr (on_host) {
-      return master_;
+      return std::move(host);
     } else {
-      return *device_;
+      return host.template to<L>();
     }
   }
-  Gpt2Parameters<T, Host>& host_gradients() {
-    if constexpr (on_host) {
-      return grads_;
-    } else {
-      return host_grads_;
-    }
-  }
-  const Gpt2Parameters<T, Host>& host_gradients() const { return const_cast<BackbonePretraining*>(this)->host_gradients(); }
 
-  Gpt2Backbone<T> master_;                    // host weights: what AdamW updates and save_model writes
-  std::optional<Gpt2Backbone<T, L>> device_;  // L = Device: the copy the forward and backward run on
+  Gpt2Backbone<T, L> model_;  // the weights AdamW updates and save_model writes
   int streams_;
-  Gpt2Parameters<T, L> grads_;                // where the backward accumulates
-  Gpt2Parameters<T, Host> host_grads_;        // L = Device: the Trainer's copy of grads_
+  Gpt2Parameters<T, L> grads_;  // where the backward accumulates
   BackboneRequest request_;
   BackboneOutput<T, L> out_;
   Gpt2Activations<T, L> acts_;
@@ -233,7 +185,6 @@ class BackbonePretraining {
   Tensor<T, Host> staged_logits_;
   std::vector<std::span<const std::int32_t>> segments_;
   std::vector<std::int32_t> targets_;
-  std::vector<void*> pinned_;  // L = Device: host buffers page-locked by the constructor
 };
 
 }  // namespace longmem

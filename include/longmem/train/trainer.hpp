@@ -3,7 +3,9 @@
 //
 //   step():  `accumulation` micro-batches (each: the next segment of every stream, forward and
 //            backward, gradients summed), then gradients / targets (the mean loss over the whole
-//            step), a non-finite check, global-norm clipping, AdamW at the scheduled rate.
+//            step), a non-finite check, global-norm clipping, AdamW at the scheduled rate; all
+//            of it where the task keeps its weights (task_location_t: Host, or Device for
+//            BackbonePretraining<T, Device>, whose update never copies weights or gradients out).
 //   validate(): mean loss over the validation documents, each read as one stream from a fresh
 //            memory (at most `eval_tokens` tokens per document when > 0).
 //   save_checkpoint() / resume(): weights, AdamW moments, step, RNG, data position, every
@@ -29,14 +31,31 @@
 
 namespace longmem {
 
+namespace detail {
+template <class K>
+struct task_location {
+  using type = Host;
+};
+template <class K>
+  requires requires { typename K::location; }
+struct task_location<K> {
+  using type = typename K::location;
+};
+}  // namespace detail
+
+/// Where a task's weights and gradients live (K::location; Host when it names none). The
+/// Trainer's AdamW, norm and clipping run there (ops.hpp's optimizer ops).
+template <class K>
+using task_location_t = typename detail::task_location<K>::type;
+
 /// What a training task provides to the Trainer.
 template <class K>
 concept TrainingTask = requires(K& k, const K& ck, std::span<const StreamSegment> batch, std::span<const std::int32_t> doc,
                                 SafetensorsWriter& w, const SafetensorsFile& f, const std::filesystem::path& p) {
   typename K::value_type;
   { K::task_name } -> std::convertible_to<const char*>;
-  { k.parameters() } -> std::same_as<std::vector<NamedTensor<typename K::value_type, Host>>>;
-  { k.gradients() } -> std::same_as<std::vector<NamedTensor<typename K::value_type, Host>>>;
+  { k.parameters() } -> std::same_as<std::vector<NamedTensor<typename K::value_type, task_location_t<K>>>>;
+  { k.gradients() } -> std::same_as<std::vector<NamedTensor<typename K::value_type, task_location_t<K>>>>;
   k.zero_gradients();
   k.parameters_changed();
   k.reset_memory();
@@ -108,6 +127,7 @@ template <TrainingTask Task>
 class Trainer {
  public:
   using T = typename Task::value_type;
+  using L = task_location_t<Task>;
 
   /// `train` (and `valid`, may be empty) must outlive the trainer.
   Trainer(Task& task, const std::vector<Document>& train, const std::vector<Document>& valid, TrainConfig config)
@@ -119,7 +139,7 @@ class Trainer {
     check_vocabulary(valid, task_.vocab_size());
     params_ = task_.parameters();
     grads_ = task_.gradients();
-    optimizer_ = AdamW<T>(config_.optimizer, params_);
+    optimizer_ = AdamW<T, L>(config_.optimizer, params_);
   }
 
   const TrainConfig& config() const { return config_; }
@@ -199,10 +219,20 @@ class Trainer {
     md["config"] = config_.to_json().dump();
     md["model"] = nlohmann::json(task_.model_metadata()).dump();
     w.set_metadata(md);
+    Tensor<T, Host> staged;  // L = Device: each tensor passes through the host (add() copies it)
+    auto add = [&](const std::string& name, const Tensor<T, L>& t) {
+      if constexpr (std::is_same_v<L, Host>) {
+        w.add<T>(name, t.view());
+      } else {
+        staged.resize(t.shape());
+        copy(cview(t), staged.view());
+        w.add<T>(name, cview(staged));
+      }
+    };
     for (std::size_t i = 0; i < params_.size(); ++i) {
-      w.add<T>("param." + params_[i].name, params_[i].tensor->view());
-      w.add<T>("adam_m." + params_[i].name, optimizer_.first_moment(i).view());
-      w.add<T>("adam_v." + params_[i].name, optimizer_.second_moment(i).view());
+      add("param." + params_[i].name, *params_[i].tensor);
+      add("adam_m." + params_[i].name, optimizer_.first_moment(i));
+      add("adam_v." + params_[i].name, optimizer_.second_moment(i));
     }
     task_.save_state(w);
     w.write(path);
@@ -316,7 +346,7 @@ class Trainer {
   /// being exact as doubles (the schedule and AdamW's bias correction compute in double).
   static constexpr std::int64_t max_count = std::int64_t{1} << 53;
 
-  static const Shape& np_shape(const NamedTensor<T, Host>& n) { return n.tensor->shape(); }
+  static const Shape& np_shape(const NamedTensor<T, L>& n) { return n.tensor->shape(); }
 
   /// FormatError at the first non-finite value (or negative one, for second moments).
   static void check_values(const std::string& file, const std::string& name, const Tensor<T, Host>& t, bool non_negative) {
@@ -361,8 +391,8 @@ class Trainer {
   TrainConfig config_;
   DocumentStreams data_;
   std::mt19937_64 rng_;
-  std::vector<NamedTensor<T, Host>> params_, grads_;
-  AdamW<T> optimizer_;
+  std::vector<NamedTensor<T, L>> params_, grads_;  // at the task's location
+  AdamW<T, L> optimizer_;
 };
 
 }  // namespace longmem

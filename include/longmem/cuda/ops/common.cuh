@@ -10,6 +10,7 @@
 // place that says so; a per-model or per-thread stream replaces it later.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -59,13 +60,41 @@ inline std::string launch_str(dim3 grid, dim3 block, std::size_t smem = 0) {
                 " bytes of shared memory");
 }
 
+/// Makes the device's stream-ordered pool keep the memory it has reserved. By default (release
+/// threshold 0) the pool hands all of it back to the driver at every synchronisation, so each op's
+/// scratch after a copy to the host is a fresh mapping (tens of microseconds, per op, per call);
+/// with the threshold at its maximum the pool keeps its peak, as framework allocators do. Applied
+/// once per device, and only to the default pool while its threshold is still the default: a pool
+/// or threshold the application chose is left alone.
+inline void keep_pool_memory(const char* op) {
+  static std::atomic<std::uint64_t> done{0};  // one bit per device (devices >= 64: checked every time)
+  const int dev = current_device();
+  const std::uint64_t bit = dev < 64 ? std::uint64_t{1} << dev : 0;
+  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit) != 0) return;
+  cudaMemPool_t current = nullptr, standard = nullptr;
+  check(cudaDeviceGetMemPool(&current, dev), op, "cudaDeviceGetMemPool");
+  check(cudaDeviceGetDefaultMemPool(&standard, dev), op, "cudaDeviceGetDefaultMemPool");
+  if (current == standard) {
+    std::uint64_t threshold = 0;
+    check(cudaMemPoolGetAttribute(standard, cudaMemPoolAttrReleaseThreshold, &threshold), op,
+          "reading the memory pool's release threshold");
+    if (threshold == 0) {
+      threshold = UINT64_MAX;
+      check(cudaMemPoolSetAttribute(standard, cudaMemPoolAttrReleaseThreshold, &threshold), op,
+            "setting the memory pool's release threshold");
+    }
+  }
+  done.fetch_or(bit, std::memory_order_relaxed);
+}
+
 /// A device buffer from the stream-ordered allocator (cudaMallocAsync / cudaFreeAsync on stream()),
 /// so scratch space costs no device-wide synchronisation and stays valid for work enqueued before
-/// it is released.
+/// it is released. The pool keeps freed memory for the next call (keep_pool_memory).
 class Scratch {
  public:
   Scratch(std::size_t bytes, const char* op) : bytes_(bytes) {
     if (bytes == 0) return;
+    keep_pool_memory(op);
     check(cudaMallocAsync(&ptr_, bytes, stream()), op, "cudaMallocAsync of ", bytes, " bytes of scratch");
   }
   Scratch(const Scratch&) = delete;

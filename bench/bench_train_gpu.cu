@@ -1,0 +1,101 @@
+// Training a backbone from scratch on the GPU (`longmem-train pretrain --device cuda`): one whole
+// update of BackbonePretraining<float, Device> through the Trainer (forward, backward, gradient
+// scaling, norm, clipping, AdamW; weights, gradients and moments on the device), and its forward +
+// backward alone, so the rest is the update's own cost. GPT-2* (ALiBi, parallel blocks), d, L
+// layers, d/32 heads, V 256, B streams x T tokens; random weights and tokens. CUDA events around
+// each call with UseManualTime(); the GPU is idle when each starts, so host work counts.
+// Peer: bench/peers/train_torch.py --device cuda --mode full (same shape, fp32, fused AdamW).
+#define EIGEN_NO_CUDA
+
+#include <benchmark/benchmark.h>
+
+#include <cuda_runtime.h>
+
+#include <vector>
+
+#include <longmem/cuda/ops.cuh>
+#include <longmem/cuda/storage.hpp>
+#include <longmem/train.hpp>
+
+#include "bench_gpu_support.cuh"
+#include "bench_train_support.hpp"
+
+namespace {
+
+using namespace longmem;
+
+using Task = BackbonePretraining<float, Device>;
+
+struct Shape4 {
+  int T, d, L, B;
+};
+
+Shape4 shape_of(const benchmark::State& state) {
+  return {static_cast<int>(state.range(0)), static_cast<int>(state.range(1)), static_cast<int>(state.range(2)),
+          static_cast<int>(state.range(3))};
+}
+
+Task make_task(const Shape4& s) {
+  const auto cfg = BackboneConfig::gpt2_star(s.L, s.d, s.d / 32, 256, s.T);
+  return Task(initial_backbone<float>(cfg, 1), s.B);
+}
+
+void set_rate(benchmark::State& state, const Shape4& s) {
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(s.B) * s.T, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_PretrainStepGpu(benchmark::State& state) {
+  if (!cuda_device_available()) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  const Shape4 s = shape_of(state);
+  Task task = make_task(s);
+  const auto docs = bench::random_corpus(s.B, static_cast<std::size_t>(400 * s.T), 256);
+  Trainer<Task> trainer(task, docs, {}, bench::train_config(s.T));
+  trainer.step();  // warm-up: buffers, cuBLASLt heuristics, the memory pool
+  detail::cuda_check(cudaDeviceSynchronize(), "warm-up", 0);
+  bench::EventTimer timer;
+  const cudaStream_t st = detail::cuda::stream();
+  for (auto _ : state) {
+    timer.start(st);
+    benchmark::DoNotOptimize(trainer.step().loss);
+    state.SetIterationTime(timer.seconds(st));
+  }
+  set_rate(state, s);
+}
+
+void BM_PretrainForwardBackwardGpu(benchmark::State& state) {
+  if (!cuda_device_available()) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  const Shape4 s = shape_of(state);
+  Task task = make_task(s);
+  const auto docs = bench::random_corpus(s.B, static_cast<std::size_t>(4 * s.T), 256);
+  DocumentStreams data(docs, s.B, s.T);
+  const auto batch = data.next();
+  task.zero_gradients();
+  task.forward_backward(batch);  // warm-up
+  detail::cuda_check(cudaDeviceSynchronize(), "warm-up", 0);
+  bench::EventTimer timer;
+  const cudaStream_t st = detail::cuda::stream();
+  for (auto _ : state) {
+    timer.start(st);
+    task.zero_gradients();
+    benchmark::DoNotOptimize(task.forward_backward(batch).sum);
+    state.SetIterationTime(timer.seconds(st));
+  }
+  set_rate(state, s);
+}
+
+// T, d, L, B: the demo backbone's shape at the batches of bench/RESULTS.md (8, 32, 128)
+BENCHMARK(BM_PretrainStepGpu)->ArgNames({"T", "d", "L", "B"})->ArgsProduct({{256}, {256}, {4}, {8, 32, 128}})
+    ->Unit(benchmark::kMillisecond)->UseManualTime()->MinTime(1.0);
+BENCHMARK(BM_PretrainForwardBackwardGpu)->ArgNames({"T", "d", "L", "B"})->ArgsProduct({{256}, {256}, {4}, {8, 32, 128}})
+    ->Unit(benchmark::kMillisecond)->UseManualTime()->MinTime(1.0);
+
+}  // namespace
+
+BENCHMARK_MAIN();
