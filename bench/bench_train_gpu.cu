@@ -45,11 +45,14 @@ void set_rate(benchmark::State& state, const Shape4& s) {
       benchmark::Counter(static_cast<double>(s.B) * s.T, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+bool have_device(benchmark::State& state) {
+  if (cuda_device_available()) return true;
+  state.SkipWithError("no CUDA device");
+  return false;
+}
+
 void BM_PretrainStepGpu(benchmark::State& state) {
-  if (!cuda_device_available()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
+  if (!have_device(state)) return;
   const Shape4 s = shape_of(state);
   Task task = make_task(s);
   const auto docs = bench::random_corpus(s.B, static_cast<std::size_t>(400 * s.T), 256);
@@ -67,10 +70,7 @@ void BM_PretrainStepGpu(benchmark::State& state) {
 }
 
 void BM_PretrainForwardBackwardGpu(benchmark::State& state) {
-  if (!cuda_device_available()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
+  if (!have_device(state)) return;
   const Shape4 s = shape_of(state);
   Task task = make_task(s);
   const auto docs = bench::random_corpus(s.B, static_cast<std::size_t>(4 * s.T), 256);
