@@ -5,7 +5,8 @@
 #   build       configure and build everything with the cuda preset (sm_90), all cores
 #   test        all tests (GPU tests included) against the committed fixtures
 #   sanitize    compute-sanitizer memcheck, racecheck and initcheck over every GPU test
-#   bench-gpu   the CUDA kernel benchmarks (CUDA events) and their PyTorch peers on the GPU
+#   bench-gpu   the CUDA benchmarks (CUDA events: kernels, retrieval, the training update) and their
+#               PyTorch peers on the GPU
 #   bench-model-gpu  the whole LongMem forward at the paper's shape on the GPU (bench_longmem_gpu:
 #               fp32/tf32/bf16 device math) and the PyTorch fp16 port (eager, then torch.compile)
 #   bench-cpu   the CPU benchmarks beside their PyTorch peers on this machine's cores (training
@@ -79,6 +80,11 @@ stage_bench_gpu() {
   for p in bench/peers/*_torch_gpu.py bench/peers/retrieval_torch.py; do
     [ -f "$p" ] || continue
     timeout 200 python3 "$p" 2>&1 | tee "$out/$(basename "$p" .py).jsonl" | tail -12
+  done
+  # the peer of longmem_bench_train_gpu (the from-scratch update, fp32, at its three batches)
+  for b in 8 32 128; do
+    timeout 100 python3 bench/peers/train_torch.py --device cuda --mode full --batch $b --steps 30 2>&1 |
+      tee -a "$out/train_torch_gpu.jsonl" | tail -1
   done
 }
 

@@ -60,24 +60,11 @@
 #define LONGMEM_FIXTURE_DIR "tests/fixtures"
 #endif
 
+#include "gpu_check.hpp"
+
 namespace {
 
 using namespace longmem;
-
-int failures = 0;
-int checks = 0;
-
-#define EXPECT(cond, ...)                                                  \
-  do {                                                                     \
-    ++checks;                                                              \
-    if (!(cond)) {                                                         \
-      ++failures;                                                          \
-      std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond);        \
-      std::printf(__VA_ARGS__);                                            \
-      std::printf("\n");                                                   \
-      std::fflush(stdout);                                                 \
-    }                                                                      \
-  } while (0)
 
 constexpr double tolerance = 1e-4;  // of max |ref|
 

@@ -73,27 +73,15 @@
 #include <utility>
 #include <vector>
 
+#include "gpu_check.hpp"
+
 namespace {
 
 using namespace longmem;
 using HostD = Tensor<double, Host>;
 using Outputs = std::vector<HostD>;
 
-int failures = 0;
-int checks = 0;
 bool device_present = false;
-
-#define EXPECT(cond, ...)                                                  \
-  do {                                                                     \
-    ++checks;                                                              \
-    if (!(cond)) {                                                         \
-      ++failures;                                                          \
-      std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond);        \
-      std::printf(__VA_ARGS__);                                            \
-      std::printf("\n");                                                   \
-      std::fflush(stdout);                                                 \
-    }                                                                      \
-  } while (0)
 
 // ---------------------------------------------------------------- backends
 

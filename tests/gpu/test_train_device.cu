@@ -38,23 +38,11 @@
 #include <string>
 #include <vector>
 
+#include "gpu_check.hpp"
+
 namespace {
 
 using namespace longmem;
-
-int failures = 0, checks = 0;
-
-#define EXPECT(cond, ...)                                           \
-  do {                                                              \
-    ++checks;                                                       \
-    if (!(cond)) {                                                  \
-      ++failures;                                                   \
-      std::printf("FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                                     \
-      std::printf("\n");                                            \
-      std::fflush(stdout);                                          \
-    }                                                               \
-  } while (0)
 
 std::vector<std::int32_t> random_tokens(std::size_t n, int vocab, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
