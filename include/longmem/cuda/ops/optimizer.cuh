@@ -63,10 +63,12 @@ __global__ void __launch_bounds__(optimizer_block)
   if (threadIdx.x == 0) partial[b] = s;
 }
 
-/// total[0] = sum of partial[0..n) in index order (one thread: a few hundred values).
-__global__ inline void ordered_sum_kernel(const double* __restrict__ partial, index_t n, double* __restrict__ total) {
+/// total[0] = sum of partial[0..n) in index order (one thread: a few hundred values). A template,
+/// as every kernel in a header, so that translation units including it share one definition.
+template <class S>
+__global__ void ordered_sum_kernel(const S* __restrict__ partial, index_t n, S* __restrict__ total) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  double s = 0;
+  S s = 0;
   for (index_t j = 0; j < n; ++j) s += partial[j];
   *total = s;
 }
@@ -134,7 +136,7 @@ double sum_of_squares(std::span<const TensorView<const T, Device>> xs) {
     square_sums_kernel<T><<<static_cast<unsigned>(n_blocks), optimizer_block, 0, stream()>>>(list, partial + first);
     check_launch(op, "the block-sum kernel over ", list.count, " tensors (", n_blocks, " blocks)");
   });
-  ordered_sum_kernel<<<1, 32, 0, stream()>>>(partial, blocks, partial + blocks);
+  ordered_sum_kernel<double><<<1, 32, 0, stream()>>>(partial, blocks, partial + blocks);
   check_launch(op, "the final sum of ", blocks, " block sums");
   double total = 0;
   check(cudaMemcpyAsync(&total, partial + blocks, sizeof(double), cudaMemcpyDeviceToHost, stream()), op,
