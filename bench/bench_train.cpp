@@ -19,8 +19,6 @@ namespace {
 
 using namespace longmem;
 
-using bench::random_corpus;
-
 void BM_AdaptationStep(benchmark::State& state) {
   const int T = static_cast<int>(state.range(0)), d = static_cast<int>(state.range(1));
   const int L = static_cast<int>(state.range(2)), B = static_cast<int>(state.range(3));
@@ -34,7 +32,7 @@ void BM_AdaptationStep(benchmark::State& state) {
   mem.retrieved_tokens = 64;
   SideNetAdaptation<HostMemoryBank<float>, ExactChunkRetriever> task(std::move(backbone), std::move(side_net), mem, B);
   // Documents long enough that no stream reaches a document boundary while timing.
-  const auto docs = random_corpus(B, static_cast<std::size_t>(msz + 400 * T), 256);
+  const auto docs = bench::random_corpus(B, static_cast<std::size_t>(msz + 400 * T), 256);
   DocumentStreams fill(docs, B, T);
   for (int s = 0; s < msz / T; ++s) task.memorize(fill.next());
   Trainer<decltype(task)> trainer(task, docs, {}, bench::train_config(T));
@@ -50,7 +48,7 @@ void BM_PretrainStep(benchmark::State& state) {
   const int L = static_cast<int>(state.range(2)), B = static_cast<int>(state.range(3));
   const auto cfg = BackboneConfig::gpt2_star(L, d, d / 32, 256, T);
   BackbonePretraining<float> task(initial_backbone<float>(cfg, 1), B);
-  const auto docs = random_corpus(B, static_cast<std::size_t>(400 * T), 256);
+  const auto docs = bench::random_corpus(B, static_cast<std::size_t>(400 * T), 256);
   Trainer<decltype(task)> trainer(task, docs, {}, bench::train_config(T));
   trainer.step();
   for (auto _ : state) benchmark::DoNotOptimize(trainer.step().loss);

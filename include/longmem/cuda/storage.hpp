@@ -1,8 +1,7 @@
 #pragma once
 // Device buffers: what makes Tensor<T, Device> allocatable, and moving data to and from it.
 //
-//   detail::Allocator<Device>   cudaMalloc / cudaFree on the current device; pin_host / unpin_host
-//                               (cudaHostRegister) for host buffers copied every step
+//   detail::Allocator<Device>   cudaMalloc / cudaFree on the current device
 //   copy(src, dst)              host -> device, device -> host, device -> device; shapes must match
 //   fill(v, value)              device view := value (cudaMemset when every byte of value is the
 //                               same, e.g. 0; otherwise a host staging buffer and doubling copies)
@@ -64,18 +63,6 @@ struct Allocator<Device> {
   }
   /// For generic code (a model or backbone moving to the device): BackendError without a GPU.
   static void require_usable(const char* what) { require_cuda_device(what); }
-  /// Page-locks a host buffer that is copied to or from the device every step (training's host
-  /// weights and gradients), so copies run at DMA speed. Best effort: returns whether it worked (a
-  /// range that shares pages with one already locked is refused by CUDA and stays pageable).
-  static bool pin_host(void* p, std::size_t bytes) noexcept {
-    if (!p || bytes == 0) return false;
-    if (cudaHostRegister(p, bytes, cudaHostRegisterDefault) == cudaSuccess) return true;
-    (void)cudaGetLastError();
-    return false;
-  }
-  static void unpin_host(void* p) noexcept {
-    if (p && cudaHostUnregister(p) != cudaSuccess) (void)cudaGetLastError();
-  }
 };
 
 template <class T, class LS, class LD>

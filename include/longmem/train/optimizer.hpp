@@ -14,7 +14,6 @@
 //   The arithmetic is the op table's (ops::adamw_update, ops::sum_of_squares, ops::scale), so it
 //   runs where the tensors are: host tensors on the CPU, device tensors on the GPU.
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -99,9 +98,10 @@ struct ScheduleConfig {
 };
 
 namespace detail {
-template <class T, class L>
-std::vector<TensorView<T, L>> views_of(const std::vector<NamedTensor<T, L>>& xs) {
-  std::vector<TensorView<T, L>> out;
+/// The tensors of a list as views V (TensorView<T, L> or TensorView<const T, L>), for the op table.
+template <class V, class T, class L>
+std::vector<V> views_of(const std::vector<NamedTensor<T, L>>& xs) {
+  std::vector<V> out;
   out.reserve(xs.size());
   for (const auto& x : xs) out.push_back(x.tensor->view());
   return out;
@@ -112,16 +112,14 @@ std::vector<TensorView<T, L>> views_of(const std::vector<NamedTensor<T, L>>& xs)
 /// order, so the result does not depend on the thread count). On the device: one copy to the host.
 template <class T, class L>
 double global_norm(const std::vector<NamedTensor<T, L>>& grads) {
-  std::vector<TensorView<const T, L>> views;
-  views.reserve(grads.size());
-  for (const auto& g : grads) views.push_back(cview(*g.tensor));
+  const auto views = detail::views_of<TensorView<const T, L>>(grads);
   return std::sqrt(ops::sum_of_squares(std::span<const TensorView<const T, L>>(views)));
 }
 
 /// Multiplies every gradient by `factor` (elementwise: threads cannot change the result).
 template <class T, class L>
 void scale_gradients(const std::vector<NamedTensor<T, L>>& grads, double factor) {
-  const auto views = detail::views_of(grads);
+  const auto views = detail::views_of<TensorView<T, L>>(grads);
   ops::scale(std::span<const TensorView<T, L>>(views), factor);
 }
 

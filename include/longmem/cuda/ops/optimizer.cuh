@@ -8,10 +8,8 @@
 //                    result every run); it differs from the host's element-order sums by rounding.
 //   scale            one launch per 96 tensors over the same blocks
 //   adamw_update     one launch per tensor, element by element in double
-#include <algorithm>
 #include <cstdint>
 #include <span>
-#include <vector>
 
 #include "longmem/cuda/ops/common.cuh"
 #include "longmem/ops.hpp"
