@@ -29,6 +29,8 @@
 //   linear             rtol 1e-4   as linear; d_bias 1e-5 (a float column sum)
 //   gelu               rtol 1e-5   as gelu
 //   causal_attention   rtol 1e-4   five float GEMMs (cuBLASLt) and a float softmax per head
+//   memory_attention   rtol 1e-4   as causal_attention, plus float sums over up to 64 retrieved
+//                                  tokens per row; d_gate a double sum over T of float terms
 //   cross_entropy      rtol 1e-5, atol 1e-7 (one float rounding of scale <= 1: a V = 1 row is 0 only in double)
 // Backward cases run in the fp32 mode only (training uses it).
 //
@@ -872,6 +874,58 @@ std::vector<OpCase> op_table() {
       return outputs(reshaped(read_back(dq), heads), reshaped(read_back(dk), heads), reshaped(read_back(dv), heads));
     });
     c.tolerance = {{1e-6, 1e-4}, {1e-6, 1e-4}, {1e-6, 1e-4}};
+    table.push_back(std::move(c));
+  }
+
+  {  // memory_attention_backward, both fusions, K in {0, 5, 64}, gates moderate and saturated;
+     // d_gate starts from random values (it accumulates); odd variants pass no d_gate
+    OpCase c;
+    c.name = "backward: memory_attention";
+    int n = 0;
+    for (index_t T : seq)
+      for (auto hs : head_shapes)
+        for (index_t K : {0, 5, 64})
+          for (auto pos : {PositionScheme::Learned, PositionScheme::Alibi})
+            for (int fusion : {0, 1}) {
+              Params p;
+              p.T = T, p.H = hs.H, p.dh = hs.dh, p.K = K, p.pos = pos, p.fusion = fusion, p.variant = n++;
+              // T > 64 keeps one (position, fusion) pair of four per (H, dh, K), in rotation: run time.
+              if (T > 64 && (p.variant / 4) % 4 != p.variant % 4) continue;
+              c.sizes.push_back(p);
+            }
+    c.make = [attention_inputs](const Params& p, std::mt19937_64& rng) {
+      Inputs in = attention_inputs(p, rng);                               // q, k, v, mem_k, mem_v, gate
+      in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng));         // d_out
+      in.x.push_back(random_tensor(Shape{p.H}, rng));                    // d_gate start
+      return in;
+    };
+    backward_case(c, [](auto loc, auto value, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using T = decltype(value);
+      auto q = tensor_at<T, L>(in.x[0]);
+      auto k = tensor_at<T, L>(in.x[1]);
+      auto v = tensor_at<T, L>(in.x[2]);
+      auto mk = tensor_at<T, L>(in.x[3]);
+      auto mv = tensor_at<T, L>(in.x[4]);
+      auto gate = tensor_at<T, L>(in.x[5]);
+      auto g = tensor_at<T, L>(in.x[6]);
+      const bool with_gate = p.variant % 2 == 0;
+      auto d_gate = with_gate ? tensor_at<T, L>(in.x[7]) : Tensor<T, L>{};
+      // K = 0 memory is given as a (T, H, 0, dh) view over no data, as the bank hands it over
+      const TensorView<const T, L> mkv(mk.data(), Shape{p.T, p.H, p.K, p.dh}), mvv(mv.data(), Shape{p.T, p.H, p.K, p.dh});
+      const Shape s{p.T, p.H, p.dh};
+      auto dq = poisoned_at<T, L>(s), dk = poisoned_at<T, L>(s), dv = poisoned_at<T, L>(s);
+      const TensorView<T, L> dg = with_gate ? d_gate.view() : TensorView<T, L>{};
+      if (p.fusion == 0) {
+        ops::memory_attention_backward<GatedFusion>(dq.view(), dk.view(), dv.view(), dg, cview(g), cview(q), cview(k),
+                                                    cview(v), mkv, mvv, cview(gate), p.pos);
+      } else {
+        ops::memory_attention_backward<JointFusion>(dq.view(), dk.view(), dv.view(), dg, cview(g), cview(q), cview(k),
+                                                    cview(v), mkv, mvv, cview(gate), p.pos);
+      }
+      return outputs(read_back(dq), read_back(dk), read_back(dv), with_gate ? read_back(d_gate) : HostD());
+    });
+    c.tolerance = {{1e-6, 1e-4}, {1e-6, 1e-4}, {1e-6, 1e-4}, {1e-6, 1e-4}};
     table.push_back(std::move(c));
   }
 

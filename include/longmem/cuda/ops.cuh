@@ -7,7 +7,8 @@
 //   cuda/ops/linear.cuh              linear, linear_backward         (cuBLASLt, fp32 accumulation, bias in the epilogue)
 //   cuda/ops/elementwise.cuh         gelu (in place, out of place), gelu_backward, add, add_difference
 //   cuda/ops/attention.cuh           causal_attention, memory_attention<F>   (one flash-style kernel)
-//   cuda/ops/attention_backward.cuh  causal_attention_backward       (cuBLASLt batched over heads)
+//   cuda/ops/attention_backward.cuh  causal_attention_backward, memory_attention_backward<F>
+//                                    (cuBLASLt batched over heads; one warp per row for memory)
 //   cuda/ops/cross_entropy.cuh       cross_entropy (synchronises), cross_entropy_backward
 //   cuda/ops/optimizer.cuh           sum_of_squares (synchronises), scale, adamw_update   (the Trainer's update)
 //   cuda/ops/common.cuh              stream, launch checks, scratch, column sums, the host backend's argument checks
@@ -19,9 +20,8 @@
 // their sums.
 // Buffers are float; longmem::set_device_math (cuda/math_mode.hpp) picks how the inputs of the
 // tensor-core products (linear, the local attention branch) are rounded: fp32 (default), tf32, bf16.
-// Backward ops: everything that training a backbone from scratch needs (BackbonePretraining on the
-// device); memory_attention_backward (SideNet adaptation) is not on the device yet: calling it is
-// a compile error that says so.
+// Backward ops: everything that training needs, from scratch (BackbonePretraining) and by
+// memory-augmented adaptation (SideNetAdaptation), on the device.
 #include <cstdint>
 #include <span>
 #include <utility>
@@ -41,11 +41,6 @@
 #include "longmem/tensor.hpp"
 
 namespace longmem {
-
-namespace detail::cuda {
-template <class...>
-inline constexpr bool no_device_backward = false;
-}  // namespace detail::cuda
 
 template <>
 struct OpsBackend<Device> {
@@ -131,11 +126,10 @@ struct OpsBackend<Device> {
   static void cross_entropy_backward(Out<T> d_logits, In<T> logits, std::span<const std::int32_t> targets, double scale) {
     detail::cuda::cross_entropy_backward(d_logits, logits, targets, scale);
   }
-  template <class Fusion, class... Args>
-  static void memory_attention_backward(Args&&...) {
-    static_assert(detail::cuda::no_device_backward<Fusion, Args...>,
-                  "memory_attention_backward has no CUDA implementation yet: run training on Host buffers "
-                  "(<longmem/cpu/ops.hpp>)");
+  template <class Fusion, class T>
+  static void memory_attention_backward(Out<T> d_q, Out<T> d_k, Out<T> d_v, Out<T> d_gate, In<T> d_out, In<T> q, In<T> k,
+                                        In<T> v, In<T> mem_k, In<T> mem_v, In<T> gate, PositionScheme positions) {
+    detail::cuda::memory_attention_backward<Fusion>(d_q, d_k, d_v, d_gate, d_out, q, k, v, mem_k, mem_v, gate, positions);
   }
 
   // Optimizer.

@@ -1,37 +1,84 @@
 #pragma once
-// Device causal attention backward, for training on the GPU.
-//   causal_attention_backward   d_q, d_k, d_v (T, H, dh) from d_out (T, H, dh); the probabilities
-//                               are recomputed from q and k (nothing is kept from the forward)
+// Device attention backward, for training on the GPU.
+//   causal_attention_backward      d_q, d_k, d_v (T, H, dh) from d_out (T, H, dh)
+//   memory_attention_backward<F>   the same through the memory-augmented layer (fusion.hpp), plus
+//                                  d_gate (H) for GatedFusion; retrieved keys/values are constants
+// Nothing is kept from the forward: probabilities are recomputed from q, k (and mem_k).
 //
-// Per head h (cuBLASLt strided-batched GEMMs over the H heads; a head's rows are H dh apart):
-//   S  = q k^T                      (T, T)
-//   P  = softmax_s(scale S + alibi(s - t)), keys s <= t      (scale = 1/sqrt(dh); 0 above the diagonal)
-//   dP = d_out v^T                  (T, T)
-//   dS = scale P (dP - rowsum(P dP))                         (softmax backward; 0 above the diagonal)
-//   d_v = P^T d_out,  d_q = dS k,  d_k = dS^T q
-// Scratch: two (H, T, T) float matrices (8 H T^2 bytes: 2 MiB at T 256, H 8). The GEMMs are whole
-// T x T products; the masked half costs flops but no extra passes. The products follow the device
-// math mode (cuda/math_mode.hpp) like linear; the softmax is in float, its normaliser in float.
+// Per head h (cuBLASLt strided-batched GEMMs over the H heads; a head's rows are H dh apart), with
+// P the local probabilities as they enter the output and G the gradient reaching them:
+//   0. memory (K > 0), one warp per (t, h): M = softmax(q Kr^T scale) Vr, its log-normaliser lm,
+//      and d_out . M
+//   1. S  = q k^T (T, T);  P = softmax_s(scale S + alibi(s - t)), keys s <= t (0 above the diagonal)
+//      joint: one softmax over local and memory scores, so P *= exp(ll - z), z = logaddexp(ll, lm)
+//   2. dP = d_out v^T (T, T);  a = sum_s P dP (= G . A up to the gate factor), then per row
+//        causal  D = a                       dS = scale P (dP - D)
+//        gated   D = (1 - s) a, s = sigmoid(g)   dS = scale P ((1 - s) dP - D);  P *= (1 - s)
+//        joint   D = a + exp(lm - z) d_out . M   dS = scale P (dP - D)
+//   3. d_v = P^T d_out,  d_q = dS k,  d_k = dS^T q
+//   4. memory (K > 0), one warp per (t, h): p_j = exp(r_j - z_m), dr_j = p_j (G_m . Vr_j - D_m),
+//      d_q += scale sum_j dr_j Kr_j   (gated: z_m = lm, G_m = s d_out, D_m = s d_out . M; joint:
+//      z_m = z, G_m = d_out, D_m = D)
+//   5. gated: d_gate_h += s (1 - s) sum_t (d_out . M - a), one block per head, summed in double
+//      in a fixed order
+// Scratch: two (H, T, T) float matrices (8 H T^2 bytes: 2 MiB at T 256, H 8), and with memory
+// M (T, H, dh) and four (T, H) rows of statistics. The GEMMs are whole T x T products; the masked
+// half costs flops but no extra passes. The products follow the device math mode
+// (cuda/math_mode.hpp) like linear; softmaxes and statistics are in float, as on the host.
 #include <cmath>
 
 #include "longmem/cuda/ops/attention.cuh"
 #include "longmem/cuda/ops/common.cuh"
 #include "longmem/cuda/ops/linear.cuh"
 #include "longmem/detail/alibi.hpp"
+#include "longmem/fusion.hpp"
 
 namespace longmem::detail::cuda {
 
 inline constexpr unsigned attention_backward_block = 256;
 
-/// Row (h, t) of S (H, T, T): P = causal softmax(scale S + alibi) in place.
-template <class T>
+/// The memory-augmented modes' per-row statistics (T, H), row th = t H + h; all null for Causal.
+struct MemoryRowStats {
+  const float* gate = nullptr;  // (H) gate logits (gated)
+  float* mem_lse = nullptr;     // lm: log-normaliser of the memory scores
+  float* go_m = nullptr;        // d_out . M
+  float* norm = nullptr;        // joint: z, the log-normaliser of the one softmax
+  float* delta = nullptr;       // joint: D
+  float* gate_terms = nullptr;  // gated: d_out . M - a
+};
+
+/// Step 0, one warp per row (t, h): M (T, H, dh), lm and d_out . M (memory_branch_row's gated form,
+/// which normalises M).
+template <int DhMax>
+__global__ void memory_stats_kernel(AttentionArgs a, const float* __restrict__ d_out, MemoryRowStats st) {
+  const index_t warps = blockDim.x / 32, rows = a.n_tok * a.n_head;
+  const int lane = threadIdx.x % 32, dh = a.head_dim;
+  for (index_t th = blockIdx.x * warps + threadIdx.x / 32; th < rows; th += gridDim.x * warps) {
+    const index_t t = th / a.n_head;
+    const int h = static_cast<int>(th % a.n_head);
+    const index_t at = th * dh;  // (t, h) in (T, H, dh)
+    float ml[2];
+    memory_branch_row<AttentionMode::Gated, DhMax>(a, t, h, a.q + at, a.out + at, ml);
+    float dot = 0.0f;
+    for (int c = lane; c < dh; c += 32) dot += d_out[at + c] * a.out[at + c];  // the lane's own M entries
+    dot = warp_sum(dot);
+    if (lane == 0) {
+      st.mem_lse[th] = ml[0] + logf(ml[1]);
+      st.go_m[th] = dot;
+    }
+  }
+}
+
+/// Step 1, row (h, t) of S (H, T, T): P = causal softmax(scale S + alibi) in place; joint (stats
+/// given) rescales it into the one softmax over local and memory scores and stores z.
+template <AttentionMode Mode>
 __global__ void __launch_bounds__(attention_backward_block)
-    causal_softmax_rows_kernel(T* __restrict__ S, index_t n_tok, int H, float scale, bool alibi) {
+    causal_softmax_rows_kernel(float* __restrict__ S, index_t n_tok, int H, float scale, bool alibi, MemoryRowStats st) {
   __shared__ float partial[32];
   for (index_t row = blockIdx.x; row < index_t{H} * n_tok; row += gridDim.x) {
     const int h = static_cast<int>(row / n_tok);
     const index_t t = row % n_tok;
-    T* s = S + row * n_tok;
+    float* s = S + row * n_tok;
     const double slope = alibi ? alibi_slope(h, H) : 0.0;
     float mx = -INFINITY;
     for (index_t j = threadIdx.x; j <= t; j += blockDim.x) {
@@ -47,34 +94,130 @@ __global__ void __launch_bounds__(attention_backward_block)
       s[j] = e;
       z += e;
     }
-    const float inv = 1.0f / block_sum(z, partial);
+    z = block_sum(z, partial);
+    float inv = 1.0f / z;
+    if constexpr (Mode == AttentionMode::Joint) {
+      const index_t th = t * H + h;
+      const float ll = mx + logf(z), lm = st.mem_lse[th];
+      const float zj = fmaxf(ll, lm) + log1pf(expf(-fabsf(ll - lm)));  // logaddexp
+      inv *= expf(ll - zj);
+      if (threadIdx.x == 0) st.norm[th] = zj;
+    }
     for (index_t j = threadIdx.x; j < n_tok; j += blockDim.x) s[j] = j <= t ? s[j] * inv : 0.0f;
   }
 }
 
-/// Row (h, t): dP (H, T, T) becomes dS = scale P (dP - sum_s P dP), in place.
-template <class T>
+/// Step 2, row (h, t): dP (H, T, T) becomes dS in place (header comment); gated scales P by the
+/// local gate weight so that step 3's P^T d_out is d_v, and stores the gate term; joint stores D.
+template <AttentionMode Mode>
 __global__ void __launch_bounds__(attention_backward_block)
-    softmax_backward_rows_kernel(T* __restrict__ dP, const T* __restrict__ P, index_t n_tok, int H, float scale) {
+    softmax_backward_rows_kernel(float* __restrict__ dP, float* __restrict__ P, index_t n_tok, int H, float scale,
+                                 MemoryRowStats st) {
   __shared__ float partial[32];
   for (index_t row = blockIdx.x; row < index_t{H} * n_tok; row += gridDim.x) {
-    const index_t t = row % n_tok;
-    const T* p = P + row * n_tok;
-    T* g = dP + row * n_tok;
+    const int h = static_cast<int>(row / n_tok);
+    const index_t t = row % n_tok, th = t * H + h;
+    float* p = P + row * n_tok;
+    float* g = dP + row * n_tok;
     float dot = 0;
     for (index_t j = threadIdx.x; j <= t; j += blockDim.x) dot += p[j] * g[j];
     dot = block_sum(dot, partial);
-    for (index_t j = threadIdx.x; j < n_tok; j += blockDim.x) g[j] = j <= t ? scale * p[j] * (g[j] - dot) : 0.0f;
+    float gs = 1.0f, D = dot;  // dS = scale P (gs dP - D)
+    if constexpr (Mode == AttentionMode::Gated) {
+      float w_mem;
+      gate_weights(st.gate[h], gs, w_mem);
+      D = gs * dot;
+      if (threadIdx.x == 0) st.gate_terms[th] = st.go_m[th] - dot;
+    } else if constexpr (Mode == AttentionMode::Joint) {
+      D = dot + expf(st.mem_lse[th] - st.norm[th]) * st.go_m[th];
+      if (threadIdx.x == 0) st.delta[th] = D;
+    }
+    for (index_t j = threadIdx.x; j < n_tok; j += blockDim.x) {
+      g[j] = j <= t ? scale * p[j] * (gs * g[j] - D) : 0.0f;
+      if constexpr (Mode == AttentionMode::Gated) p[j] *= gs;
+    }
+  }
+}
+
+/// Step 4, one warp per row (t, h): d_q (t, h) += scale sum_j p_j (G_m . Vr_j - D_m) Kr_j.
+template <AttentionMode Mode, int DhMax>
+__global__ void memory_backward_kernel(AttentionArgs a, const float* __restrict__ d_out, float* __restrict__ d_q,
+                                       MemoryRowStats st) {
+  constexpr int per_lane = DhMax < 32 ? 1 : DhMax / 32;  // features c = lane + 32 x
+  const index_t warps = blockDim.x / 32, rows = a.n_tok * a.n_head, K = a.n_mem;
+  const int lane = threadIdx.x % 32, dh = a.head_dim;
+  for (index_t th = blockIdx.x * warps + threadIdx.x / 32; th < rows; th += gridDim.x * warps) {
+    const int h = static_cast<int>(th % a.n_head);
+    const index_t at = th * dh;
+    float gm = 1.0f, z, D;
+    if constexpr (Mode == AttentionMode::Gated) {
+      float gl;
+      gate_weights(a.gate[h], gl, gm);
+      z = st.mem_lse[th];
+      D = gm * st.go_m[th];
+    } else {
+      z = st.norm[th];
+      D = st.delta[th];
+    }
+    float qr[per_lane], go[per_lane], dq[per_lane];
+#pragma unroll
+    for (int x = 0; x < per_lane; ++x) {
+      const int c = lane + 32 * x;
+      qr[x] = c < dh ? a.q[at + c] : 0.0f;
+      go[x] = c < dh ? gm * d_out[at + c] : 0.0f;
+      dq[x] = 0.0f;
+    }
+    const float* kr = a.mem_k + th * K * dh;  // (K, dh)
+    const float* vr = a.mem_v + th * K * dh;  // (K, dh)
+    for (index_t j = 0; j < K; ++j) {
+      float kv[per_lane], rs = 0.0f, gv = 0.0f;
+#pragma unroll
+      for (int x = 0; x < per_lane; ++x) {
+        const int c = lane + 32 * x;
+        kv[x] = c < dh ? kr[j * dh + c] : 0.0f;
+        rs += qr[x] * kv[x];
+        gv += c < dh ? go[x] * vr[j * dh + c] : 0.0f;
+      }
+      rs = warp_sum(rs) * a.scale;
+      gv = warp_sum(gv);
+      const float dr = expf(rs - z) * (gv - D);
+#pragma unroll
+      for (int x = 0; x < per_lane; ++x) dq[x] += dr * kv[x];
+    }
+#pragma unroll
+    for (int x = 0; x < per_lane; ++x) {
+      const int c = lane + 32 * x;
+      if (c < dh) d_q[at + c] += a.scale * dq[x];
+    }
+  }
+}
+
+/// Step 5, block h: d_gate[h] += s (1 - s) sum_t gate_terms (t, h), in double, in a fixed order.
+__global__ void __launch_bounds__(attention_backward_block)
+    gate_backward_kernel(float* __restrict__ d_gate, const float* __restrict__ gate, const float* __restrict__ terms,
+                         index_t n_tok, int H) {
+  __shared__ double partial[32];
+  const int h = static_cast<int>(blockIdx.x);
+  double s = 0;
+  for (index_t t = threadIdx.x; t < n_tok; t += blockDim.x) s += static_cast<double>(terms[t * H + h]);
+  s = block_sum(s, partial);
+  if (threadIdx.x == 0) {
+    float gl, gm;
+    gate_weights(gate[h], gl, gm);
+    d_gate[h] += static_cast<float>(static_cast<double>(gm) * static_cast<double>(gl) * s);
   }
 }
 
 /// Checks as the host backend (d_q, d_k, d_v and d_out like q; no gradient overlapping an input
-/// or another gradient); returns the gathered forward arguments (n_tok, heads, head dim, scale).
+/// or another gradient); returns the gathered forward arguments (n_tok, heads, head dim, scale,
+/// memory).
 inline AttentionArgs attention_backward_args(const char* op, TensorView<float, Device> d_q, TensorView<float, Device> d_k,
                                              TensorView<float, Device> d_v, TensorView<const float, Device> d_out,
                                              TensorView<const float, Device> q, TensorView<const float, Device> k,
-                                             TensorView<const float, Device> v) {
-  const AttentionArgs a = attention_args(op, d_q, q, k, v, {}, {}, {}, false);
+                                             TensorView<const float, Device> v, TensorView<const float, Device> mem_k = {},
+                                             TensorView<const float, Device> mem_v = {},
+                                             TensorView<const float, Device> gate = {}, bool gate_needed = false) {
+  const AttentionArgs a = attention_args(op, d_q, q, k, v, mem_k, mem_v, gate, gate_needed);
   for (auto [x, name] : {std::pair{TensorView<const float, Device>(d_k), "d_k"},
                          std::pair{TensorView<const float, Device>(d_v), "d_v"}, std::pair{d_out, "d_out"}}) {
     if (!(x.shape() == q.shape()) && !(x.shape() == Shape{q.dim(0), q.dim(1) * q.dim(2)})) {
@@ -84,7 +227,8 @@ inline AttentionArgs attention_backward_args(const char* op, TensorView<float, D
   for (auto [out, oname] : {std::pair{TensorView<const float, Device>(d_q), "d_q"},
                             std::pair{TensorView<const float, Device>(d_k), "d_k"},
                             std::pair{TensorView<const float, Device>(d_v), "d_v"}}) {
-    for (auto [in, name] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}, std::pair{d_out, "d_out"}}) {
+    for (auto [in, name] : {std::pair{q, "q"}, std::pair{k, "k"}, std::pair{v, "v"}, std::pair{d_out, "d_out"},
+                            std::pair{mem_k, "mem_k"}, std::pair{mem_v, "mem_v"}}) {
       if (overlaps(out, in)) fail<InputError>(op, ": ", oname, " overlaps ", name, "; gradients need separate buffers");
     }
   }
@@ -94,6 +238,87 @@ inline AttentionArgs attention_backward_args(const char* op, TensorView<float, D
   return a;
 }
 
+/// Calls f.template operator()<DhMax>() with the head-dim bucket (32, 64, 128, 256) holding dh:
+/// the per-row warp kernels keep DhMax / 32 features per lane in registers.
+template <class F>
+void with_head_dim_bucket(index_t dh, F&& f) {
+  if (dh <= 32) {
+    f.template operator()<32>();
+  } else if (dh <= 64) {
+    f.template operator()<64>();
+  } else if (dh <= 128) {
+    f.template operator()<128>();
+  } else {
+    f.template operator()<256>();
+  }
+}
+
+/// Steps 0-5 of the header comment; d_gate may be null (frozen, or not gated).
+template <AttentionMode Mode>
+void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k, float* d_v, const float* d_out,
+                        float* d_gate, PositionScheme positions) {
+  constexpr bool memory = Mode != AttentionMode::Causal;
+  const index_t Tn = a.n_tok, H = a.n_head, dh = a.head_dim, ld = H * dh, rows = Tn * H;
+  if (Tn == 0 || H == 0 || dh == 0) return;
+  const std::size_t square = static_cast<std::size_t>(H * Tn * Tn);
+  const std::size_t stats = memory ? static_cast<std::size_t>(rows) : 0;
+  const std::size_t mem_out = memory ? static_cast<std::size_t>(rows * dh) : 0;
+  Scratch scratch((2 * square + mem_out + 4 * stats) * sizeof(float), op);
+  float* P = scratch.as<float>();
+  float* dS = P + square;
+  MemoryRowStats st;
+  if constexpr (memory) {
+    float* rest = dS + square;
+    a.out = rest;  // M (T, H, dh)
+    st.gate = a.gate;
+    st.mem_lse = rest + mem_out;
+    st.go_m = st.mem_lse + stats;
+    st.norm = st.go_m + stats;
+    st.delta = st.norm + stats;
+    st.gate_terms = st.delta;  // gated stores gate terms where joint stores D
+    constexpr unsigned warps = attention_backward_block / 32;
+    const dim3 wblock(attention_backward_block), wgrid(grid_for(rows, warps));
+    auto stats_kernel = [&]<int DhMax>() {
+      memory_stats_kernel<DhMax><<<wgrid, wblock, 0, stream()>>>(a, d_out, st);
+    };
+    with_head_dim_bucket(dh, stats_kernel);
+    check_launch(op, "the memory statistics kernel for ", rows, " rows, K = ", a.n_mem, " (", launch_str(wgrid, wblock), ")");
+  }
+  const DeviceMath math = device_math();
+  const int batch = static_cast<int>(H);
+  const index_t sq = Tn * Tn;
+  auto heads = [&](const float* x, bool transposed) { return GemmOperand{x, ld, dh, transposed}; };
+  auto squares = [&](const float* x, bool transposed) { return GemmOperand{x, Tn, sq, transposed}; };
+  // S = q k^T, then P in place
+  gemm(op, Tn, Tn, dh, heads(a.q, false), heads(a.k, true), 0.0f, P, Tn, sq, batch, math);
+  const dim3 block(attention_backward_block), grid(grid_for(rows, 1));
+  causal_softmax_rows_kernel<Mode><<<grid, block, 0, stream()>>>(P, Tn, static_cast<int>(H), a.scale,
+                                                                 positions == PositionScheme::Alibi, st);
+  check_launch(op, "the softmax kernel for ", H, " heads of ", Tn, " rows (", launch_str(grid, block), ")");
+  // dP = d_out v^T, then dS in place
+  gemm(op, Tn, Tn, dh, heads(d_out, false), heads(a.v, true), 0.0f, dS, Tn, sq, batch, math);
+  softmax_backward_rows_kernel<Mode><<<grid, block, 0, stream()>>>(dS, P, Tn, static_cast<int>(H), a.scale, st);
+  check_launch(op, "the softmax backward kernel for ", H, " heads of ", Tn, " rows (", launch_str(grid, block), ")");
+  // d_v = P^T d_out;  d_q = dS k;  d_k = dS^T q
+  gemm(op, Tn, dh, Tn, squares(P, true), heads(d_out, false), 0.0f, d_v, ld, dh, batch, math);
+  gemm(op, Tn, dh, Tn, squares(dS, false), heads(a.k, false), 0.0f, d_q, ld, dh, batch, math);
+  gemm(op, Tn, dh, Tn, squares(dS, true), heads(a.q, false), 0.0f, d_k, ld, dh, batch, math);
+  if constexpr (memory) {
+    constexpr unsigned warps = attention_backward_block / 32;
+    const dim3 wblock(attention_backward_block), wgrid(grid_for(rows, warps));
+    auto backward_kernel = [&]<int DhMax>() {
+      memory_backward_kernel<Mode, DhMax><<<wgrid, wblock, 0, stream()>>>(a, d_out, d_q, st);
+    };
+    with_head_dim_bucket(dh, backward_kernel);
+    check_launch(op, "the memory backward kernel for ", rows, " rows, K = ", a.n_mem, " (", launch_str(wgrid, wblock), ")");
+    if (Mode == AttentionMode::Gated && d_gate != nullptr) {
+      gate_backward_kernel<<<static_cast<unsigned>(H), block, 0, stream()>>>(d_gate, a.gate, st.gate_terms, Tn,
+                                                                              static_cast<int>(H));
+      check_launch(op, "the gate gradient kernel for ", H, " heads");
+    }
+  }
+}
+
 template <class T>
 void causal_attention_backward(TensorView<T, Device> d_q, TensorView<T, Device> d_k, TensorView<T, Device> d_v,
                                TensorView<const T, Device> d_out, TensorView<const T, Device> q,
@@ -101,30 +326,34 @@ void causal_attention_backward(TensorView<T, Device> d_q, TensorView<T, Device> 
   require_float<T>();
   const char* op = "causal_attention_backward";
   const AttentionArgs a = attention_backward_args(op, d_q, d_k, d_v, d_out, q, k, v);
-  const index_t Tn = a.n_tok, H = a.n_head, dh = a.head_dim, ld = H * dh;
-  if (Tn == 0 || H == 0 || dh == 0) return;
-  const index_t square = Tn * Tn;
-  Scratch scratch(2 * static_cast<std::size_t>(H * square) * sizeof(float), op);
-  float* P = scratch.as<float>();
-  float* dS = scratch.as<float>(static_cast<std::size_t>(H * square) * sizeof(float));
-  const DeviceMath math = device_math();
-  const int batch = static_cast<int>(H);
-  auto heads = [&](const float* x, bool transposed) { return GemmOperand{x, ld, dh, transposed}; };
-  auto squares = [&](const float* x, bool transposed) { return GemmOperand{x, Tn, square, transposed}; };
-  // S = q k^T, then P in place
-  gemm(op, Tn, Tn, dh, heads(q.data(), false), heads(k.data(), true), 0.0f, P, Tn, square, batch, math);
-  const dim3 block(attention_backward_block), grid(grid_for(H * Tn, 1));
-  causal_softmax_rows_kernel<float><<<grid, block, 0, stream()>>>(P, Tn, static_cast<int>(H), a.scale,
-                                                           positions == PositionScheme::Alibi);
-  check_launch(op, "the softmax kernel for ", H, " heads of ", Tn, " rows (", launch_str(grid, block), ")");
-  // dP = d_out v^T, then dS in place
-  gemm(op, Tn, Tn, dh, heads(d_out.data(), false), heads(v.data(), true), 0.0f, dS, Tn, square, batch, math);
-  softmax_backward_rows_kernel<float><<<grid, block, 0, stream()>>>(dS, P, Tn, static_cast<int>(H), a.scale);
-  check_launch(op, "the softmax backward kernel for ", H, " heads of ", Tn, " rows (", launch_str(grid, block), ")");
-  // d_v = P^T d_out;  d_q = dS k;  d_k = dS^T q
-  gemm(op, Tn, dh, Tn, squares(P, true), heads(d_out.data(), false), 0.0f, d_v.data(), ld, dh, batch, math);
-  gemm(op, Tn, dh, Tn, squares(dS, false), heads(k.data(), false), 0.0f, d_q.data(), ld, dh, batch, math);
-  gemm(op, Tn, dh, Tn, squares(dS, true), heads(q.data(), false), 0.0f, d_k.data(), ld, dh, batch, math);
+  attention_backward<AttentionMode::Causal>(op, a, d_q.data(), d_k.data(), d_v.data(), d_out.data(), nullptr, positions);
+}
+
+/// See ops::memory_attention_backward. K = 0 is exactly causal_attention_backward.
+template <class Fusion, class T>
+void memory_attention_backward(TensorView<T, Device> d_q, TensorView<T, Device> d_k, TensorView<T, Device> d_v,
+                               TensorView<T, Device> d_gate, TensorView<const T, Device> d_out,
+                               TensorView<const T, Device> q, TensorView<const T, Device> k, TensorView<const T, Device> v,
+                               TensorView<const T, Device> mem_k, TensorView<const T, Device> mem_v,
+                               TensorView<const T, Device> gate, PositionScheme positions) {
+  static_assert(longmem::Fusion<Fusion>,
+                "memory_attention_backward: Fusion must be longmem::GatedFusion or longmem::JointFusion");
+  require_float<T>();
+  constexpr bool gated = std::is_same_v<Fusion, GatedFusion>;
+  const char* op = "memory_attention_backward";
+  const AttentionArgs a = attention_backward_args(op, d_q, d_k, d_v, d_out, q, k, v, mem_k, mem_v, gate, gated);
+  if (!absent(d_gate)) {
+    expect_shape(d_gate, Shape{q.dim(1)}, "memory_attention_backward: d_gate (H), like gate");
+    if (overlaps(d_gate, gate)) fail<InputError>(op, ": d_gate overlaps gate");
+  }
+  float* dg = absent(d_gate) ? nullptr : d_gate.data();
+  if (a.n_mem == 0) {
+    attention_backward<AttentionMode::Causal>(op, a, d_q.data(), d_k.data(), d_v.data(), d_out.data(), nullptr, positions);
+  } else if constexpr (gated) {
+    attention_backward<AttentionMode::Gated>(op, a, d_q.data(), d_k.data(), d_v.data(), d_out.data(), dg, positions);
+  } else {
+    attention_backward<AttentionMode::Joint>(op, a, d_q.data(), d_k.data(), d_v.data(), d_out.data(), nullptr, positions);
+  }
 }
 
 }  // namespace longmem::detail::cuda
