@@ -33,8 +33,9 @@ constexpr bool built_with_cuda = false;
 
 }  // namespace
 
-/// pretrain --device cuda (train_device.cu, compiled by nvcc in CUDA builds).
+/// pretrain and adapt --device cuda (train_device.cu, compiled by nvcc in CUDA builds).
 int pretrain_on_cuda(const longmem::train_cli::Options& o);
+int adapt_on_cuda(const longmem::train_cli::Options& o);
 
 namespace {
 
@@ -62,7 +63,7 @@ Options parse(int argc, char** argv) {
   model->add_option("--vocab", o.vocab, "pretrain from scratch: vocabulary (256 = bytes)")->check(CLI::Range(1, 1 << 24))->capture_default_str();
   model->add_option("--dtype", o.dtype, "compute precision")->check(CLI::IsMember({"f32", "f64"}))->capture_default_str();
   model->add_option("--device", o.device,
-                    "pretrain: cpu, or cuda (forward and backward on the GPU in float; AdamW and checkpoints on the host)")
+                    "cpu, or cuda (forward, backward, AdamW and, for adapt, the memory banks on the GPU, in float)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
 
@@ -153,7 +154,6 @@ Options parse(int argc, char** argv) {
   }
   if (o.mode == "pretrain" && (!o.sidenet.empty() || o.no_memory)) usage("--sidenet and --no-memory are for adapt");
   if (o.device == "cuda") {
-    if (o.mode != "pretrain") usage("--device cuda trains backbones (pretrain); adapt runs on the CPU (no memory_attention_backward on the GPU yet)");
     if (o.dtype != "f32") usage("--device cuda computes in float: use --dtype f32 (the default)");
     if (!built_with_cuda) {
       std::cerr << tool << ": --device cuda: this longmem-train was built without CUDA support; rebuild with nvcc "
@@ -176,14 +176,15 @@ Options parse(int argc, char** argv) {
 
 #if !defined(LONGMEM_TRAIN_CUDA)
 int pretrain_on_cuda(const longmem::train_cli::Options&) { return longmem::cli::exit_refused; }  // refused in parse()
+int adapt_on_cuda(const longmem::train_cli::Options&) { return longmem::cli::exit_refused; }     // refused in parse()
 #endif
 
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
   return cli::guarded(tool, [&] {
-    if (o.mode == "pretrain" && o.device == "cuda") return pretrain_on_cuda(o);
+    if (o.device == "cuda") return o.mode == "pretrain" ? pretrain_on_cuda(o) : adapt_on_cuda(o);
     if (o.mode == "pretrain") return o.dtype == "f64" ? pretrain<double>(o) : pretrain<float>(o);
-    if (o.fusion == "joint") return o.dtype == "f64" ? adapt<double, JointFusion>(o) : adapt<float, JointFusion>(o);
-    return o.dtype == "f64" ? adapt<double, GatedFusion>(o) : adapt<float, GatedFusion>(o);
+    if (o.fusion == "joint") return o.dtype == "f64" ? adapt_on_host<double, JointFusion>(o) : adapt_on_host<float, JointFusion>(o);
+    return o.dtype == "f64" ? adapt_on_host<double, GatedFusion>(o) : adapt_on_host<float, GatedFusion>(o);
   });
 }

@@ -55,7 +55,7 @@ struct Options {
   std::string decay = "polynomial";
   std::int64_t eval_every = 0, checkpoint_every = 0, log_every = 10, stop_after = 0;
   std::string out, resume;
-  std::string device = "cpu";  // pretrain: cpu | cuda
+  std::string device = "cpu";  // cpu | cuda
   std::string save_gradients, tokens;
   bool quiet = false, no_plot = false;
 };
@@ -243,7 +243,9 @@ int gradients(const Options& o, Task& task) {
   return 0;
 }
 
-template <ComputeType T, Fusion F>
+/// adapt with a Bank and Retriever of one location: HostMemoryBank<T> + ExactChunkRetriever (the
+/// CPU), or DeviceMemoryBank<float> + FusedChunkRetriever (train_device.cu).
+template <ComputeType T, Fusion F, class Bank, class Retriever>
 int adapt(const Options& o) {
   auto backbone = Gpt2Backbone<T>::load(o.backbone);
   const int m = o.memory_layer.value_or(backbone.config().n_layer / 2);
@@ -255,15 +257,20 @@ int adapt(const Options& o) {
   mem.enabled = !o.no_memory;
   const auto& c = side_net.config();
   const bool gradient_mode = !o.save_gradients.empty();
-  SideNetAdaptation<HostMemoryBank<T>, ExactChunkRetriever, F, T> task(std::move(backbone), std::move(side_net), mem,
-                                                                           gradient_mode ? 1 : o.batch, ExactChunkRetriever{},
-                                                                           o.allow_other);
+  SideNetAdaptation<Bank, Retriever, F, T> task(std::move(backbone), std::move(side_net), mem, gradient_mode ? 1 : o.batch,
+                                                 Retriever{}, o.allow_other);
   if (gradient_mode) return gradients(o, task);
   std::ostringstream what;
   what << "adapt    SideNet " << c.n_layer << " layers, d " << c.n_embd << ", memory at layer " << c.memory_augmented_layer()
        << " (backbone layer " << c.memory_layer << "); memory " << (mem.enabled ? "on" : "off") << ": " << mem.memory_tokens
        << " tokens, chunks of " << mem.chunk_size << ", " << mem.retrieved_tokens << " retrieved, " << F::name << " fusion";
+  if constexpr (!std::is_same_v<typename Bank::location, Host>) what << " (on the GPU)";
   return train(o, task, "sidenet.safetensors", what.str());
+}
+
+template <ComputeType T, Fusion F>
+int adapt_on_host(const Options& o) {
+  return adapt<T, F, HostMemoryBank<T>, ExactChunkRetriever>(o);
 }
 
 /// pretrain on location L (Host, or Device in a CUDA translation unit: train_device.cu).

@@ -91,12 +91,12 @@ void visit_side_net_tensors(const SideNetConfig& cfg, P& params, Fn&& fn) {
   fn(std::string("layer_norm.bias"), params.ln_f_bias, Shape{d});
 }
 
-/// Zero-filled host tensors of every shape a SideNet of `cfg` has (gradients, optimizer moments).
-template <class T>
-SideNetParameters<T, Host> zero_side_net_parameters(const SideNetConfig& cfg) {
-  SideNetParameters<T, Host> p;
+/// Zero-filled tensors at L of every shape a SideNet of `cfg` has (gradients, optimizer moments).
+template <class T, class L = Host>
+SideNetParameters<T, L> zero_side_net_parameters(const SideNetConfig& cfg) {
+  SideNetParameters<T, L> p;
   p.layers.resize(static_cast<std::size_t>(std::max(cfg.n_layer, 0)));
-  visit_side_net_tensors(cfg, p, [](const std::string&, Tensor<T, Host>& t, const Shape& s) {
+  visit_side_net_tensors(cfg, p, [](const std::string&, Tensor<T, L>& t, const Shape& s) {
     t.resize(s);
     fill(t.view(), T(0));
   });

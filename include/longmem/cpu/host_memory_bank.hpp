@@ -102,6 +102,11 @@ class HostMemoryBank {
   TensorView<const float, Host> chunk_keys() const { return chunk_keys_.view(); }  // (H, C, dh)
   TensorView<const S, Host> keys() const { return keys_.view(); }                  // (H, C, csz, dh)
   TensorView<const S, Host> values() const { return values_.view(); }              // (H, C, csz, dh)
+  /// The incomplete chunk: its tokens (H, csz, dh), the first pending_tokens() of each head valid,
+  /// and the double sum of their input keys (H, dh). (A device bank's checkpoint passes through these.)
+  TensorView<const S, Host> pending_keys() const { return pending_keys_.view(); }
+  TensorView<const S, Host> pending_values() const { return pending_values_.view(); }
+  TensorView<const double, Host> pending_key_sum() const { return pending_sum_.view(); }
 
   /// Appends T tokens of keys and values, both (T, H, dh). Tokens first complete the
   /// pending chunk, then fill whole chunks; a trailing remainder becomes the new pending

@@ -34,6 +34,7 @@
 #include <string>
 #include <type_traits>
 
+#include "longmem/cpu/host_memory_bank.hpp"
 #include "longmem/cuda/detail/retrieval_bank_append.cuh"
 #include "longmem/cuda/detail/retrieval_storage.cuh"
 #include "longmem/cuda/storage.hpp"
@@ -41,9 +42,28 @@
 #include "longmem/error.hpp"
 #include "longmem/memory_bank.hpp"
 #include "longmem/model_config.hpp"
+#include "longmem/safetensors.hpp"
 #include "longmem/tensor.hpp"
 
 namespace longmem {
+
+namespace detail {
+/// The host storage type with S's bits: what a device bank's checkpoint is written as.
+template <class S>
+struct host_storage {
+  using type = S;
+};
+template <>
+struct host_storage<__half> {
+  using type = longmem::half;
+};
+template <>
+struct host_storage<__nv_bfloat16> {
+  using type = longmem::bfloat16;
+};
+template <class S>
+using host_storage_t = typename host_storage<S>::type;
+}  // namespace detail
 
 template <DeviceStorageType S>
 class DeviceMemoryBank {
@@ -186,6 +206,44 @@ class DeviceMemoryBank {
     append(cview(keys), cview(values));
   }
 
+  /// Writes the whole state under `prefix` with HostMemoryBank's names, shapes and dtypes, so a
+  /// host bank of the same storage type resumes from it and the other way round. Waits for the
+  /// bank's stream.
+  void save_state(SafetensorsWriter& w, const std::string& prefix) const {
+    using HS = detail::host_storage_t<S>;
+    synchronize("save_state");
+    w.add<HS>(prefix + "keys", cview(download<HS>(keys_)));
+    w.add<HS>(prefix + "values", cview(download<HS>(values_)));
+    w.add<float>(prefix + "chunk_keys", cview(download<float>(chunk_keys_)));
+    w.add<HS>(prefix + "pending_keys", cview(download<HS>(pending_keys_)));
+    w.add<HS>(prefix + "pending_values", cview(download<HS>(pending_values_)));
+    Tensor<double, Host> sum = download<double>(pending_sum_);
+    if (pending_ == 0) std::fill(sum.begin(), sum.end(), 0.0);  // stale here; the host bank's is 0
+    w.add<double>(prefix + "pending_key_sum", cview(sum));
+    Tensor<std::int64_t, Host> counters({2});
+    counters(0) = chunks_appended_;
+    counters(1) = pending_;
+    w.add<std::int64_t>(prefix + "counters", cview(counters));
+  }
+
+  /// Restores what save_state() (or HostMemoryBank::save_state of the same storage type) wrote,
+  /// checked as the host bank checks it: FormatError / ShapeError naming the tensor otherwise, and
+  /// the bank is unchanged then.
+  void load_state(const SafetensorsFile& f, const std::string& prefix) {
+    using HS = detail::host_storage_t<S>;
+    HostMemoryBank<HS> staged(geom_);
+    staged.load_state(f, prefix);
+    synchronize("load_state");
+    upload(staged.keys(), keys_);
+    upload(staged.values(), values_);
+    upload(staged.chunk_keys(), chunk_keys_);
+    upload(staged.pending_keys(), pending_keys_);
+    upload(staged.pending_values(), pending_values_);
+    upload(staged.pending_key_sum(), pending_sum_);
+    chunks_appended_ = staged.chunks_appended();
+    pending_ = staged.pending_tokens();
+  }
+
   /// Empties the bank; all counters go back to 0. (The pending key sum restarts at 0 with the
   /// next pending chunk, so no device work is needed.)
   void reset() {
@@ -246,6 +304,28 @@ class DeviceMemoryBank {
       detail::fail<BackendError>("DeviceMemoryBank::append: the kernel ", what, " failed to launch: ",
                                  cudaGetErrorString(err), " (", cudaGetErrorName(err), ")");
     }
+  }
+
+  void synchronize(const char* what) const {
+    if (const cudaError_t err = cudaStreamSynchronize(stream_); err != cudaSuccess) {
+      detail::fail<BackendError>("DeviceMemoryBank::", what, ": waiting for the bank's stream failed: ",
+                                 cudaGetErrorString(err), " (", cudaGetErrorName(err), ")");
+    }
+  }
+  /// A device buffer's bits as host type H (same size).
+  template <class H, class D>
+  static Tensor<H, Host> download(const Tensor<D, Device>& src) {
+    static_assert(sizeof(H) == sizeof(D));
+    Tensor<H, Host> dst(src.shape());
+    detail::cuda_check(cudaMemcpy(dst.data(), src.data(), src.bytes(), cudaMemcpyDeviceToHost),
+                       "DeviceMemoryBank::save_state: cudaMemcpy device -> host", src.bytes());
+    return dst;
+  }
+  template <class H, class D>
+  static void upload(TensorView<const H, Host> src, Tensor<D, Device>& dst) {
+    static_assert(sizeof(H) == sizeof(D));
+    detail::cuda_check(cudaMemcpy(dst.data(), src.data(), src.bytes(), cudaMemcpyHostToDevice),
+                       "DeviceMemoryBank::load_state: cudaMemcpy host -> device", src.bytes());
   }
 
   detail::DeviceBankArrays<S> arrays() {

@@ -112,11 +112,23 @@ LossSum loss_with_tokens(TensorView<const T, Host> logits, std::span<const std::
 }
 }  // namespace detail
 
+/// The adaptation task on the bank's location L: HostMemoryBank + ExactChunkRetriever train on the
+/// CPU; DeviceMemoryBank<float> + FusedChunkRetriever (<longmem/cuda/...>, T = float) keep the
+/// backbone, the SideNet, its gradients, activations and the banks on the GPU, and the Trainer's
+/// AdamW<T, Device> keeps the moments there: an update crosses PCIe only for the token ids and
+/// targets, the loss and the gradient norm.
 template <PersistentBank Bank, ChunkRetriever Retriever, Fusion F = GatedFusion, ComputeType T = float>
 class SideNetAdaptation {
-  static_assert(std::is_same_v<typename Bank::location, Host> && std::is_same_v<typename Retriever::location, Host>,
-                "SideNetAdaptation trains on the CPU: use a host bank (HostMemoryBank) and a host retriever "
-                "(ExactChunkRetriever)");
+ public:
+  using location = typename Bank::location;
+
+ private:
+  using L = location;
+  static constexpr bool on_host = std::is_same_v<L, Host>;
+  static_assert(std::is_same_v<typename Retriever::location, L>,
+                "SideNetAdaptation: the retriever must search banks where they live (ExactChunkRetriever with "
+                "HostMemoryBank, FusedChunkRetriever with DeviceMemoryBank)");
+  static_assert(on_host || std::is_same_v<T, float>, "SideNetAdaptation on the GPU computes in float");
   static_assert(ChunkRetrieverFor<Retriever, Bank>, "SideNetAdaptation: this ChunkRetriever cannot search this MemoryBank");
 
  public:
@@ -124,32 +136,28 @@ class SideNetAdaptation {
   using fusion_type = F;
   static constexpr const char* task_name = "adaptation";
 
-  /// Checks, as Model does, that the SideNet fits the backbone and the memory settings divide.
+  /// Checks, as Model does, that the SideNet fits the backbone and the memory settings divide;
+  /// then places both at L (a copy to the GPU for the device task).
   SideNetAdaptation(Gpt2Backbone<T> backbone, SideNet<T> side_net, MemoryConfig memory, int streams,
                     Retriever retriever = Retriever{}, bool allow_other_backbone = false)
-      : backbone_(std::move(backbone)), side_net_(std::move(side_net)), memory_(memory), retriever_(std::move(retriever)) {
+      : backbone_(place(checked(backbone, side_net, memory, streams, allow_other_backbone))),
+        side_net_(place(std::move(side_net))),
+        memory_(memory),
+        retriever_(std::move(retriever)) {
     const BackboneConfig& bc = backbone_.config();
-    side_net_.config().validate_against(bc);
-    const std::string& want = side_net_.config().backbone_fingerprint;
-    if (!allow_other_backbone && !want.empty() && want != backbone_.fingerprint()) {
-      detail::fail<ConfigError>("the SideNet was made for the backbone with fingerprint ", want,
-                                " but this backbone's is ", backbone_.fingerprint(),
-                                " (pass allow_other_backbone to train it anyway)");
-    }
-    memory_.validate();
-    if (streams <= 0) detail::fail<ConfigError>("SideNetAdaptation: streams must be positive, got ", streams);
     geometry_ = MemoryGeometry{bc.n_head, bc.head_dim(), memory_.chunk_size, memory_.capacity_chunks()};
     for (int s = 0; s < streams; ++s) banks_.emplace_back(geometry_);
     retrieved_.resize(static_cast<std::size_t>(streams));
-    grads_ = zero_side_net_parameters<T>(side_net_.config());
+    grads_ = zero_side_net_parameters<T, L>(side_net_.config());
     request_.logits = false;
     request_.hidden_states = true;
     request_.memory_layer = side_net_.config().memory_layer;
   }
 
-  const Gpt2Backbone<T>& backbone() const { return backbone_; }
-  const SideNet<T>& side_net() const { return side_net_; }
-  SideNet<T>& side_net() { return side_net_; }
+  /// The frozen backbone and the SideNet as AdamW last left it, at location L (to<Host>() copies out).
+  const Gpt2Backbone<T, L>& backbone() const { return backbone_; }
+  const SideNet<T, L>& side_net() const { return side_net_; }
+  SideNet<T, L>& side_net() { return side_net_; }
   const MemoryConfig& memory_config() const { return memory_; }
   int streams() const { return static_cast<int>(banks_.size()); }
   const Bank& bank(int stream) const { return banks_.at(static_cast<std::size_t>(stream)); }
@@ -158,11 +166,11 @@ class SideNetAdaptation {
   /// Memory off trains (and evaluates) the same SideNet without memory: the baseline.
   void set_memory_enabled(bool on) { memory_.enabled = on; }
 
-  std::vector<NamedTensor<T, Host>> parameters() {
-    return named_tensors<T, Host>([&](auto&& fn) { visit_side_net_tensors(side_net_.config(), side_net_.parameters(), fn); });
+  std::vector<NamedTensor<T, L>> parameters() {
+    return named_tensors<T, L>([&](auto&& fn) { visit_side_net_tensors(side_net_.config(), side_net_.parameters(), fn); });
   }
-  std::vector<NamedTensor<T, Host>> gradients() {
-    return named_tensors<T, Host>([&](auto&& fn) { visit_side_net_tensors(side_net_.config(), grads_, fn); });
+  std::vector<NamedTensor<T, L>> gradients() {
+    return named_tensors<T, L>([&](auto&& fn) { visit_side_net_tensors(side_net_.config(), grads_, fn); });
   }
   void zero_gradients() {
     for (auto& g : gradients()) fill(g.tensor->view(), T(0));
@@ -190,14 +198,14 @@ class SideNetAdaptation {
     const index_t N = offsets.back();
     logits_.resize({N, backbone_.config().vocab_size});
     const int k = memory_.retrieved_chunks();
-    auto retrieve = [&](std::size_t b, TensorView<const T, Host> q) -> const Retrieved<T, Host>* {
+    auto retrieve = [&](std::size_t b, TensorView<const T, L> q) -> const Retrieved<T, L>* {
       if (!memory_.enabled || banks_[b].num_chunks() == 0) return nullptr;
       retriever_.retrieve(banks_[b], q, k, retrieved_[b]);
       return &retrieved_[b];
     };
     side_net_.template forward<F>(cview(bout_.hidden), offsets, backbone_.token_embedding(), retrieve, logits_.view(),
                                   &acts_);
-    const auto [sum, count] = ops::cross_entropy(cview(logits_), targets_, TensorView<float, Host>{});
+    const auto [sum, count] = ops::cross_entropy(cview(logits_), targets_, TensorView<float, L>{});
     ops::cross_entropy_backward(logits_.view(), cview(logits_), targets_, 1.0);  // d(sum)/d logits, in place
     side_net_backward<F>(side_net_, acts_, offsets, backbone_.token_embedding(), cview(logits_), grads_, scratch_);
     if (memory_.enabled) {
@@ -244,21 +252,33 @@ class SideNetAdaptation {
       detail::next_token_targets(tokens, scored, begin, len, targets_);
       backbone_.forward(seg, req, bout_);
       logits_.resize({static_cast<index_t>(len), backbone_.config().vocab_size});
-      auto retrieve = [&](TensorView<const T, Host> q) -> const Retrieved<T, Host>* {
+      auto retrieve = [&](TensorView<const T, L> q) -> const Retrieved<T, L>* {
         if (!memory_.enabled || eval_bank_->num_chunks() == 0) return nullptr;
         retriever_.retrieve(*eval_bank_, q, k, eval_retrieved_);
         return &eval_retrieved_;
       };
       side_net_.template forward<F>(cview(bout_.hidden), backbone_.token_embedding(), retrieve, logits_.view());
       losses_.resize({static_cast<index_t>(len)});
-      total += detail::loss_with_tokens(cview(logits_), targets_, losses_, token_losses);
+      if constexpr (on_host) {
+        total += detail::loss_with_tokens(cview(logits_), targets_, losses_, token_losses);
+      } else {
+        staged_logits_.resize(logits_.shape());
+        copy(cview(logits_), staged_logits_.view());
+        total += detail::loss_with_tokens(cview(staged_logits_), targets_, losses_, token_losses);
+      }
       if (memory_.enabled) eval_bank_->append(cview(bout_.mem_keys), cview(bout_.mem_values));
     }
     return total;
   }
 
   /// Writes the SideNet (recommending the training memory settings) as a model file.
-  void save_model(const std::filesystem::path& path) const { side_net_.save(path, memory_); }
+  void save_model(const std::filesystem::path& path) const {
+    if constexpr (on_host) {
+      side_net_.save(path, memory_);
+    } else {
+      side_net_.template to<Host>().save(path, memory_);
+    }
+  }
 
   /// Writes the gradient buffers, times `scale`, under the SideNet file's names and layout.
   void save_gradients(const std::filesystem::path& path, double scale) const {
@@ -267,12 +287,12 @@ class SideNetAdaptation {
     md["content"] = "gradients";
     w.set_metadata(md);
     const auto& cfg = side_net_.config();
-    visit_side_net_tensors(cfg, grads_,
-                           [&](const std::string& name, const Tensor<T, Host>& g, const Shape&) {
-                             Tensor<T, Host> s(g.shape());
-                             for (index_t i = 0; i < g.numel(); ++i) s.data()[i] = static_cast<T>(g.data()[i] * scale);
-                             w.add<T>(name, s.view());
-                           });
+    visit_side_net_tensors(cfg, grads_, [&](const std::string& name, const Tensor<T, L>& g, const Shape&) {
+      Tensor<T, Host> s(g.shape());
+      copy(cview(g), s.view());
+      for (T& x : s) x = static_cast<T>(x * scale);
+      w.add<T>(name, s.view());
+    });
     w.write(path);
   }
 
@@ -300,24 +320,54 @@ class SideNetAdaptation {
   }
 
  private:
-  Gpt2Backbone<T> backbone_;
-  SideNet<T> side_net_;
+  /// The constructor's checks, before anything is placed (the backbone is handed on).
+  static Gpt2Backbone<T>&& checked(Gpt2Backbone<T>& backbone, const SideNet<T>& side_net, const MemoryConfig& memory,
+                                   int streams, bool allow_other_backbone) {
+    side_net.config().validate_against(backbone.config());
+    const std::string& want = side_net.config().backbone_fingerprint;
+    if (!allow_other_backbone && !want.empty() && want != backbone.fingerprint()) {
+      detail::fail<ConfigError>("the SideNet was made for the backbone with fingerprint ", want,
+                                " but this backbone's is ", backbone.fingerprint(),
+                                " (pass allow_other_backbone to train it anyway)");
+    }
+    memory.validate();
+    if (streams <= 0) detail::fail<ConfigError>("SideNetAdaptation: streams must be positive, got ", streams);
+    return std::move(backbone);
+  }
+  static Gpt2Backbone<T, L> place(Gpt2Backbone<T>&& host) {
+    if constexpr (on_host) {
+      return std::move(host);
+    } else {
+      return host.template to<L>();
+    }
+  }
+  static SideNet<T, L> place(SideNet<T>&& host) {
+    if constexpr (on_host) {
+      return std::move(host);
+    } else {
+      return host.template to<L>();
+    }
+  }
+
+  Gpt2Backbone<T, L> backbone_;
+  SideNet<T, L> side_net_;
   MemoryConfig memory_;
   Retriever retriever_;
   MemoryGeometry geometry_;
   std::vector<Bank> banks_;
-  std::vector<Retrieved<T, Host>> retrieved_;  // per stream, alive until the backward ran
-  SideNetParameters<T, Host> grads_;
+  std::vector<Retrieved<T, L>> retrieved_;  // per stream, alive until the backward ran
+  SideNetParameters<T, L> grads_;
   BackboneRequest request_;
-  BackboneOutput<T, Host> bout_;
-  SideNetActivations<T, Host> acts_;
-  SideNetGradScratch<T, Host> scratch_;
-  Tensor<T, Host> logits_;  // (N, V), then d logits in place
+  BackboneOutput<T, L> bout_;
+  SideNetActivations<T, L> acts_;
+  SideNetGradScratch<T, L> scratch_;
+  Tensor<T, L> logits_;  // (N, V), then d logits in place
   Tensor<float, Host> losses_;
+  Tensor<T, Host> staged_logits_;  // the device task's evaluation logits, on the host
   std::vector<std::span<const std::int32_t>> segments_;
   std::vector<std::int32_t> targets_;
   std::optional<Bank> eval_bank_;
-  Retrieved<T, Host> eval_retrieved_;
+  Retrieved<T, L> eval_retrieved_;
 };
 
 
