@@ -1,10 +1,15 @@
-// Training a backbone from scratch on the GPU (`longmem-train pretrain --device cuda`): one whole
-// update of BackbonePretraining<float, Device> through the Trainer (forward, backward, gradient
-// scaling, norm, clipping, AdamW; weights, gradients and moments on the device), and its forward +
-// backward alone, so the rest is the update's own cost. GPT-2* (ALiBi, parallel blocks), d, L
-// layers, d/32 heads, V 256, B streams x T tokens; random weights and tokens. CUDA events around
-// each call with UseManualTime(); the GPU is idle when each starts, so host work counts.
-// Peer: bench/peers/train_torch.py --device cuda --mode full (same shape, fp32, fused AdamW).
+// Training on the GPU (`longmem-train pretrain|adapt --device cuda`), one whole update through the
+// Trainer (forward, backward, gradient scaling, norm, clipping, AdamW; weights, gradients and
+// moments on the device):
+//   BM_PretrainStepGpu             BackbonePretraining<float, Device>, a backbone from scratch
+//   BM_PretrainForwardBackwardGpu  its forward + backward alone, so the rest is the update's own cost
+//   BM_AdaptationStepGpu           SideNetAdaptation with DeviceMemoryBank<float> and the
+//                                  FusedChunkRetriever: the backbone frozen, SideNet L/2 layers,
+//                                  every bank full (msz tokens, csz 4, K 64) before timing
+// GPT-2* (ALiBi, parallel blocks), d, L layers, d/32 heads, V 256, B streams x T tokens; random
+// weights and tokens. CUDA events around each call with UseManualTime(); the GPU is idle when each
+// starts, so host work counts.
+// Peer: bench/peers/train_torch.py --device cuda --mode full|adapt (same shapes, fp32, fused AdamW).
 #define EIGEN_NO_CUDA
 
 #include <benchmark/benchmark.h>
@@ -13,6 +18,8 @@
 
 #include <vector>
 
+#include <longmem/cuda/chunk_retriever.cuh>
+#include <longmem/cuda/device_memory_bank.cuh>
 #include <longmem/cuda/ops.cuh>
 #include <longmem/cuda/storage.hpp>
 #include <longmem/train.hpp>
@@ -90,10 +97,43 @@ void BM_PretrainForwardBackwardGpu(benchmark::State& state) {
   set_rate(state, s);
 }
 
+void BM_AdaptationStepGpu(benchmark::State& state) {
+  if (!have_device(state)) return;
+  const Shape4 s = shape_of(state);
+  const int msz = static_cast<int>(state.range(4));
+  auto backbone = initial_backbone<float>(BackboneConfig::gpt2_star(s.L, s.d, s.d / 32, 256, s.T), 1);
+  auto side_net = SideNet<float>::from_backbone(backbone, s.L / 2);
+  MemoryConfig mem;
+  mem.memory_tokens = msz;
+  mem.chunk_size = 4;
+  mem.retrieved_tokens = 64;
+  SideNetAdaptation<DeviceMemoryBank<float>, FusedChunkRetriever> task(std::move(backbone), std::move(side_net), mem, s.B);
+  // Documents long enough that no stream reaches a document boundary while timing.
+  const auto docs = bench::random_corpus(s.B, static_cast<std::size_t>(msz + 400 * s.T), 256);
+  DocumentStreams fill(docs, s.B, s.T);
+  for (int i = 0; i < msz / s.T; ++i) task.memorize(fill.next());
+  Trainer<decltype(task)> trainer(task, docs, {}, bench::train_config(s.T));
+  trainer.restore_data(fill.state());  // continue the streams where the memory ends
+  trainer.step();                      // warm-up
+  detail::cuda_check(cudaDeviceSynchronize(), "warm-up", 0);
+  bench::EventTimer timer;
+  const cudaStream_t st = detail::cuda::stream();
+  for (auto _ : state) {
+    timer.start(st);
+    benchmark::DoNotOptimize(trainer.step().loss);
+    state.SetIterationTime(timer.seconds(st));
+  }
+  set_rate(state, s);
+  state.SetLabel("memory full: " + std::to_string(task.bank(0).size_tokens()) + " tokens/stream");
+}
+
 // T, d, L, B: the demo backbone's shape at the batches of bench/RESULTS.md (8, 32, 128)
 BENCHMARK(BM_PretrainStepGpu)->ArgNames({"T", "d", "L", "B"})->ArgsProduct({{256}, {256}, {4}, {8, 32, 128}})
     ->Unit(benchmark::kMillisecond)->UseManualTime()->MinTime(1.0);
 BENCHMARK(BM_PretrainForwardBackwardGpu)->ArgNames({"T", "d", "L", "B"})->ArgsProduct({{256}, {256}, {4}, {8, 32, 128}})
+    ->Unit(benchmark::kMillisecond)->UseManualTime()->MinTime(1.0);
+// T, d, L, B, memory tokens per stream: the CPU benchmark's shape (the demo's SideNet), and B 32
+BENCHMARK(BM_AdaptationStepGpu)->ArgNames({"T", "d", "L", "B", "msz"})->ArgsProduct({{256}, {256}, {4}, {8, 32}, {16384}})
     ->Unit(benchmark::kMillisecond)->UseManualTime()->MinTime(1.0);
 
 }  // namespace

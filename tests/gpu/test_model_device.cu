@@ -483,16 +483,8 @@ void refusals_without_device() {
 
 int main() {
   if (!cuda_device_available()) {
-    try {
-      refusals_without_device();
-    } catch (const std::exception& e) {
-      ++failures;
-      std::printf("FAILED: uncaught exception: %s\n", e.what());
-    }
-    if (failures) {
-      std::printf("%d of %d checks failed\n", failures, checks);
-      return 1;
-    }
+    run_part("refusals without a device", [] { refusals_without_device(); });
+    if (failures) return finish("device model");
     std::printf("no CUDA device: checked the refusals only (%d checks); skipping the device model tests\n", checks);
     return 77;
   }
@@ -523,19 +515,6 @@ int main() {
       {"together vs alone joint", [] { together_vs_alone<JointFusion>(); }},
       {"behaviour", [] { behaviour(); }},
   };
-  for (const auto& [name, fn] : parts) {
-    try {
-      fn();
-    } catch (const std::exception& e) {
-      ++failures;
-      std::printf("FAILED %s: uncaught exception: %s\n", name, e.what());
-      std::fflush(stdout);
-    }
-  }
-  if (failures) {
-    std::printf("%d of %d checks failed\n", failures, checks);
-    return 1;
-  }
-  std::printf("all %d device model checks passed\n", checks);
-  return 0;
+  for (const auto& [name, fn] : parts) run_part(name, fn);
+  return finish("device model");
 }

@@ -1346,20 +1346,12 @@ int main(int argc, char** argv) {
   if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) std::printf("device: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
   std::printf("seed %llu%s%s\n", static_cast<unsigned long long>(base_seed()), filter.empty() ? "" : ", ops matching ",
               filter.c_str());
-  try {
+  run_part("op table", [&] {
     run_table(filter);
     run_table(filter, DeviceMath::tf32);
     run_table(filter, DeviceMath::bf16);
-    if (filter.empty() || filter == "behaviour") attention_behaviour();
-    if (filter.empty() || filter == "refusals") refusals();
-  } catch (const std::exception& e) {
-    ++failures;
-    std::printf("FAILED: uncaught exception: %s\n", e.what());
-  }
-  if (failures) {
-    std::printf("%d of %d checks failed\n", failures, checks);
-    return 1;
-  }
-  std::printf("all %d device op checks passed\n", checks);
-  return 0;
+  });
+  if (filter.empty() || filter == "behaviour") run_part("behaviour", [] { attention_behaviour(); });
+  if (filter.empty() || filter == "refusals") run_part("refusals", [] { refusals(); });
+  return finish("device op");
 }
