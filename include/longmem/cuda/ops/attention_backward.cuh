@@ -193,9 +193,11 @@ __global__ void memory_backward_kernel(AttentionArgs a, const float* __restrict_
 }
 
 /// Step 5, block h: d_gate[h] += s (1 - s) sum_t gate_terms (t, h), in double, in a fixed order.
+/// (A template, as every kernel in a header: nvcc ignores inline on __global__.)
+template <class T>
 __global__ void __launch_bounds__(attention_backward_block)
-    gate_backward_kernel(float* __restrict__ d_gate, const float* __restrict__ gate, const float* __restrict__ terms,
-                         index_t n_tok, int H) {
+    gate_backward_kernel(T* __restrict__ d_gate, const T* __restrict__ gate, const T* __restrict__ terms, index_t n_tok,
+                         int H) {
   __shared__ double partial[32];
   const int h = static_cast<int>(blockIdx.x);
   double s = 0;
@@ -312,7 +314,7 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
     with_head_dim_bucket(dh, backward_kernel);
     check_launch(op, "the memory backward kernel for ", rows, " rows, K = ", a.n_mem, " (", launch_str(wgrid, wblock), ")");
     if (Mode == AttentionMode::Gated && d_gate != nullptr) {
-      gate_backward_kernel<<<static_cast<unsigned>(H), block, 0, stream()>>>(d_gate, a.gate, st.gate_terms, Tn,
+      gate_backward_kernel<float><<<static_cast<unsigned>(H), block, 0, stream()>>>(d_gate, a.gate, st.gate_terms, Tn,
                                                                               static_cast<int>(H));
       check_launch(op, "the gate gradient kernel for ", H, " heads");
     }
