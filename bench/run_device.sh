@@ -81,10 +81,17 @@ stage_bench_gpu() {
     [ -f "$p" ] || continue
     timeout 200 python3 "$p" 2>&1 | tee "$out/$(basename "$p" .py).jsonl" | tail -12
   done
-  # the peer of longmem_bench_train_gpu (the from-scratch update, fp32, at its three batches)
-  for b in 8 32 128; do
-    timeout 100 python3 bench/peers/train_torch.py --device cuda --mode full --batch $b --steps 30 2>&1 |
-      tee -a "$out/train_torch_gpu.jsonl" | tail -1
+  # the peers of longmem_bench_train_gpu (fp32): the from-scratch update at its three batches, the
+  # adaptation update (banks full at 16 Ki tokens) at its two; eager, then torch.compile
+  for c in "" --compile; do
+    for b in 8 32 128; do
+      timeout 150 python3 bench/peers/train_torch.py --device cuda --mode full --batch $b --steps 30 $c 2>&1 |
+        tee -a "$out/train_torch_gpu.jsonl" | tail -1
+    done
+    for b in 8 32; do
+      timeout 150 python3 bench/peers/train_torch.py --device cuda --mode adapt --batch $b --steps 30 $c 2>&1 |
+        tee -a "$out/train_torch_gpu.jsonl" | tail -1
+    done
   done
 }
 
