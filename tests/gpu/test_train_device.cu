@@ -1,5 +1,5 @@
-// Training a backbone from scratch on the GPU: BackbonePretraining<float, Device> (forward and
-// backward on the device, AdamW on the host) against the same task on the host.
+// Training a backbone from scratch on the GPU: BackbonePretraining<float, Device> (forward, backward
+// and the Trainer's AdamW<float, Device> on the device) against the same task on the host.
 //   1. gradients   one forward_backward over 3 segments of different lengths (GPT-2* with ALiBi and
 //                  parallel blocks; GPT-2 with learned positions and sequential blocks): the loss and
 //                  every gradient tensor of the device task against the float64 host task on the same
