@@ -3,12 +3,14 @@
 //   - a short run writes its checkpoint, model, log and plot; the model loads,
 //   - an interrupted and resumed run ends with the same weights as one that was never stopped,
 //   - Ctrl-C stops with a checkpoint and exit 130,
+//   - adapt --device cuda: refused without CUDA or without a GPU, else the CPU run's SideNet,
 //   - a full disk while saving keeps the old checkpoint; bad input gets its exit code and never
 //     "unexpected".
 //   longmem_train_cli_check <path to longmem-train> <fixture dir> <scratch dir>
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -131,6 +133,41 @@ int main(int argc, char** argv) {
     auto side_net = SideNet<float>::load(scratch / "adapt" / "sidenet.safetensors");
     check(side_net.recommended_memory() && side_net.recommended_memory()->retrieved_tokens == 16,
           "the SideNet loads and records its memory settings");
+
+    // --- --device cuda: without CUDA compiled in, exit 2 saying so; with it but no usable GPU, exit 2
+    //     saying a CUDA device is needed; on a GPU, the same 5 adapt updates on the device write a
+    //     SideNet within float rounding of the CPU run's (1e-3 of the largest weight: AdamW divides
+    //     by sqrt(v), so a few ulp of gradient move a weight by a few ulp of lr)
+    {
+      const fs::path err = scratch / "adapt_cuda.err", out = scratch / "adapt_cuda";
+      const int rc = run(tool + adapt + " --steps 5 --device cuda --out " + quote(out) + " 2> " + quote(err));
+      const std::string text = slurp(err);
+      std::cout << text;
+      const bool no_unexpected = text.find("unexpected") == std::string::npos;
+      if (!LONGMEM_TRAIN_CLI_CUDA) {
+        check(rc == 2 && no_unexpected && text.find("built without CUDA") != std::string::npos &&
+                  !fs::exists(out / "sidenet.safetensors"),
+              "adapt --device cuda in a build without CUDA: exit 2, 'built without CUDA', no output");
+      } else if (rc == 0) {
+        const SafetensorsFile cpu = SafetensorsFile::open(scratch / "adapt" / "sidenet.safetensors");
+        const SafetensorsFile gpu = SafetensorsFile::open(out / "sidenet.safetensors");
+        double worst = 0, largest = 0;
+        for (const auto& name : cpu.names()) {
+          const auto a = cpu.read<float>(name), b = gpu.read<float>(name);
+          for (index_t i = 0; i < a.numel(); ++i) {
+            worst = std::max(worst, std::abs(double(a.data()[i]) - double(b.data()[i])));
+            largest = std::max(largest, std::abs(double(a.data()[i])));
+          }
+        }
+        std::cout << "adapt --device cuda: max |w_gpu - w_cpu| = " << worst << " (max |w| " << largest << ")\n";
+        check(worst <= 1e-3 * largest, "adapt --device cuda writes the CPU run's SideNet within float rounding");
+      } else {
+        check(rc == 2 && no_unexpected && text.find("needs a CUDA device") != std::string::npos,
+              "adapt --device cuda without a usable GPU: exit 2, 'needs a CUDA device'");
+      }
+      check(run(tool + adapt + " --steps 5 --device cuda --dtype f64 --out " + quote(out) + " 2>/dev/null") == 64,
+            "--device cuda with --dtype f64 is a usage error (64)");
+    }
 
     // --- resume: 4 + 4 updates of an 8-update run equal 8 -----------------------------------------------------------
     check(run(tool + adapt + " --steps 8 --out " + quote(scratch / "straight")) == 0, "8 updates straight");
