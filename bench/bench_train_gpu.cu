@@ -52,6 +52,21 @@ void set_rate(benchmark::State& state, const Shape4& s) {
       benchmark::Counter(static_cast<double>(s.B) * s.T, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/// One warm-up update (buffers, cuBLASLt heuristics, the memory pool), then each iteration's
+/// update timed with CUDA events.
+template <class Tr>
+void time_updates(benchmark::State& state, Tr& trainer) {
+  trainer.step();
+  detail::cuda_check(cudaDeviceSynchronize(), "warm-up", 0);
+  bench::EventTimer timer;
+  const cudaStream_t st = detail::cuda::stream();
+  for (auto _ : state) {
+    timer.start(st);
+    benchmark::DoNotOptimize(trainer.step().loss);
+    state.SetIterationTime(timer.seconds(st));
+  }
+}
+
 bool have_device(benchmark::State& state) {
   if (cuda_device_available()) return true;
   state.SkipWithError("no CUDA device");
@@ -64,15 +79,7 @@ void BM_PretrainStepGpu(benchmark::State& state) {
   Task task = make_task(s);
   const auto docs = bench::random_corpus(s.B, static_cast<std::size_t>(400 * s.T), 256);
   Trainer<Task> trainer(task, docs, {}, bench::train_config(s.T));
-  trainer.step();  // warm-up: buffers, cuBLASLt heuristics, the memory pool
-  detail::cuda_check(cudaDeviceSynchronize(), "warm-up", 0);
-  bench::EventTimer timer;
-  const cudaStream_t st = detail::cuda::stream();
-  for (auto _ : state) {
-    timer.start(st);
-    benchmark::DoNotOptimize(trainer.step().loss);
-    state.SetIterationTime(timer.seconds(st));
-  }
+  time_updates(state, trainer);
   set_rate(state, s);
 }
 
@@ -114,15 +121,7 @@ void BM_AdaptationStepGpu(benchmark::State& state) {
   for (int i = 0; i < msz / s.T; ++i) task.memorize(fill.next());
   Trainer<decltype(task)> trainer(task, docs, {}, bench::train_config(s.T));
   trainer.restore_data(fill.state());  // continue the streams where the memory ends
-  trainer.step();                      // warm-up
-  detail::cuda_check(cudaDeviceSynchronize(), "warm-up", 0);
-  bench::EventTimer timer;
-  const cudaStream_t st = detail::cuda::stream();
-  for (auto _ : state) {
-    timer.start(st);
-    benchmark::DoNotOptimize(trainer.step().loss);
-    state.SetIterationTime(timer.seconds(st));
-  }
+  time_updates(state, trainer);
   set_rate(state, s);
   state.SetLabel("memory full: " + std::to_string(task.bank(0).size_tokens()) + " tokens/stream");
 }
