@@ -110,8 +110,32 @@ LossSum loss_with_tokens(TensorView<const T, Host> logits, std::span<const std::
   }
   return r;
 }
+
+/// loss_with_tokens for logits at L: device logits are copied to `staging` on the host first.
+template <class T, class L>
+LossSum loss_with_tokens(TensorView<const T, L> logits, std::span<const std::int32_t> targets, Tensor<float, Host>& losses,
+                         std::vector<float>* out, Tensor<T, Host>& staging) {
+  if constexpr (std::is_same_v<L, Host>) {
+    return loss_with_tokens(logits, targets, losses, out);
+  } else {
+    staging.resize(logits.shape());
+    copy(logits, staging.view());
+    return loss_with_tokens(cview(staging), targets, losses, out);
+  }
+}
+
+/// A host model (Gpt2Backbone<T>, SideNet<T>) at location L: moved for the host, copied to the device.
+template <class L, class M>
+auto placed(M&& host) {
+  if constexpr (std::is_same_v<L, Host>) {
+    return std::move(host);
+  } else {
+    return host.template to<L>();
+  }
+}
 }  // namespace detail
 
+/// The adaptation task on the bank's location L
 /// The adaptation task on the bank's location L: HostMemoryBank + ExactChunkRetriever train on the
 /// CPU; DeviceMemoryBank<float> + FusedChunkRetriever (<longmem/cuda/...>, T = float) keep the
 /// backbone, the SideNet, its gradients, activations and the banks on the GPU, and the Trainer's
@@ -140,8 +164,8 @@ class SideNetAdaptation {
   /// then places both at L (a copy to the GPU for the device task).
   SideNetAdaptation(Gpt2Backbone<T> backbone, SideNet<T> side_net, MemoryConfig memory, int streams,
                     Retriever retriever = Retriever{}, bool allow_other_backbone = false)
-      : backbone_(place(checked(backbone, side_net, memory, streams, allow_other_backbone))),
-        side_net_(place(std::move(side_net))),
+      : backbone_(detail::placed<L>(checked(backbone, side_net, memory, streams, allow_other_backbone))),
+        side_net_(detail::placed<L>(std::move(side_net))),
         memory_(memory),
         retriever_(std::move(retriever)) {
     const BackboneConfig& bc = backbone_.config();
@@ -259,13 +283,7 @@ class SideNetAdaptation {
       };
       side_net_.template forward<F>(cview(bout_.hidden), backbone_.token_embedding(), retrieve, logits_.view());
       losses_.resize({static_cast<index_t>(len)});
-      if constexpr (on_host) {
-        total += detail::loss_with_tokens(cview(logits_), targets_, losses_, token_losses);
-      } else {
-        staged_logits_.resize(logits_.shape());
-        copy(cview(logits_), staged_logits_.view());
-        total += detail::loss_with_tokens(cview(staged_logits_), targets_, losses_, token_losses);
-      }
+      total += detail::loss_with_tokens(cview(logits_), targets_, losses_, token_losses, staged_logits_);
       if (memory_.enabled) eval_bank_->append(cview(bout_.mem_keys), cview(bout_.mem_values));
     }
     return total;
@@ -334,21 +352,6 @@ class SideNetAdaptation {
     if (streams <= 0) detail::fail<ConfigError>("SideNetAdaptation: streams must be positive, got ", streams);
     return std::move(backbone);
   }
-  static Gpt2Backbone<T, L> place(Gpt2Backbone<T>&& host) {
-    if constexpr (on_host) {
-      return std::move(host);
-    } else {
-      return host.template to<L>();
-    }
-  }
-  static SideNet<T, L> place(SideNet<T>&& host) {
-    if constexpr (on_host) {
-      return std::move(host);
-    } else {
-      return host.template to<L>();
-    }
-  }
-
   Gpt2Backbone<T, L> backbone_;
   SideNet<T, L> side_net_;
   MemoryConfig memory_;
@@ -363,7 +366,7 @@ class SideNetAdaptation {
   SideNetGradScratch<T, L> scratch_;
   Tensor<T, L> logits_;  // (N, V), then d logits in place
   Tensor<float, Host> losses_;
-  Tensor<T, Host> staged_logits_;  // the device task's evaluation logits, on the host
+  Tensor<T, Host> staged_logits_;  // evaluation logits copied off the device
   std::vector<std::span<const std::int32_t>> segments_;
   std::vector<std::int32_t> targets_;
   std::optional<Bank> eval_bank_;

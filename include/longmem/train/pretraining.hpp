@@ -65,7 +65,7 @@ class BackbonePretraining {
   using location = L;
   static constexpr const char* task_name = "pretraining";
 
-  BackbonePretraining(Gpt2Backbone<T> backbone, int streams) : model_(place(std::move(backbone))), streams_(streams) {
+  BackbonePretraining(Gpt2Backbone<T> backbone, int streams) : model_(detail::placed<L>(std::move(backbone))), streams_(streams) {
     if (streams <= 0) detail::fail<ConfigError>("BackbonePretraining: streams must be positive, got ", streams);
     grads_.blocks.resize(model_.parameters().blocks.size());
     visit_gpt2_tensors(model_.config(), grads_, [](const std::string&, Tensor<T, L>& t, const Shape& sh) {
@@ -122,13 +122,7 @@ class BackbonePretraining {
       detail::next_token_targets(tokens, scored, begin, len, targets_);
       model_.forward(tokens.subspan(begin, len), req, out_);
       losses_.resize({static_cast<index_t>(len)});
-      if constexpr (on_host) {
-        total += detail::loss_with_tokens(cview(out_.logits), targets_, losses_, token_losses);
-      } else {
-        staged_logits_.resize(out_.logits.shape());
-        copy(cview(out_.logits), staged_logits_.view());
-        total += detail::loss_with_tokens(cview(staged_logits_), targets_, losses_, token_losses);
-      }
+      total += detail::loss_with_tokens(cview(out_.logits), targets_, losses_, token_losses, staged_logits_);
     }
     return total;
   }
@@ -166,14 +160,6 @@ class BackbonePretraining {
   void load_state(const SafetensorsFile&) {}
 
  private:
-  static Gpt2Backbone<T, L> place(Gpt2Backbone<T>&& host) {
-    if constexpr (on_host) {
-      return std::move(host);
-    } else {
-      return host.template to<L>();
-    }
-  }
-
   Gpt2Backbone<T, L> model_;  // the weights AdamW updates and save_model writes
   int streams_;
   Gpt2Parameters<T, L> grads_;  // where the backward accumulates

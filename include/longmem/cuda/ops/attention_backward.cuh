@@ -269,6 +269,8 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
   float* P = scratch.as<float>();
   float* dS = P + square;
   MemoryRowStats st;
+  // the per-row warp kernels (steps 0 and 4): one warp per (t, h)
+  const dim3 wblock(attention_backward_block), wgrid(grid_for(rows, attention_backward_block / 32));
   if constexpr (memory) {
     float* rest = dS + square;
     a.out = rest;  // M (T, H, dh)
@@ -278,8 +280,6 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
     st.norm = st.go_m + stats;
     st.delta = st.norm + stats;
     st.gate_terms = st.delta;  // gated stores gate terms where joint stores D
-    constexpr unsigned warps = attention_backward_block / 32;
-    const dim3 wblock(attention_backward_block), wgrid(grid_for(rows, warps));
     auto stats_kernel = [&]<int DhMax>() {
       memory_stats_kernel<DhMax><<<wgrid, wblock, 0, stream()>>>(a, d_out, st);
     };
@@ -306,8 +306,6 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
   gemm(op, Tn, dh, Tn, squares(dS, false), heads(a.k, false), 0.0f, d_q, ld, dh, batch, math);
   gemm(op, Tn, dh, Tn, squares(dS, true), heads(a.q, false), 0.0f, d_k, ld, dh, batch, math);
   if constexpr (memory) {
-    constexpr unsigned warps = attention_backward_block / 32;
-    const dim3 wblock(attention_backward_block), wgrid(grid_for(rows, warps));
     auto backward_kernel = [&]<int DhMax>() {
       memory_backward_kernel<Mode, DhMax><<<wgrid, wblock, 0, stream()>>>(a, d_out, d_q, st);
     };
