@@ -113,6 +113,21 @@ void causal_attention(TensorView<T, L> out, In<T, L> q, In<T, L> k,
   OpsBackend<L>::causal_attention(out, q, k, v, positions);
 }
 
+/// The sequences of a stacked call: offsets run from 0 to the rows of q, never decreasing.
+template <class T, class L>
+void check_sequence_offsets(const char* op, TensorView<const T, L> q, std::span<const index_t> offsets) {
+  const index_t N = q.rank() > 0 ? q.dim(0) : 0;
+  if (offsets.size() < 2 || offsets.front() != 0 || offsets.back() != N) {
+    longmem::detail::fail<ShapeError>(op, ": offsets must run from 0 to the ", N, " rows of q (", offsets.size(), " offsets given",
+                     offsets.empty() ? "" : longmem::detail::concat(", from ", offsets.front(), " to ", offsets.back()), ")");
+  }
+  for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
+    if (offsets[b + 1] < offsets[b]) {
+      longmem::detail::fail<ShapeError>(op, ": offsets decrease at sequence ", b, " (", offsets[b], " then ", offsets[b + 1], ")");
+    }
+  }
+}
+
 /// causal_attention over several independent sequences stacked along the rows: rows
 /// [offsets[b], offsets[b+1]) of q, k, v (N, H, dh) and out attend only within their own sequence
 /// (the streams of a batched forward). offsets: b+1 non-decreasing row offsets from 0 to N (an
@@ -122,18 +137,7 @@ template <class T, class L>
 void causal_attention(TensorView<T, L> out, In<T, L> q, In<T, L> k, In<T, L> v, PositionScheme positions,
                       std::span<const index_t> offsets) {
   detail::require_backend<L>();
-  const index_t N = q.rank() > 0 ? q.dim(0) : 0;
-  if (offsets.size() < 2 || offsets.front() != 0 || offsets.back() != N) {
-    detail::fail<ShapeError>("causal_attention: offsets must run from 0 to the ", N, " rows of q (", offsets.size(),
-                             " offsets given", offsets.empty() ? "" : detail::concat(", from ", offsets.front(), " to ", offsets.back()),
-                             ")");
-  }
-  for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
-    if (offsets[b + 1] < offsets[b]) {
-      detail::fail<ShapeError>("causal_attention: offsets decrease at sequence ", b, " (", offsets[b], " then ",
-                               offsets[b + 1], ")");
-    }
-  }
+  check_sequence_offsets("causal_attention", q, offsets);
   if constexpr (requires { OpsBackend<L>::causal_attention_segments(out, q, k, v, positions, offsets); }) {
     OpsBackend<L>::causal_attention_segments(out, q, k, v, positions, offsets);
   } else {
@@ -213,6 +217,31 @@ void causal_attention_backward(TensorView<T, L> d_q, TensorView<T, L> d_k, Tenso
                                In<T, L> d_out, In<T, L> q, In<T, L> k, In<T, L> v, PositionScheme positions) {
   detail::require_backend<L>();
   OpsBackend<L>::causal_attention_backward(d_q, d_k, d_v, d_out, q, k, v, positions);
+}
+
+/// causal_attention_backward over sequences stacked along the rows, as causal_attention with
+/// offsets: rows [offsets[b], offsets[b+1]) attend only within their sequence (the streams of a
+/// training batch). Backends may run every sequence in one batch
+/// (OpsBackend<L>::causal_attention_backward_segments); otherwise each is one call.
+template <class T, class L>
+void causal_attention_backward(TensorView<T, L> d_q, TensorView<T, L> d_k, TensorView<T, L> d_v, In<T, L> d_out,
+                               In<T, L> q, In<T, L> k, In<T, L> v, PositionScheme positions,
+                               std::span<const index_t> offsets) {
+  detail::require_backend<L>();
+  check_sequence_offsets("causal_attention_backward", q, offsets);
+  if constexpr (requires {
+                  OpsBackend<L>::causal_attention_backward_segments(d_q, d_k, d_v, d_out, q, k, v, positions, offsets);
+                }) {
+    OpsBackend<L>::causal_attention_backward_segments(d_q, d_k, d_v, d_out, q, k, v, positions, offsets);
+  } else {
+    for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
+      const index_t o0 = offsets[b], o1 = offsets[b + 1];
+      if (o0 == o1) continue;
+      OpsBackend<L>::causal_attention_backward(d_q.slice(o0, o1), d_k.slice(o0, o1), d_v.slice(o0, o1),
+                                               d_out.slice(o0, o1), q.slice(o0, o1), k.slice(o0, o1), v.slice(o0, o1),
+                                               positions);
+    }
+  }
 }
 
 /// Memory-augmented attention backward. The retrieved mem_k, mem_v are constants (memory is

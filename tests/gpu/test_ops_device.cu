@@ -877,6 +877,64 @@ std::vector<OpCase> op_table() {
     table.push_back(std::move(c));
   }
 
+  {  // causal_attention_backward over stacked sequences (offsets): runs of one length batched
+     // together (70 of 3 rows; three of 64), uneven lengths, an empty one, and a run of 10 x 512
+     // rows at 16 heads that the device splits (its scratch budget takes 8 such sequences)
+    OpCase c;
+    c.name = "backward: causal_attention segments";
+    static const std::vector<std::vector<index_t>> layouts = {
+        {7}, {64, 64, 64}, {129, 1, 300}, {5, 0, 5}, std::vector<index_t>(70, 3), {300, 300, 17, 300},
+        std::vector<index_t>(10, 512)};
+    for (int layout = 0; layout < static_cast<int>(layouts.size()); ++layout) {
+      const bool long_run = layout + 1 == static_cast<int>(layouts.size());
+      for (auto hs : long_run ? std::vector<HeadShape>{{16, 16}}
+                              : std::vector<HeadShape>{{4, 16}, {12, 64}, {2, 1}, {3, 100}})
+        for (auto pos : {PositionScheme::Learned, PositionScheme::Alibi}) {
+          Params p;
+          p.H = hs.H, p.dh = hs.dh, p.pos = pos, p.variant = layout;
+          p.T = 0;
+          for (index_t n : layouts[static_cast<std::size_t>(layout)]) p.T += n;
+          c.sizes.push_back(p);
+        }
+    }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng, -3, 3));  // q
+      in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng));         // k
+      in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng));         // v
+      in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng));         // d_out
+      return in;
+    };
+    // the reference: the host backend in double, one sequence at a time
+    backward_case(c, [](auto loc, auto value, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using T = decltype(value);
+      std::vector<index_t> offsets{0};
+      for (index_t n : layouts[static_cast<std::size_t>(p.variant)]) offsets.push_back(offsets.back() + n);
+      auto q = tensor_at<T, L>(in.x[0]);
+      auto k = tensor_at<T, L>(in.x[1]);
+      auto v = tensor_at<T, L>(in.x[2]);
+      auto g = tensor_at<T, L>(in.x[3]);
+      const Shape s{p.T, p.H, p.dh};
+      auto dq = poisoned_at<T, L>(s), dk = poisoned_at<T, L>(s), dv = poisoned_at<T, L>(s);
+      if (std::is_same_v<T, double>) {
+        for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
+          const index_t o0 = offsets[b], o1 = offsets[b + 1];
+          if (o0 == o1) continue;
+          ops::causal_attention_backward(dq.view().slice(o0, o1), dk.view().slice(o0, o1), dv.view().slice(o0, o1),
+                                         cview(g).slice(o0, o1), cview(q).slice(o0, o1), cview(k).slice(o0, o1),
+                                         cview(v).slice(o0, o1), p.pos);
+        }
+      } else {
+        ops::causal_attention_backward(dq.view(), dk.view(), dv.view(), cview(g), cview(q), cview(k), cview(v), p.pos,
+                                       std::span<const index_t>(offsets));
+      }
+      return outputs(read_back(dq), read_back(dk), read_back(dv));
+    });
+    c.tolerance = {{1e-6, 1e-4}, {1e-6, 1e-4}, {1e-6, 1e-4}};
+    table.push_back(std::move(c));
+  }
+
   {  // memory_attention_backward, both fusions, K in {0, 5, 64}, gates moderate and saturated;
      // d_gate starts from random values (it accumulates); odd variants pass no d_gate
     OpCase c;

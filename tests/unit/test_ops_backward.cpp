@@ -584,6 +584,12 @@ TEMPLATE_LIST_TEST_CASE("ops backward: wrong shapes and aliased buffers are refu
   auto dq = poisoned<T, L>(Shape{5, 2, 3});
   check_throws([&] { ops::causal_attention_backward(dq.view(), dq.view(), dq.view(), cview(q), cview(q), cview(q), cview(q), PositionScheme::Alibi); },
                "separate");
+  auto dk = poisoned<T, L>(Shape{5, 2, 3}), dv = poisoned<T, L>(Shape{5, 2, 3});
+  const std::vector<index_t> short_offsets{0, 3}, falling{0, 4, 2, 5};
+  check_throws([&] { ops::causal_attention_backward(dq.view(), dk.view(), dv.view(), cview(q), cview(q), cview(q), cview(q), PositionScheme::Alibi, std::span<const index_t>(short_offsets)); },
+               "causal_attention_backward: offsets must run from 0 to the 5 rows");
+  check_throws([&] { ops::causal_attention_backward(dq.view(), dk.view(), dv.view(), cview(q), cview(q), cview(q), cview(q), PositionScheme::Alibi, std::span<const index_t>(falling)); },
+               "offsets decrease at sequence 1");
   std::vector<std::int32_t> bad{0, 9};
   auto logits = to_backend<T, L>(random_tensor<T>(Shape{2, 4}, rng));
   auto dl = poisoned<T, L>(Shape{2, 4});

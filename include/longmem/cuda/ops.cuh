@@ -126,6 +126,11 @@ struct OpsBackend<Device> {
   static void cross_entropy_backward(Out<T> d_logits, In<T> logits, std::span<const std::int32_t> targets, double scale) {
     detail::cuda::cross_entropy_backward(d_logits, logits, targets, scale);
   }
+  template <class T>
+  static void causal_attention_backward_segments(Out<T> d_q, Out<T> d_k, Out<T> d_v, In<T> d_out, In<T> q, In<T> k,
+                                                 In<T> v, PositionScheme positions, std::span<const index_t> offsets) {
+    detail::cuda::causal_attention_backward_segments(d_q, d_k, d_v, d_out, q, k, v, positions, offsets);
+  }
   template <class Fusion, class T>
   static void memory_attention_backward(Out<T> d_q, Out<T> d_k, Out<T> d_v, Out<T> d_gate, In<T> d_out, In<T> q, In<T> k,
                                         In<T> v, In<T> mem_k, In<T> mem_v, In<T> gate, PositionScheme positions) {

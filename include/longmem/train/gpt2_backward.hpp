@@ -84,13 +84,12 @@ void gpt2_backward(const Gpt2Backbone<T, L>& model, std::span<const std::span<co
     // attention branch
     ops::linear_backward(s.datt.view(), g.out_weight.view(), g.out_bias.view(), cview(s.dh), cview(a.att),
                          cview(wj.out_weight));
-    for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
-      const index_t o0 = offsets[b], o1 = offsets[b + 1];
-      const Shape heads{o1 - o0, H, dh};
-      auto rows = [&](const Tensor<T, L>& t) { return cview(t).slice(o0, o1).reshape(heads); };
-      auto grad_rows = [&](Tensor<T, L>& t) { return t.view().slice(o0, o1).reshape(heads); };
+    {  // every stream's segment attends within itself; all in one call (one batch on the GPU)
+      const Shape heads{N, H, dh};
+      auto rows = [&](const Tensor<T, L>& t) { return cview(t).reshape(heads); };
+      auto grad_rows = [&](Tensor<T, L>& t) { return t.view().reshape(heads); };
       ops::causal_attention_backward(grad_rows(s.dq), grad_rows(s.dk), grad_rows(s.dv), rows(s.datt), rows(a.q),
-                                     rows(a.k), rows(a.v), c.positions);
+                                     rows(a.k), rows(a.v), c.positions, std::span<const index_t>(offsets));
     }
     // d ln_1: parallel blocks add the MLP branch's gradient (dx) to the attention branch's
     Tensor<T, L>& dln = sequential ? s.dln : s.dx;

@@ -74,7 +74,13 @@ void side_net_backward(const SideNet<T, L>& net, const SideNetActivations<T, L>&
     // attention branch: Wo att
     ops::linear_backward(s.datt.view(), g.out_weight.view(), g.out_bias.view(), cview(s.dx), cview(a.att),
                          cview(wi.out_weight));
-    for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
+    if (i != c.memory_augmented_layer()) {  // every stream's segment attends within itself, in one call
+      const Shape heads{offsets.back(), H, dh};
+      ops::causal_attention_backward(s.dq.view().reshape(heads), s.dk.view().reshape(heads), s.dv.view().reshape(heads),
+                                     cview(s.datt).reshape(heads), cview(a.q).reshape(heads), cview(a.k).reshape(heads),
+                                     cview(a.v).reshape(heads), c.positions, std::span<const index_t>(offsets));
+    }
+    for (std::size_t b = 0; i == c.memory_augmented_layer() && b + 1 < offsets.size(); ++b) {
       const index_t o0 = offsets[b], o1 = offsets[b + 1];
       const Shape heads{o1 - o0, H, dh};
       auto rows = [&](const Tensor<T, L>& t) { return cview(t).slice(o0, o1).reshape(heads); };

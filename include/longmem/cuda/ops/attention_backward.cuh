@@ -1,12 +1,14 @@
 #pragma once
 // Device attention backward, for training on the GPU.
 //   causal_attention_backward      d_q, d_k, d_v (T, H, dh) from d_out (T, H, dh)
+//   causal_attention_backward_segments   the same over sequences stacked along the rows (offsets)
 //   memory_attention_backward<F>   the same through the memory-augmented layer (fusion.hpp), plus
 //                                  d_gate (H) for GatedFusion; retrieved keys/values are constants
 // Nothing is kept from the forward: probabilities are recomputed from q, k (and mem_k).
 //
-// Per head h (cuBLASLt strided-batched GEMMs over the H heads; a head's rows are H dh apart), with
-// P the local probabilities as they enter the output and G the gradient reaching them:
+// Per head h of each sequence (cuBLASLt strided-batched GEMMs over the H heads; a head's rows are
+// H dh apart), with P the local probabilities as they enter the output and G the gradient reaching
+// them:
 //   0. memory (K > 0), one warp per (t, h): M = softmax(q Kr^T scale) Vr, its log-normaliser lm,
 //      and d_out . M
 //   1. S  = q k^T (T, T);  P = softmax_s(scale S + alibi(s - t)), keys s <= t (0 above the diagonal)
@@ -22,10 +24,17 @@
 //   5. gated: d_gate_h += s (1 - s) sum_t (d_out . M - a), one block per head, summed in double
 //      in a fixed order
 // Scratch: two (H, T, T) float matrices (8 H T^2 bytes: 2 MiB at T 256, H 8), and with memory
-// M (T, H, dh) and four (T, H) rows of statistics. The GEMMs are whole T x T products; the masked
+// M (T, H, dh) and four (T, H) rows of statistics.
+// Several sequences of one length (causal_attention_backward_segments: the streams of a training
+// batch) run as one batch of S H heads: q, k, v, d_out are first copied head-major (S, H, T, dh)
+// so that one stride steps through every (sequence, head) matrix, and d_q, d_k, d_v are copied
+// back; S is capped so that the (S H, T, T) matrices stay within attention_backward_budget. The GEMMs are whole T x T products; the masked
 // half costs flops but no extra passes. The products follow the device math mode
 // (cuda/math_mode.hpp) like linear; softmaxes and statistics are in float, as on the host.
+#include <algorithm>
 #include <cmath>
+#include <span>
+#include <utility>
 
 #include "longmem/cuda/ops/attention.cuh"
 #include "longmem/cuda/ops/common.cuh"
@@ -36,6 +45,21 @@
 namespace longmem::detail::cuda {
 
 inline constexpr unsigned attention_backward_block = 256;
+/// The most scratch that one batched backward launch of several sequences takes for its two
+/// (S H, T, T) matrices; longer runs of sequences are split.
+inline constexpr std::size_t attention_backward_budget = std::size_t{256} << 20;
+
+/// dst (S, B, A, C) = src (S, A, B, C): the middle two axes swapped (heads to the front of a
+/// sequence's rows and back).
+template <class T>
+__global__ void __launch_bounds__(attention_backward_block)
+    swap_middle_axes_kernel(T* __restrict__ dst, const T* __restrict__ src, index_t S, index_t A, index_t B, index_t C) {
+  const index_t n = S * A * B * C;
+  for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
+    const index_t c = i % C, r = i / C, b = r % B, r2 = r / B, a = r2 % A, s = r2 / A;  // i runs over dst (s, b, a, c)
+    dst[i] = src[((s * A + a) * B + b) * C + c];
+  }
+}
 
 /// The memory-augmented modes' per-row statistics (T, H), row th = t H + h; all null for Causal.
 struct MemoryRowStats {
@@ -69,14 +93,16 @@ __global__ void memory_stats_kernel(AttentionArgs a, const float* __restrict__ d
   }
 }
 
-/// Step 1, row (h, t) of S (H, T, T): P = causal softmax(scale S + alibi) in place; joint (stats
-/// given) rescales it into the one softmax over local and memory scores and stores z.
+/// Step 1, row (s, h, t) of S (n_seq H, T, T): P = causal softmax(scale S + alibi) in place; joint
+/// (stats given, one sequence) rescales it into the one softmax over local and memory scores and
+/// stores z.
 template <AttentionMode Mode>
 __global__ void __launch_bounds__(attention_backward_block)
-    causal_softmax_rows_kernel(float* __restrict__ S, index_t n_tok, int H, float scale, bool alibi, MemoryRowStats st) {
+    causal_softmax_rows_kernel(float* __restrict__ S, index_t n_seq, index_t n_tok, int H, float scale, bool alibi,
+                               MemoryRowStats st) {
   __shared__ float partial[32];
-  for (index_t row = blockIdx.x; row < index_t{H} * n_tok; row += gridDim.x) {
-    const int h = static_cast<int>(row / n_tok);
+  for (index_t row = blockIdx.x; row < n_seq * H * n_tok; row += gridDim.x) {
+    const int h = static_cast<int>((row / n_tok) % H);
     const index_t t = row % n_tok;
     float* s = S + row * n_tok;
     const double slope = alibi ? alibi_slope(h, H) : 0.0;
@@ -97,7 +123,7 @@ __global__ void __launch_bounds__(attention_backward_block)
     z = block_sum(z, partial);
     float inv = 1.0f / z;
     if constexpr (Mode == AttentionMode::Joint) {
-      const index_t th = t * H + h;
+      const index_t th = t * H + h;  // (one sequence)
       const float ll = mx + logf(z), lm = st.mem_lse[th];
       const float zj = fmaxf(ll, lm) + log1pf(expf(-fabsf(ll - lm)));  // logaddexp
       inv *= expf(ll - zj);
@@ -107,15 +133,16 @@ __global__ void __launch_bounds__(attention_backward_block)
   }
 }
 
-/// Step 2, row (h, t): dP (H, T, T) becomes dS in place (header comment); gated scales P by the
-/// local gate weight so that step 3's P^T d_out is d_v, and stores the gate term; joint stores D.
+/// Step 2, row (s, h, t): dP (n_seq H, T, T) becomes dS in place (header comment); gated scales P
+/// by the local gate weight so that step 3's P^T d_out is d_v, and stores the gate term; joint
+/// stores D (the memory modes: one sequence).
 template <AttentionMode Mode>
 __global__ void __launch_bounds__(attention_backward_block)
-    softmax_backward_rows_kernel(float* __restrict__ dP, float* __restrict__ P, index_t n_tok, int H, float scale,
-                                 MemoryRowStats st) {
+    softmax_backward_rows_kernel(float* __restrict__ dP, float* __restrict__ P, index_t n_seq, index_t n_tok, int H,
+                                 float scale, MemoryRowStats st) {
   __shared__ float partial[32];
-  for (index_t row = blockIdx.x; row < index_t{H} * n_tok; row += gridDim.x) {
-    const int h = static_cast<int>(row / n_tok);
+  for (index_t row = blockIdx.x; row < n_seq * H * n_tok; row += gridDim.x) {
+    const int h = static_cast<int>((row / n_tok) % H);
     const index_t t = row % n_tok, th = t * H + h;
     float* p = P + row * n_tok;
     float* g = dP + row * n_tok;
@@ -255,17 +282,21 @@ void with_head_dim_bucket(index_t dh, F&& f) {
   }
 }
 
-/// Steps 0-5 of the header comment; d_gate may be null (frozen, or not gated).
+/// Steps 0-5 of the header comment for n_seq sequences of a.n_tok rows each, stacked along the
+/// rows (the memory modes: one); d_gate may be null (frozen, or not gated).
 template <AttentionMode Mode>
 void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k, float* d_v, const float* d_out,
-                        float* d_gate, PositionScheme positions) {
+                        float* d_gate, PositionScheme positions, index_t n_seq = 1) {
   constexpr bool memory = Mode != AttentionMode::Causal;
+  if (memory && n_seq != 1) fail<InputError>(op, ": the memory modes take one sequence per call");
   const index_t Tn = a.n_tok, H = a.n_head, dh = a.head_dim, ld = H * dh, rows = Tn * H;
-  if (Tn == 0 || H == 0 || dh == 0) return;
-  const std::size_t square = static_cast<std::size_t>(H * Tn * Tn);
+  if (Tn == 0 || H == 0 || dh == 0 || n_seq == 0) return;
+  const bool packed = n_seq > 1;
+  const std::size_t square = static_cast<std::size_t>(n_seq * H * Tn * Tn);
   const std::size_t stats = memory ? static_cast<std::size_t>(rows) : 0;
   const std::size_t mem_out = memory ? static_cast<std::size_t>(rows * dh) : 0;
-  Scratch scratch((2 * square + mem_out + 4 * stats) * sizeof(float), op);
+  const std::size_t seq_values = static_cast<std::size_t>(n_seq * rows * dh);  // one (S, T, H, dh) tensor
+  Scratch scratch((2 * square + mem_out + 4 * stats + (packed ? 7 * seq_values : 0)) * sizeof(float), op);
   float* P = scratch.as<float>();
   float* dS = P + square;
   MemoryRowStats st;
@@ -286,25 +317,51 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
     with_head_dim_bucket(dh, stats_kernel);
     check_launch(op, "the memory statistics kernel for ", rows, " rows, K = ", a.n_mem, " (", launch_str(wgrid, wblock), ")");
   }
+  // The (sequence, head) matrices: in place (rows H dh apart, heads dh apart) for one sequence;
+  // otherwise head-major copies (rows dh apart, matrices T dh apart).
+  const float *q = a.q, *k = a.k, *v = a.v, *go = d_out;
+  float *gq = d_q, *gk = d_k, *gv = d_v;
+  index_t row_ld = ld, matrix_stride = dh;
+  const dim3 eblock(attention_backward_block), egrid(grid_for(static_cast<index_t>(seq_values), attention_backward_block));
+  if (packed) {
+    float* buf = dS + square;
+    float* heads_major[7];
+    for (int i = 0; i < 7; ++i) heads_major[i] = buf + i * seq_values;
+    const float* from[4] = {a.q, a.k, a.v, d_out};
+    for (int i = 0; i < 4; ++i) {
+      swap_middle_axes_kernel<float><<<egrid, eblock, 0, stream()>>>(heads_major[i], from[i], n_seq, Tn, H, dh);
+      check_launch(op, "the head-major copy of ", n_seq, " sequences (", launch_str(egrid, eblock), ")");
+    }
+    q = heads_major[0], k = heads_major[1], v = heads_major[2], go = heads_major[3];
+    gq = heads_major[4], gk = heads_major[5], gv = heads_major[6];
+    row_ld = dh, matrix_stride = Tn * dh;
+  }
   const DeviceMath math = device_math();
-  const int batch = static_cast<int>(H);
+  const int batch = static_cast<int>(n_seq * H);
   const index_t sq = Tn * Tn;
-  auto heads = [&](const float* x, bool transposed) { return GemmOperand{x, ld, dh, transposed}; };
+  auto heads = [&](const float* x, bool transposed) { return GemmOperand{x, row_ld, matrix_stride, transposed}; };
   auto squares = [&](const float* x, bool transposed) { return GemmOperand{x, Tn, sq, transposed}; };
   // S = q k^T, then P in place
-  gemm(op, Tn, Tn, dh, heads(a.q, false), heads(a.k, true), 0.0f, P, Tn, sq, batch, math);
-  const dim3 block(attention_backward_block), grid(grid_for(rows, 1));
-  causal_softmax_rows_kernel<Mode><<<grid, block, 0, stream()>>>(P, Tn, static_cast<int>(H), a.scale,
+  gemm(op, Tn, Tn, dh, heads(q, false), heads(k, true), 0.0f, P, Tn, sq, batch, math);
+  const dim3 block(attention_backward_block), grid(grid_for(n_seq * rows, 1));
+  causal_softmax_rows_kernel<Mode><<<grid, block, 0, stream()>>>(P, n_seq, Tn, static_cast<int>(H), a.scale,
                                                                  positions == PositionScheme::Alibi, st);
-  check_launch(op, "the softmax kernel for ", H, " heads of ", Tn, " rows (", launch_str(grid, block), ")");
+  check_launch(op, "the softmax kernel for ", n_seq * H, " heads of ", Tn, " rows (", launch_str(grid, block), ")");
   // dP = d_out v^T, then dS in place
-  gemm(op, Tn, Tn, dh, heads(d_out, false), heads(a.v, true), 0.0f, dS, Tn, sq, batch, math);
-  softmax_backward_rows_kernel<Mode><<<grid, block, 0, stream()>>>(dS, P, Tn, static_cast<int>(H), a.scale, st);
-  check_launch(op, "the softmax backward kernel for ", H, " heads of ", Tn, " rows (", launch_str(grid, block), ")");
+  gemm(op, Tn, Tn, dh, heads(go, false), heads(v, true), 0.0f, dS, Tn, sq, batch, math);
+  softmax_backward_rows_kernel<Mode><<<grid, block, 0, stream()>>>(dS, P, n_seq, Tn, static_cast<int>(H), a.scale, st);
+  check_launch(op, "the softmax backward kernel for ", n_seq * H, " heads of ", Tn, " rows (", launch_str(grid, block), ")");
   // d_v = P^T d_out;  d_q = dS k;  d_k = dS^T q
-  gemm(op, Tn, dh, Tn, squares(P, true), heads(d_out, false), 0.0f, d_v, ld, dh, batch, math);
-  gemm(op, Tn, dh, Tn, squares(dS, false), heads(a.k, false), 0.0f, d_q, ld, dh, batch, math);
-  gemm(op, Tn, dh, Tn, squares(dS, true), heads(a.q, false), 0.0f, d_k, ld, dh, batch, math);
+  gemm(op, Tn, dh, Tn, squares(P, true), heads(go, false), 0.0f, gv, row_ld, matrix_stride, batch, math);
+  gemm(op, Tn, dh, Tn, squares(dS, false), heads(k, false), 0.0f, gq, row_ld, matrix_stride, batch, math);
+  gemm(op, Tn, dh, Tn, squares(dS, true), heads(q, false), 0.0f, gk, row_ld, matrix_stride, batch, math);
+  if (packed) {
+    const std::pair<float*, const float*> back[3] = {{d_q, gq}, {d_k, gk}, {d_v, gv}};
+    for (auto [to, from] : back) {
+      swap_middle_axes_kernel<float><<<egrid, eblock, 0, stream()>>>(to, from, n_seq, H, Tn, dh);
+      check_launch(op, "the copy back from head-major of ", n_seq, " sequences (", launch_str(egrid, eblock), ")");
+    }
+  }
   if constexpr (memory) {
     auto backward_kernel = [&]<int DhMax>() {
       memory_backward_kernel<Mode, DhMax><<<wgrid, wblock, 0, stream()>>>(a, d_out, d_q, st);
@@ -327,6 +384,38 @@ void causal_attention_backward(TensorView<T, Device> d_q, TensorView<T, Device> 
   const char* op = "causal_attention_backward";
   const AttentionArgs a = attention_backward_args(op, d_q, d_k, d_v, d_out, q, k, v);
   attention_backward<AttentionMode::Causal>(op, a, d_q.data(), d_k.data(), d_v.data(), d_out.data(), nullptr, positions);
+}
+
+/// See ops::causal_attention_backward with offsets: each run of consecutive sequences of one length
+/// is one batched backward (split where the scratch budget would be exceeded); empty sequences
+/// are skipped.
+template <class T>
+void causal_attention_backward_segments(TensorView<T, Device> d_q, TensorView<T, Device> d_k, TensorView<T, Device> d_v,
+                                        TensorView<const T, Device> d_out, TensorView<const T, Device> q,
+                                        TensorView<const T, Device> k, TensorView<const T, Device> v,
+                                        PositionScheme positions, std::span<const index_t> offsets) {
+  require_float<T>();
+  const char* op = "causal_attention_backward";
+  const AttentionArgs all = attention_backward_args(op, d_q, d_k, d_v, d_out, q, k, v);
+  const index_t ld = index_t{all.n_head} * all.head_dim;
+  for (std::size_t b = 0; b + 1 < offsets.size();) {
+    const index_t len = offsets[b + 1] - offsets[b];
+    if (len == 0) {
+      ++b;
+      continue;
+    }
+    const std::size_t per_seq = 2 * sizeof(float) * static_cast<std::size_t>(all.n_head * len * len);
+    const std::size_t cap = std::max<std::size_t>(1, attention_backward_budget / std::max<std::size_t>(per_seq, 1));
+    std::size_t e = b + 1;
+    while (e + 1 < offsets.size() && offsets[e + 1] - offsets[e] == len && e - b < cap) ++e;
+    AttentionArgs a = all;
+    const index_t first = offsets[b] * ld;
+    a.n_tok = len;
+    a.q += first, a.k += first, a.v += first;
+    attention_backward<AttentionMode::Causal>(op, a, d_q.data() + first, d_k.data() + first, d_v.data() + first,
+                                              d_out.data() + first, nullptr, positions, static_cast<index_t>(e - b));
+    b = e;
+  }
 }
 
 /// See ops::memory_attention_backward. K = 0 is exactly causal_attention_backward.

@@ -217,14 +217,27 @@ __global__ void column_partials_kernel(float* __restrict__ partial_g, float* __r
   if (partial_gx) partial_gx[s * C + c] = sgx;
 }
 
+/// Block x finishes columns [32 x, 32 x + 32): thread (lane, w) adds splits w, w + 8, ... of column
+/// 32 x + lane in order, then the 8 partial sums are added in w order (a fixed order: the same bits
+/// every run), so each thread makes splits / 8 loads instead of one thread walking all splits.
+inline constexpr unsigned column_finish_columns = 32, column_finish_ways = 8;
 template <class T>
-__global__ void column_sums_finish_kernel(T* __restrict__ dst, const float* __restrict__ partial, index_t splits,
-                                          index_t C) {
-  const index_t c = blockIdx.x * index_t{blockDim.x} + threadIdx.x;
-  if (c >= C) return;
+__global__ void __launch_bounds__(column_finish_columns * column_finish_ways)
+    column_sums_finish_kernel(T* __restrict__ dst, const float* __restrict__ partial, index_t splits, index_t C) {
+  __shared__ float ways[column_finish_ways][column_finish_columns];
+  const unsigned lane = threadIdx.x % column_finish_columns, w = threadIdx.x / column_finish_columns;
+  const index_t c = blockIdx.x * index_t{column_finish_columns} + lane;
   float total = 0;
-  for (index_t s = 0; s < splits; ++s) total += partial[s * C + c];
-  dst[c] += total;
+  if (c < C) {
+    for (index_t s = w; s < splits; s += column_finish_ways) total += partial[s * C + c];
+  }
+  ways[w][lane] = total;
+  __syncthreads();
+  if (w == 0 && c < C) {
+    float sum = ways[0][lane];
+    for (unsigned i = 1; i < column_finish_ways; ++i) sum += ways[i][lane];
+    dst[c] += sum;
+  }
 }
 
 /// d_g (C) += column sums of g (N, C); d_gx (C) += column sums of g * xhat (x, mean, inv given).
@@ -240,9 +253,10 @@ inline void add_column_sums(const char* op, float* d_g, float* d_gx, const float
   const dim3 block(128), grid(static_cast<unsigned>((C + 127) / 128), static_cast<unsigned>(splits));
   column_partials_kernel<float><<<grid, block, 0, stream()>>>(pg, pgx, g, d_gx ? x : nullptr, mean, inv, N, C, per);
   check_launch(op, "the column-sum kernel for ", N, " rows of ", C, " (", launch_str(grid, block), ")");
-  const dim3 fgrid(static_cast<unsigned>((C + 127) / 128));
-  if (d_g) column_sums_finish_kernel<float><<<fgrid, block, 0, stream()>>>(d_g, pg, splits, C);
-  if (d_gx) column_sums_finish_kernel<float><<<fgrid, block, 0, stream()>>>(d_gx, pgx, splits, C);
+  const dim3 fblock(column_finish_columns * column_finish_ways),
+      fgrid(static_cast<unsigned>((C + column_finish_columns - 1) / column_finish_columns));
+  if (d_g) column_sums_finish_kernel<float><<<fgrid, fblock, 0, stream()>>>(d_g, pg, splits, C);
+  if (d_gx) column_sums_finish_kernel<float><<<fgrid, fblock, 0, stream()>>>(d_gx, pgx, splits, C);
   check_launch(op, "the column-sum finishing kernel for ", C, " columns");
 }
 #endif
