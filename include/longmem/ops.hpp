@@ -160,6 +160,32 @@ void memory_attention(TensorView<T, L> out, In<T, L> q, In<T, L> k,
   OpsBackend<L>::template memory_attention<Fusion>(out, q, k, v, mem_k, mem_v, gate, positions);
 }
 
+/// memory_attention over several sequences stacked along the rows (the streams of a batch), as
+/// causal_attention with offsets: rows [offsets[b], offsets[b+1]) attend locally only within their
+/// sequence; every row has its own retrieved memory, mem_k, mem_v (N, H, K, dh) (one K for all).
+/// Backends may run every sequence in one launch (OpsBackend<L>::memory_attention_segments);
+/// otherwise each is one memory_attention call.
+template <class Fusion, class T, class L>
+void memory_attention(TensorView<T, L> out, In<T, L> q, In<T, L> k, In<T, L> v, In<T, L> mem_k, In<T, L> mem_v,
+                      In<T, L> gate, PositionScheme positions, std::span<const index_t> offsets) {
+  detail::require_backend<L>();
+  check_sequence_offsets("memory_attention", q, offsets);
+  if constexpr (requires {
+                  OpsBackend<L>::template memory_attention_segments<Fusion>(out, q, k, v, mem_k, mem_v, gate, positions,
+                                                                            offsets);
+                }) {
+    OpsBackend<L>::template memory_attention_segments<Fusion>(out, q, k, v, mem_k, mem_v, gate, positions, offsets);
+  } else {
+    for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
+      const index_t o0 = offsets[b], o1 = offsets[b + 1];
+      if (o0 == o1) continue;
+      OpsBackend<L>::template memory_attention<Fusion>(out.slice(o0, o1), q.slice(o0, o1), k.slice(o0, o1),
+                                                       v.slice(o0, o1), mem_k.slice(o0, o1), mem_v.slice(o0, o1), gate,
+                                                       positions);
+    }
+  }
+}
+
 /// Mean next-token cross-entropy (natural log) of logits (T, V) against targets (T);
 /// a target of -1 is ignored. Writes per-token losses (T) when `losses` is not empty.
 /// Returns the sum of losses and the number of counted targets.
@@ -255,6 +281,33 @@ void memory_attention_backward(TensorView<T, L> d_q, TensorView<T, L> d_k, Tenso
   detail::require_backend<L>();
   OpsBackend<L>::template memory_attention_backward<Fusion>(d_q, d_k, d_v, d_gate, d_out, q, k, v, mem_k, mem_v,
                                                             gate, positions);
+}
+
+/// memory_attention_backward over sequences stacked along the rows, as memory_attention with
+/// offsets (mem_k, mem_v (N, H, K, dh)); d_gate (H) gets the sum over every sequence.
+template <class Fusion, class T, class L>
+void memory_attention_backward(TensorView<T, L> d_q, TensorView<T, L> d_k, TensorView<T, L> d_v,
+                               TensorView<T, L> d_gate, In<T, L> d_out, In<T, L> q, In<T, L> k, In<T, L> v,
+                               In<T, L> mem_k, In<T, L> mem_v, In<T, L> gate, PositionScheme positions,
+                               std::span<const index_t> offsets) {
+  detail::require_backend<L>();
+  check_sequence_offsets("memory_attention_backward", q, offsets);
+  if constexpr (requires {
+                  OpsBackend<L>::template memory_attention_backward_segments<Fusion>(d_q, d_k, d_v, d_gate, d_out, q, k,
+                                                                                     v, mem_k, mem_v, gate, positions,
+                                                                                     offsets);
+                }) {
+    OpsBackend<L>::template memory_attention_backward_segments<Fusion>(d_q, d_k, d_v, d_gate, d_out, q, k, v, mem_k,
+                                                                       mem_v, gate, positions, offsets);
+  } else {
+    for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
+      const index_t o0 = offsets[b], o1 = offsets[b + 1];
+      if (o0 == o1) continue;
+      OpsBackend<L>::template memory_attention_backward<Fusion>(
+          d_q.slice(o0, o1), d_k.slice(o0, o1), d_v.slice(o0, o1), d_gate, d_out.slice(o0, o1), q.slice(o0, o1),
+          k.slice(o0, o1), v.slice(o0, o1), mem_k.slice(o0, o1), mem_v.slice(o0, o1), gate, positions);
+    }
+  }
 }
 
 /// Cross-entropy backward: d_logits (T, V) = scale * (softmax(logits) - onehot(target)) per row,

@@ -20,6 +20,7 @@
 #include <span>
 #include <string>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 #include "longmem/chunk_retriever.hpp"
@@ -131,6 +132,7 @@ struct SideNetActivations {
   Tensor<T, L> final_stream;                          // (N, d) x after the last layer
   Tensor<T, L> ln_f;                                  // (N, d) the final LayerNorm's output
   std::vector<const Retrieved<T, L>*> memory;         // per stream
+  const Retrieved<T, L>* stacked_memory = nullptr;    // or every stream's rows in one (N, H, K, dh)
 
   void resize(const SideNetConfig& c, index_t N) {
     layers.resize(static_cast<std::size_t>(c.n_layer));
@@ -414,7 +416,11 @@ class SideNet {
   /// segment.
   ///   hidden  (L+1, N, d)  the backbone's hidden states of every segment
   ///   retrieve             callable (std::size_t stream, TensorView<const T, L> queries (T_b, H, dh))
-  ///                        -> const Retrieved<T, L>*; nullptr (or 0 chunks) means no memory
+  ///                        -> const Retrieved<T, L>*; nullptr (or 0 chunks) means no memory.
+  ///                        Optionally also (std::span<const index_t> offsets, queries (N, H, dh))
+  ///                        -> every stream's retrieval stacked by rows (keys (N, H, K, dh)), tried
+  ///                        first: one memory_attention over all streams; nullptr falls back to
+  ///                        one call per stream
   ///   logits  (N, V)       output
   /// With `acts`, every layer's intermediates (and the retrievals, which must outlive them) are
   /// kept there for the backward pass; the results are the same bits either way.
@@ -440,6 +446,7 @@ class SideNet {
     if (acts) {
       acts->resize(config_, N);
       acts->memory.assign(streams, nullptr);
+      acts->stacked_memory = nullptr;
     }
     TensorView<T, L> x = stream_.view();  // residual stream (N, d)
     copy(hidden[0], x);
@@ -458,7 +465,18 @@ class SideNet {
                               cview(a.k).reshape(rows_heads), cview(a.v).reshape(rows_heads), config_.positions,
                               offsets);
       } else {  // the memory layer: each stream retrieves from its own bank
-        for (std::size_t b = 0; b < streams; ++b) {
+        const Shape rows_heads{N, H, dh};
+        const Retrieved<T, L>* all = nullptr;
+        if constexpr (std::is_invocable_v<RetrieveFn&, std::span<const index_t>, TensorView<const T, L>>) {
+          all = retrieve(offsets, cview(a.q).reshape(rows_heads));
+        }
+        if (all && all->chunks > 0) {  // every stream's memory stacked by rows: one call
+          ops::memory_attention<F>(a.att.view().reshape(rows_heads), cview(a.q).reshape(rows_heads),
+                                   cview(a.k).reshape(rows_heads), cview(a.v).reshape(rows_heads), cview(all->keys),
+                                   cview(all->values), w.gate, config_.positions, offsets);
+          if (acts) acts->stacked_memory = all;
+        }
+        for (std::size_t b = 0; !(all && all->chunks > 0) && b < streams; ++b) {
           const index_t o0 = offsets[b], o1 = offsets[b + 1];
           const Shape heads{o1 - o0, H, dh};
           auto q = cview(a.q).slice(o0, o1).reshape(heads);

@@ -537,6 +537,34 @@ std::vector<OpCase> op_table() {
     return in;
   };
 
+  // Stacked sequences for the memory-attention segment cases (layout index in Params::C): runs of
+  // one length (the device batches them), uneven lengths, an empty sequence, more than one
+  // tensor-core launch's 64 sequences.
+  static const std::vector<std::vector<index_t>> memory_layouts = {
+      {7}, {64, 64, 64}, {129, 1, 300}, {5, 0, 5}, std::vector<index_t>(70, 3), {100, 100, 17, 100}};
+  auto memory_offsets = [](const Params& p) {
+    std::vector<index_t> o{0};
+    for (index_t n : memory_layouts[static_cast<std::size_t>(p.C)]) o.push_back(o.back() + n);
+    return o;
+  };
+  auto memory_segment_sizes = [](bool backward) {
+    std::vector<Params> sizes;
+    int n = 0;
+    for (int layout = 0; layout < static_cast<int>(memory_layouts.size()); ++layout)
+      for (auto hs : {HeadShape{4, 16}, HeadShape{12, 64}, HeadShape{3, 100}})
+        for (index_t K : {0, 5, 64})
+          for (int fusion : {0, 1}) {
+            Params p;
+            p.H = hs.H, p.dh = hs.dh, p.K = K, p.fusion = fusion, p.C = layout, p.variant = n++;
+            p.pos = p.variant % 2 ? PositionScheme::Alibi : PositionScheme::Learned;
+            p.T = 0;
+            for (index_t len : memory_layouts[static_cast<std::size_t>(layout)]) p.T += len;
+            if (backward && hs.dh == 100 && K == 5) continue;  // run time: the FMA fallback is one call per sequence
+            sizes.push_back(p);
+          }
+    return sizes;
+  };
+
   {  // causal_attention; odd variants write a (T, H*dh) output
     OpCase c;
     c.name = "causal_attention";
@@ -649,6 +677,47 @@ std::vector<OpCase> op_table() {
       const auto& x = in.x;
       return outputs(p.fusion == 0 ? reference::memory_attention_gated(x[0], x[1], x[2], x[3], x[4], x[5], p.pos)
                                    : reference::memory_attention_joint(x[0], x[1], x[2], x[3], x[4], p.pos));
+    };
+    c.tolerance = {{1e-6, 1e-4}};
+    table.push_back(std::move(c));
+  }
+
+  {  // memory_attention over stacked sequences (offsets), every row with its own memory (N, H, K, dh)
+    OpCase c;
+    c.name = "memory_attention segments";
+    c.sizes = memory_segment_sizes(false);
+    c.make = attention_inputs;
+    c.run = on_every_backend([memory_offsets](auto loc, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      auto q = to<L>(in.x[0]);
+      auto k = to<L>(in.x[1]);
+      auto v = to<L>(in.x[2]);
+      auto mk = to<L>(in.x[3]);
+      auto mv = to<L>(in.x[4]);
+      auto g = to<L>(in.x[5]);
+      const TensorView<const float, L> mkv(mk.data(), Shape{p.T, p.H, p.K, p.dh}), mvv(mv.data(), Shape{p.T, p.H, p.K, p.dh});
+      auto out = poisoned<L>(Shape{p.T, p.H, p.dh});
+      const std::vector<index_t> offsets = memory_offsets(p);
+      const std::span<const index_t> o(offsets);
+      if (p.fusion == 0) {
+        ops::memory_attention<GatedFusion>(out.view(), cview(q), cview(k), cview(v), mkv, mvv, cview(g), p.pos, o);
+      } else {
+        ops::memory_attention<JointFusion>(out.view(), cview(q), cview(k), cview(v), mkv, mvv, cview(g), p.pos, o);
+      }
+      return outputs(back(out));
+    });
+    c.reference = [memory_offsets](const Params& p, const Inputs& in) {
+      const std::vector<index_t> o = memory_offsets(p);
+      HostD out(Shape{p.T, p.H, p.dh});
+      for (std::size_t b = 0; b + 1 < o.size(); ++b) {
+        if (o[b] == o[b + 1]) continue;
+        auto rows = [&](int i) { return cview(in.x[static_cast<std::size_t>(i)]).slice(o[b], o[b + 1]); };
+        const HostD part = p.fusion == 0
+                               ? reference::memory_attention_gated(rows(0), rows(1), rows(2), rows(3), rows(4), cview(in.x[5]), p.pos)
+                               : reference::memory_attention_joint(rows(0), rows(1), rows(2), rows(3), rows(4), p.pos);
+        copy<double>(cview(part), out.view().slice(o[b], o[b + 1]));
+      }
+      return outputs(std::move(out));
     };
     c.tolerance = {{1e-6, 1e-4}};
     table.push_back(std::move(c));
@@ -982,6 +1051,46 @@ std::vector<OpCase> op_table() {
                                                     cview(v), mkv, mvv, cview(gate), p.pos);
       }
       return outputs(read_back(dq), read_back(dk), read_back(dv), with_gate ? read_back(d_gate) : HostD());
+    });
+    c.tolerance = {{1e-6, 1e-4}, {1e-6, 1e-4}, {1e-6, 1e-4}, {1e-6, 1e-4}};
+    table.push_back(std::move(c));
+  }
+
+  {  // memory_attention_backward over stacked sequences (offsets); the reference is the host backend
+     // in double, which takes one sequence at a time; d_gate sums over every sequence
+    OpCase c;
+    c.name = "backward: memory_attention segments";
+    c.sizes = memory_segment_sizes(true);
+    c.make = [attention_inputs](const Params& p, std::mt19937_64& rng) {
+      Inputs in = attention_inputs(p, rng);                               // q, k, v, mem_k, mem_v, gate
+      in.x.push_back(random_tensor(Shape{p.T, p.H, p.dh}, rng));         // d_out
+      in.x.push_back(random_tensor(Shape{p.H}, rng));                    // d_gate start
+      return in;
+    };
+    backward_case(c, [memory_offsets](auto loc, auto value, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using T = decltype(value);
+      auto q = tensor_at<T, L>(in.x[0]);
+      auto k = tensor_at<T, L>(in.x[1]);
+      auto v = tensor_at<T, L>(in.x[2]);
+      auto mk = tensor_at<T, L>(in.x[3]);
+      auto mv = tensor_at<T, L>(in.x[4]);
+      auto gate = tensor_at<T, L>(in.x[5]);
+      auto g = tensor_at<T, L>(in.x[6]);
+      auto d_gate = tensor_at<T, L>(in.x[7]);
+      const TensorView<const T, L> mkv(mk.data(), Shape{p.T, p.H, p.K, p.dh}), mvv(mv.data(), Shape{p.T, p.H, p.K, p.dh});
+      const Shape s{p.T, p.H, p.dh};
+      auto dq = poisoned_at<T, L>(s), dk = poisoned_at<T, L>(s), dv = poisoned_at<T, L>(s);
+      const std::vector<index_t> offsets = memory_offsets(p);
+      const std::span<const index_t> o(offsets);
+      if (p.fusion == 0) {
+        ops::memory_attention_backward<GatedFusion>(dq.view(), dk.view(), dv.view(), d_gate.view(), cview(g), cview(q),
+                                                    cview(k), cview(v), mkv, mvv, cview(gate), p.pos, o);
+      } else {
+        ops::memory_attention_backward<JointFusion>(dq.view(), dk.view(), dv.view(), d_gate.view(), cview(g), cview(q),
+                                                    cview(k), cview(v), mkv, mvv, cview(gate), p.pos, o);
+      }
+      return outputs(read_back(dq), read_back(dk), read_back(dv), read_back(d_gate));
     });
     c.tolerance = {{1e-6, 1e-4}, {1e-6, 1e-4}, {1e-6, 1e-4}, {1e-6, 1e-4}};
     table.push_back(std::move(c));

@@ -775,6 +775,68 @@ void test_batched() {
   std::printf("batched: %zu bank entries in one launch equal the single-bank calls\n", std::size(order));
 }
 
+/// retrieve_stacked: banks with the same k' and their queries stacked by rows (one of them with no
+/// queries) give, row for row, the bits of one retrieve_batched per bank; banks whose k' differ
+/// are refused before anything is written.
+void test_stacked() {
+  const std::uint64_t seed = 4343;
+  std::mt19937_64 rng(seed);
+  const MemoryGeometry g{4, 32, 2, 300};
+  const index_t fills[] = {300, 300 * 2 + 77, 40, 300};  // k' = min(k, chunks): equal for k <= 40
+  const index_t pendings[] = {0, 1, 1, 0};
+  const index_t Ts[] = {9, 130, 0, 64};
+  std::vector<Banks<float>> banks;
+  std::vector<index_t> offsets{0};
+  for (std::size_t b = 0; b < std::size(fills); ++b) {
+    banks.push_back(make_banks<float>(rng, g, fills[b], pendings[b]));
+    offsets.push_back(offsets.back() + Ts[b]);
+  }
+  const index_t N = offsets.back();
+  const Tensor<float, Device> q = to_device(random_tensor(rng, {N, g.n_head, g.head_dim}));
+  std::vector<const DeviceMemoryBank<float>*> ptrs;
+  for (auto& b : banks) ptrs.push_back(b.dev.get());
+  const std::span<const DeviceMemoryBank<float>* const> bank_span(ptrs);
+  FusedChunkRetriever retriever;
+  for (int k : {1, 16, 40}) {
+    Retrieved<float, Device> stacked;
+    poison(stacked, N, g.n_head, k, g.chunk_size, g.head_dim);
+    retriever.retrieve_stacked(bank_span, cview(q), std::span<const index_t>(offsets), k, stacked);
+    if (!device_ok(detail::concat("stacked k=", k))) continue;
+    CHECK(stacked.chunks == k, "stacked k=%d: %d chunks", k, stacked.chunks);
+    const HostResult all = fetch(stacked);
+    for (std::size_t b = 0; b < banks.size(); ++b) {
+      if (Ts[b] == 0) continue;
+      Retrieved<float, Device> one;
+      retriever.retrieve(*banks[b].dev, cview(q).slice(offsets[b], offsets[b + 1]), k, one);
+      if (!device_ok(detail::concat("stacked k=", k, " bank ", b))) continue;
+      const HostResult r = fetch(one);
+      const index_t o = offsets[b], H = g.n_head, kk = k, tok = kk * g.chunk_size * g.head_dim;
+      CHECK(std::memcmp(all.slots.data() + o * H * kk, r.slots.data(), r.slots.bytes()) == 0 &&
+                std::memcmp(all.scores.data() + o * H * kk, r.scores.data(), r.scores.bytes()) == 0 &&
+                std::memcmp(all.keys.data() + o * H * tok, r.keys.data(), r.keys.bytes()) == 0 &&
+                std::memcmp(all.values.data() + o * H * tok, r.values.data(), r.values.bytes()) == 0,
+            "stacked seed %llu k=%d bank %zu: rows differ from the bank's own retrieval",
+            static_cast<unsigned long long>(seed), k, b);
+    }
+  }
+  // k = 64: bank 2 holds 40 chunks, the others 64 or more: refused, the output untouched
+  Retrieved<float, Device> untouched;
+  untouched.chunks = -7;
+  std::string msg;
+  CHECK(throws_with<ConfigError>(
+            [&] { retriever.retrieve_stacked(bank_span, cview(q), std::span<const index_t>(offsets), 64, untouched); },
+            "bank 2 holds 40 chunks", &msg),
+        "stacked with unequal k': '%s'", msg.c_str());
+  CHECK(untouched.chunks == -7 && untouched.keys.numel() == 0, "a refused stacked retrieval wrote its output");
+  const std::vector<index_t> short_offsets{0, 9, N};
+  CHECK(throws_with<ShapeError>(
+            [&] { retriever.retrieve_stacked(bank_span, cview(q), std::span<const index_t>(short_offsets), 8, untouched); },
+            "rising row offsets", &msg),
+        "stacked with 3 offsets for 4 banks: '%s'", msg.c_str());
+  std::printf("stacked: %zu banks, queries stacked by rows, equal the single-bank retrievals bit for bit\n",
+              banks.size());
+}
+
 // ---------------------------------------------------------------- 5. edge cases
 
 void test_edges() {
@@ -989,6 +1051,7 @@ int main() {
     test_threshold_filter();
     test_filter_paths_agree();
     test_batched();
+    test_stacked();
     test_edges();
     test_refusals_with_device();
   } catch (const std::exception& e) {

@@ -4,6 +4,7 @@
 //   retrieve(bank, queries (T, H, dh), k, out)           scores, top-k and gather (chunk_retriever.hpp)
 //   select(bank, queries, k, slots, scores)              scores and top-k only, no gather
 //   retrieve_batched(banks, queries, k, outs[, stream])  several streams' banks in one launch
+//   retrieve_stacked(banks, queries, offsets, k, out)     the same into one output stacked by rows
 //
 // Two kernels (three on the tensor-core path) on the bank's CUDA stream (detail/retrieval_kernels.cuh):
 //   0. (tensor-core path) key max: the largest |chunk key element| per (bank, head), for the bound.
@@ -166,6 +167,50 @@ class FusedChunkRetriever {
               "FusedChunkRetriever::retrieve_batched");
   }
 
+  /// One retrieval per bank as retrieve_batched, for queries stacked along the rows: bank b's
+  /// queries are rows [offsets[b], offsets[b+1]) of `queries` (N, H, dh), and its results land in
+  /// the same rows of one output: out.slots, out.scores (N, H, k'), out.keys, out.values
+  /// (N, H, k' csz, dh) (what memory_attention with offsets reads). Every bank must give the same
+  /// k' = min(k, stored chunks) (full banks do): a ConfigError says which does not.
+  template <DeviceStorageType S>
+  void retrieve_stacked(std::span<const DeviceMemoryBank<S>* const> banks, TensorView<const float, Device> queries,
+                        std::span<const index_t> offsets, int k, Retrieved<float, Device>& out) {
+    const char* who = "FusedChunkRetriever::retrieve_stacked";
+    const index_t N = queries.rank() > 0 ? queries.dim(0) : 0;
+    if (offsets.size() != banks.size() + 1 || offsets.front() != 0 || offsets.back() != N ||
+        !std::is_sorted(offsets.begin(), offsets.end())) {
+      detail::fail<ShapeError>(who, ": ", banks.size(), " banks need ", banks.size() + 1,
+                               " rising row offsets from 0 to the ", N, " query rows, got ", offsets.size());
+    }
+    std::vector<TensorView<const float, Device>> qs;
+    for (std::size_t b = 0; b < banks.size(); ++b) qs.push_back(queries.slice(offsets[b], offsets[b + 1]));
+    check(banks, std::span<const TensorView<const float, Device>>(qs), k, who);
+    if (banks.empty()) return;
+    const index_t kk = std::min<index_t>(k, banks[0]->num_chunks());
+    for (std::size_t b = 1; b < banks.size(); ++b) {
+      if (std::min<index_t>(k, banks[b]->num_chunks()) != kk) {
+        detail::fail<ConfigError>(who, ": bank ", b, " holds ", banks[b]->num_chunks(), " chunks and bank 0 ",
+                                  banks[0]->num_chunks(), ", so they would retrieve different numbers of chunks (k = ",
+                                  k, "); stacked retrieval needs one k' for all (retrieve_batched takes any)");
+      }
+    }
+    const MemoryGeometry g0 = banks[0]->geometry();
+    const index_t H = g0.n_head, dh = g0.head_dim, csz = g0.chunk_size;
+    out.chunks = static_cast<int>(kk);
+    out.slots.resize({N, H, kk});
+    out.scores.resize({N, H, kk});
+    out.keys.resize({N, H, kk * csz, dh});
+    out.values.resize({N, H, kk * csz, dh});
+    std::vector<OutputRows> dst(banks.size());
+    for (std::size_t b = 0; b < banks.size(); ++b) {
+      const index_t o = offsets[b];
+      dst[b] = {out.slots.data() + o * H * kk, out.scores.data() + o * H * kk, out.keys.data() + o * H * kk * csz * dh,
+                out.values.data() + o * H * kk * csz * dh};
+    }
+    launches<true>(banks, std::span<const TensorView<const float, Device>>(qs), k, std::span<const OutputRows>(dst),
+                   banks.front()->stream(), who);
+  }
+
   /// The splits the next call would use for `pairs` (query tile, head) blocks and at most
   /// `max_chunks_of_a_bank` chunks (for benchmarks and tests). Automatic: as many splits as keep
   /// the whole grid within one wave of resident blocks (SMs x blocks per SM, the latter measured
@@ -197,14 +242,61 @@ class FusedChunkRetriever {
     return sm_count_;
   }
 
+  /// Where one bank's results go: slots, scores (T_b, H, k'), keys, values (T_b, H, k' csz, dh).
+  struct OutputRows {
+    std::int32_t* slots = nullptr;
+    float* scores = nullptr;
+    float* keys = nullptr;
+    float* values = nullptr;
+  };
+
   template <bool Gather, class S>
   void run(std::span<const DeviceMemoryBank<S>* const> banks, std::span<const TensorView<const float, Device>> queries,
            int k, std::span<Retrieved<float, Device>* const> outs, cudaStream_t stream, const char* who) {
     // Every argument is checked before anything is resized or launched.
+    if (outs.size() != banks.size()) {
+      detail::fail<ShapeError>(who, ": ", banks.size(), " banks need as many outputs, got ", outs.size());
+    }
+    for (std::size_t b = 0; b < outs.size(); ++b) {
+      if (outs[b] == nullptr) detail::fail<ShapeError>(who, ": output ", b, " is null");
+    }
+    check(banks, queries, k, who);
+    if (banks.empty()) return;
+    const MemoryGeometry g0 = banks[0]->geometry();
+    const index_t H = g0.n_head, dh = g0.head_dim, csz = g0.chunk_size;
+    std::vector<OutputRows> dst(banks.size());
+    for (std::size_t b = 0; b < banks.size(); ++b) {
+      const index_t Tq = queries[b].dim(0), kk = std::min<index_t>(k, banks[b]->num_chunks());
+      Retrieved<float, Device>& out = *outs[b];
+      out.chunks = static_cast<int>(kk);
+      out.slots.resize({Tq, H, kk});
+      out.scores.resize({Tq, H, kk});
+      if constexpr (Gather) {
+        out.keys.resize({Tq, H, kk * csz, dh});
+        out.values.resize({Tq, H, kk * csz, dh});
+      }
+      dst[b] = {out.slots.data(), out.scores.data(), Gather ? out.keys.data() : nullptr,
+                Gather ? out.values.data() : nullptr};
+    }
+    launches<Gather>(banks, queries, k, dst, stream, who);
+  }
+
+  template <bool Gather, class S>
+  void launches(std::span<const DeviceMemoryBank<S>* const> banks, std::span<const TensorView<const float, Device>> queries,
+                int k, std::span<const OutputRows> dst, cudaStream_t stream, const char* who) {
+    for (std::size_t first = 0; first < banks.size(); first += max_banks_per_launch) {
+      const std::size_t count = std::min<std::size_t>(max_banks_per_launch, banks.size() - first);
+      launch<Gather>(banks.subspan(first, count), queries.subspan(first, count), k, dst.subspan(first, count), stream, who);
+    }
+  }
+
+  /// The checks of every retrieval: k, the banks' shared geometry, each bank's queries, k'.
+  template <class S>
+  void check(std::span<const DeviceMemoryBank<S>* const> banks, std::span<const TensorView<const float, Device>> queries,
+             int k, const char* who) const {
     if (k < 1) detail::fail<ConfigError>(who, ": k must be >= 1, got ", k);
-    if (queries.size() != banks.size() || outs.size() != banks.size()) {
-      detail::fail<ShapeError>(who, ": ", banks.size(), " banks need as many query tensors and outputs, got ",
-                               queries.size(), " and ", outs.size());
+    if (queries.size() != banks.size()) {
+      detail::fail<ShapeError>(who, ": ", banks.size(), " banks need as many query tensors, got ", queries.size());
     }
     if (banks.empty()) return;
     const MemoryGeometry g0 = banks[0]->geometry();
@@ -225,7 +317,6 @@ class FusedChunkRetriever {
         detail::fail<ShapeError>(who, ": ", q.dim(0), " queries exceed the ", max_queries, " one call takes");
       }
       if (q.dim(0) > 0 && q.data() == nullptr) detail::fail<ShapeError>(who, ": queries have no data");
-      if (outs[b] == nullptr) detail::fail<ShapeError>(who, ": output ", b, " is null");
       const index_t kk = std::min<index_t>(k, banks[b]->num_chunks());
       if (kk > max_chunks) {
         detail::fail<ConfigError>(who, ": k' = min(k, stored chunks) = ", kk, " exceeds the ", max_chunks,
@@ -233,28 +324,11 @@ class FusedChunkRetriever {
       }
     }
 
-    const index_t H = g0.n_head, dh = g0.head_dim, csz = g0.chunk_size;
-    for (std::size_t b = 0; b < banks.size(); ++b) {
-      const index_t Tq = queries[b].dim(0), kk = std::min<index_t>(k, banks[b]->num_chunks());
-      Retrieved<float, Device>& out = *outs[b];
-      out.chunks = static_cast<int>(kk);
-      out.slots.resize({Tq, H, kk});
-      out.scores.resize({Tq, H, kk});
-      if constexpr (Gather) {
-        out.keys.resize({Tq, H, kk * csz, dh});
-        out.values.resize({Tq, H, kk * csz, dh});
-      }
-    }
-
-    for (std::size_t first = 0; first < banks.size(); first += max_banks_per_launch) {
-      const std::size_t count = std::min<std::size_t>(max_banks_per_launch, banks.size() - first);
-      launch<Gather>(banks.subspan(first, count), queries.subspan(first, count), k, outs.subspan(first, count), stream, who);
-    }
   }
 
   template <bool Gather, class S>
   void launch(std::span<const DeviceMemoryBank<S>* const> banks, std::span<const TensorView<const float, Device>> queries,
-              int k, std::span<Retrieved<float, Device>* const> outs, cudaStream_t stream, const char* who) {
+              int k, std::span<const OutputRows> dst, cudaStream_t stream, const char* who) {
     using Tl = detail::RetrievalTile;
     const MemoryGeometry g0 = banks[0]->geometry();
     const int H = g0.n_head, dh = g0.head_dim;
@@ -309,7 +383,6 @@ class FusedChunkRetriever {
     index_t offset = 0;
     for (std::size_t b = 0; b < banks.size(); ++b) {
       const DeviceMemoryBank<S>& bank = *banks[b];
-      Retrieved<float, Device>& out = *outs[b];
       const index_t Tq = queries[b].dim(0), kk = std::min<index_t>(k, bank.num_chunks());
       detail::RetrievalBank<S>& d = L.bank[b];
       d.chunk_keys = bank.chunk_keys().data();
@@ -317,10 +390,10 @@ class FusedChunkRetriever {
       d.values = bank.values().data();
       d.queries = queries[b].data();
       d.partial = partial_.data() + offset;
-      d.slots = out.slots.data();
-      d.scores = out.scores.data();
-      d.out_keys = Gather ? out.keys.data() : nullptr;
-      d.out_values = Gather ? out.values.data() : nullptr;
+      d.slots = dst[b].slots;
+      d.scores = dst[b].scores;
+      d.out_keys = Gather ? dst[b].keys : nullptr;
+      d.out_values = Gather ? dst[b].values : nullptr;
       d.capacity = bank.geometry().capacity_chunks;
       d.chunks = bank.num_chunks();
       d.oldest = bank.oldest_slot();

@@ -92,6 +92,11 @@ struct OpsBackend<Device> {
                                PositionScheme positions) {
     detail::cuda::memory_attention<Fusion>(out, q, k, v, mem_k, mem_v, gate, positions);
   }
+  template <class Fusion, class T>
+  static void memory_attention_segments(Out<T> out, In<T> q, In<T> k, In<T> v, In<T> mem_k, In<T> mem_v, In<T> gate,
+                                        PositionScheme positions, std::span<const index_t> offsets) {
+    detail::cuda::memory_attention_segments<Fusion>(out, q, k, v, mem_k, mem_v, gate, positions, offsets);
+  }
   template <class T>
   static std::pair<double, std::int64_t> cross_entropy(In<T> logits, std::span<const std::int32_t> targets,
                                                        TensorView<float, Device> losses) {
@@ -130,6 +135,13 @@ struct OpsBackend<Device> {
   static void causal_attention_backward_segments(Out<T> d_q, Out<T> d_k, Out<T> d_v, In<T> d_out, In<T> q, In<T> k,
                                                  In<T> v, PositionScheme positions, std::span<const index_t> offsets) {
     detail::cuda::causal_attention_backward_segments(d_q, d_k, d_v, d_out, q, k, v, positions, offsets);
+  }
+  template <class Fusion, class T>
+  static void memory_attention_backward_segments(Out<T> d_q, Out<T> d_k, Out<T> d_v, Out<T> d_gate, In<T> d_out, In<T> q,
+                                                 In<T> k, In<T> v, In<T> mem_k, In<T> mem_v, In<T> gate,
+                                                 PositionScheme positions, std::span<const index_t> offsets) {
+    detail::cuda::memory_attention_backward_segments<Fusion>(d_q, d_k, d_v, d_gate, d_out, q, k, v, mem_k, mem_v, gate,
+                                                             positions, offsets);
   }
   template <class Fusion, class T>
   static void memory_attention_backward(Out<T> d_q, Out<T> d_k, Out<T> d_v, Out<T> d_gate, In<T> d_out, In<T> q, In<T> k,

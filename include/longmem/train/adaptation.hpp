@@ -222,13 +222,37 @@ class SideNetAdaptation {
     const index_t N = offsets.back();
     logits_.resize({N, backbone_.config().vocab_size});
     const int k = memory_.retrieved_chunks();
-    auto retrieve = [&](std::size_t b, TensorView<const T, L> q) -> const Retrieved<T, L>* {
-      if (!memory_.enabled || banks_[b].num_chunks() == 0) return nullptr;
-      retriever_.retrieve(banks_[b], q, k, retrieved_[b]);
-      return &retrieved_[b];
+    // One stream at a time, or (a retriever with retrieve_stacked, every bank giving the same k')
+    // every stream in one retrieval whose rows stack like the segments': the SideNet then reads
+    // all streams' memory in one attention call.
+    struct Retrieve {
+      SideNetAdaptation& task;
+      int k;
+      const Retrieved<T, L>* operator()(std::size_t b, TensorView<const T, L> q) {
+        if (!task.memory_.enabled || task.banks_[b].num_chunks() == 0) return nullptr;
+        task.retriever_.retrieve(task.banks_[b], q, k, task.retrieved_[b]);
+        return &task.retrieved_[b];
+      }
+      const Retrieved<T, L>* operator()(std::span<const index_t> offsets, TensorView<const T, L> q) {
+        if constexpr (requires(std::vector<const Bank*> banks, Retrieved<T, L>& out) {
+                        task.retriever_.retrieve_stacked(std::span<const Bank* const>(banks), q, offsets, k, out);
+                      }) {
+          if (!task.memory_.enabled) return nullptr;
+          std::vector<const Bank*> banks;
+          for (const Bank& bank : task.banks_) {
+            const index_t kept = std::min<index_t>(k, bank.num_chunks());
+            if (kept == 0 || kept != std::min<index_t>(k, task.banks_.front().num_chunks())) return nullptr;
+            banks.push_back(&bank);
+          }
+          task.retriever_.retrieve_stacked(std::span<const Bank* const>(banks), q, offsets, k, task.stacked_);
+          return &task.stacked_;
+        } else {
+          return nullptr;
+        }
+      }
     };
-    side_net_.template forward<F>(cview(bout_.hidden), offsets, backbone_.token_embedding(), retrieve, logits_.view(),
-                                  &acts_);
+    side_net_.template forward<F>(cview(bout_.hidden), offsets, backbone_.token_embedding(), Retrieve{*this, k},
+                                  logits_.view(), &acts_);
     const auto [sum, count] = ops::cross_entropy(cview(logits_), targets_, TensorView<float, L>{});
     ops::cross_entropy_backward(logits_.view(), cview(logits_), targets_, 1.0);  // d(sum)/d logits, in place
     side_net_backward<F>(side_net_, acts_, offsets, backbone_.token_embedding(), cview(logits_), grads_, scratch_);
@@ -359,6 +383,7 @@ class SideNetAdaptation {
   MemoryGeometry geometry_;
   std::vector<Bank> banks_;
   std::vector<Retrieved<T, L>> retrieved_;  // per stream, alive until the backward ran
+  Retrieved<T, L> stacked_;                // every stream's, stacked by rows (retrieve_stacked)
   SideNetParameters<T, L> grads_;
   BackboneRequest request_;
   BackboneOutput<T, L> bout_;

@@ -80,7 +80,15 @@ void side_net_backward(const SideNet<T, L>& net, const SideNetActivations<T, L>&
                                      cview(s.datt).reshape(heads), cview(a.q).reshape(heads), cview(a.k).reshape(heads),
                                      cview(a.v).reshape(heads), c.positions, std::span<const index_t>(offsets));
     }
-    for (std::size_t b = 0; i == c.memory_augmented_layer() && b + 1 < offsets.size(); ++b) {
+    const Retrieved<T, L>* all = i == c.memory_augmented_layer() ? acts.stacked_memory : nullptr;
+    if (all) {  // the forward read every stream's memory stacked by rows: one call
+      const Shape heads{offsets.back(), H, dh};
+      ops::memory_attention_backward<F>(s.dq.view().reshape(heads), s.dk.view().reshape(heads), s.dv.view().reshape(heads),
+                                        g.gate.view(), cview(s.datt).reshape(heads), cview(a.q).reshape(heads),
+                                        cview(a.k).reshape(heads), cview(a.v).reshape(heads), cview(all->keys),
+                                        cview(all->values), cview(wi.gate), c.positions, offsets);
+    }
+    for (std::size_t b = 0; i == c.memory_augmented_layer() && !all && b + 1 < offsets.size(); ++b) {
       const index_t o0 = offsets[b], o1 = offsets[b + 1];
       const Shape heads{o1 - o0, H, dh};
       auto rows = [&](const Tensor<T, L>& t) { return cview(t).slice(o0, o1).reshape(heads); };

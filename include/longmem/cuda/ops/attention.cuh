@@ -374,5 +374,50 @@ void memory_attention(TensorView<T, Device> out, TensorView<const T, Device> q, 
   }
 }
 
+/// memory_attention over the sequences [offsets[b], offsets[b+1]) of q, k, v (N, H, dh), each
+/// row with its own retrieved mem_k, mem_v (N, H, K, dh) (offsets checked by
+/// ops::memory_attention): as causal_attention_segments, up to AttentionArgs::max_segments
+/// sequences per tensor-core launch (dh <= 64); wider heads take one launch per sequence.
+template <class Fusion, class T>
+void memory_attention_segments(TensorView<T, Device> out, TensorView<const T, Device> q, TensorView<const T, Device> k,
+                               TensorView<const T, Device> v, TensorView<const T, Device> mem_k,
+                               TensorView<const T, Device> mem_v, TensorView<const T, Device> gate,
+                               PositionScheme positions, std::span<const index_t> offsets) {
+  static_assert(longmem::Fusion<Fusion>, "memory_attention: Fusion must be longmem::GatedFusion or longmem::JointFusion");
+  require_float<T>();
+  constexpr bool gated = std::is_same_v<Fusion, GatedFusion>;
+  const char* op = "memory_attention";
+  AttentionArgs a = attention_args(op, out, q, k, v, mem_k, mem_v, gate, gated);
+  if (a.n_mem == 0) {
+    causal_attention_segments(out, q, k, v, positions, offsets);
+    return;
+  }
+  if (a.n_tok == 0 || a.n_head == 0 || a.head_dim == 0) return;
+  const std::size_t n_seq = offsets.size() - 1;
+  if (a.head_dim > device_attention_tuning.mma_max_head_dim) {
+    for (std::size_t b = 0; b < n_seq; ++b) {
+      const index_t o0 = offsets[b], o1 = offsets[b + 1];
+      if (o0 == o1) continue;
+      memory_attention<Fusion>(out.slice(o0, o1), q.slice(o0, o1), k.slice(o0, o1), v.slice(o0, o1),
+                               mem_k.slice(o0, o1), mem_v.slice(o0, o1), gate, positions);
+    }
+    return;
+  }
+  a.alibi = positions == PositionScheme::Alibi;
+  constexpr AttentionMode mode = gated ? AttentionMode::Gated : AttentionMode::Joint;
+  for (std::size_t first = 0; first < n_seq; first += AttentionArgs::max_segments) {
+    const std::size_t n = std::min<std::size_t>(AttentionArgs::max_segments, n_seq - first);
+    std::copy(offsets.begin() + static_cast<std::ptrdiff_t>(first),
+              offsets.begin() + static_cast<std::ptrdiff_t>(first + n + 1), a.seg);
+    if (a.seg[n] == a.seg[0]) continue;  // only empty sequences
+    a.n_seg = static_cast<int>(n);
+    if (a.head_dim <= 32) {
+      launch_attention_mma<mode, 32>(op, a);
+    } else {
+      launch_attention_mma<mode, 64>(op, a);
+    }
+  }
+}
+
 }  // namespace detail::cuda
 }  // namespace longmem

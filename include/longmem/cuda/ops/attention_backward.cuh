@@ -1,7 +1,8 @@
 #pragma once
 // Device attention backward, for training on the GPU.
 //   causal_attention_backward      d_q, d_k, d_v (T, H, dh) from d_out (T, H, dh)
-//   causal_attention_backward_segments   the same over sequences stacked along the rows (offsets)
+//   causal_attention_backward_segments, memory_attention_backward_segments<F>
+//                                  the same over sequences stacked along the rows (offsets)
 //   memory_attention_backward<F>   the same through the memory-augmented layer (fusion.hpp), plus
 //                                  d_gate (H) for GatedFusion; retrieved keys/values are constants
 // Nothing is kept from the forward: probabilities are recomputed from q, k (and mem_k).
@@ -56,7 +57,7 @@ __global__ void __launch_bounds__(attention_backward_block)
     swap_middle_axes_kernel(T* __restrict__ dst, const T* __restrict__ src, index_t S, index_t A, index_t B, index_t C) {
   const index_t n = S * A * B * C;
   for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
-    const index_t c = i % C, r = i / C, b = r % B, r2 = r / B, a = r2 % A, s = r2 / A;  // i runs over dst (s, b, a, c)
+    const index_t c = i % C, r = i / C, a = r % A, r2 = r / A, b = r2 % B, s = r2 / B;  // i runs over dst (s, b, a, c)
     dst[i] = src[((s * A + a) * B + b) * C + c];
   }
 }
@@ -93,73 +94,80 @@ __global__ void memory_stats_kernel(AttentionArgs a, const float* __restrict__ d
   }
 }
 
-/// Step 1, row (s, h, t) of S (n_seq H, T, T): P = causal softmax(scale S + alibi) in place; joint
-/// (stats given, one sequence) rescales it into the one softmax over local and memory scores and
-/// stores z.
+/// The sum (or max) of a warp's values as lane 0 has it, in every lane (the butterfly leaves each
+/// lane its own association order; the rows below must use one value).
+__device__ inline float warp_sum_lane0(float v) { return __shfl_sync(0xffffffffu, warp_sum(v), 0); }
+__device__ inline float warp_max_lane0(float v) { return __shfl_sync(0xffffffffu, warp_max(v), 0); }
+
+/// Step 1, row (s, h, t) of S (n_seq H, T, T), one warp per row: P = causal softmax(scale S +
+/// alibi) in place; joint (stats given) rescales it into the one softmax over local
+/// and memory scores and stores z. Each lane reads back only what it wrote.
 template <AttentionMode Mode>
 __global__ void __launch_bounds__(attention_backward_block)
     causal_softmax_rows_kernel(float* __restrict__ S, index_t n_seq, index_t n_tok, int H, float scale, bool alibi,
                                MemoryRowStats st) {
-  __shared__ float partial[32];
-  for (index_t row = blockIdx.x; row < n_seq * H * n_tok; row += gridDim.x) {
+  const index_t warps = blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (index_t row = blockIdx.x * warps + threadIdx.x / 32; row < n_seq * H * n_tok; row += gridDim.x * warps) {
     const int h = static_cast<int>((row / n_tok) % H);
     const index_t t = row % n_tok;
     float* s = S + row * n_tok;
     const double slope = alibi ? alibi_slope(h, H) : 0.0;
     float mx = -INFINITY;
-    for (index_t j = threadIdx.x; j <= t; j += blockDim.x) {
+    for (index_t j = lane; j <= t; j += 32) {
       float val = scale * s[j];
       if (alibi) val += static_cast<float>(slope * static_cast<double>(j - t));
       s[j] = val;
       mx = fmaxf(mx, val);
     }
-    mx = block_max(mx, partial);
+    mx = warp_max_lane0(mx);
     float z = 0;
-    for (index_t j = threadIdx.x; j <= t; j += blockDim.x) {
+    for (index_t j = lane; j <= t; j += 32) {
       const float e = expf(s[j] - mx);
       s[j] = e;
       z += e;
     }
-    z = block_sum(z, partial);
+    z = warp_sum_lane0(z);
     float inv = 1.0f / z;
     if constexpr (Mode == AttentionMode::Joint) {
-      const index_t th = t * H + h;  // (one sequence)
+      const index_t th = ((row / (n_tok * H)) * n_tok + t) * H + h;  // (s T + t, h) in the (S T, H) statistics
       const float ll = mx + logf(z), lm = st.mem_lse[th];
       const float zj = fmaxf(ll, lm) + log1pf(expf(-fabsf(ll - lm)));  // logaddexp
       inv *= expf(ll - zj);
-      if (threadIdx.x == 0) st.norm[th] = zj;
+      if (lane == 0) st.norm[th] = zj;
     }
-    for (index_t j = threadIdx.x; j < n_tok; j += blockDim.x) s[j] = j <= t ? s[j] * inv : 0.0f;
+    for (index_t j = lane; j < n_tok; j += 32) s[j] = j <= t ? s[j] * inv : 0.0f;
   }
 }
 
-/// Step 2, row (s, h, t): dP (n_seq H, T, T) becomes dS in place (header comment); gated scales P
-/// by the local gate weight so that step 3's P^T d_out is d_v, and stores the gate term; joint
-/// stores D (the memory modes: one sequence).
+/// Step 2, row (s, h, t), one warp per row: dP (n_seq H, T, T) becomes dS in place (header
+/// comment); gated scales P by the local gate weight so that step 3's P^T d_out is d_v, and stores
+/// the gate term; joint stores D.
 template <AttentionMode Mode>
 __global__ void __launch_bounds__(attention_backward_block)
     softmax_backward_rows_kernel(float* __restrict__ dP, float* __restrict__ P, index_t n_seq, index_t n_tok, int H,
                                  float scale, MemoryRowStats st) {
-  __shared__ float partial[32];
-  for (index_t row = blockIdx.x; row < n_seq * H * n_tok; row += gridDim.x) {
+  const index_t warps = blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (index_t row = blockIdx.x * warps + threadIdx.x / 32; row < n_seq * H * n_tok; row += gridDim.x * warps) {
     const int h = static_cast<int>((row / n_tok) % H);
-    const index_t t = row % n_tok, th = t * H + h;
+    const index_t t = row % n_tok, th = ((row / (n_tok * H)) * n_tok + t) * H + h;  // (s T + t, h) in the statistics
     float* p = P + row * n_tok;
     float* g = dP + row * n_tok;
     float dot = 0;
-    for (index_t j = threadIdx.x; j <= t; j += blockDim.x) dot += p[j] * g[j];
-    dot = block_sum(dot, partial);
+    for (index_t j = lane; j <= t; j += 32) dot += p[j] * g[j];
+    dot = warp_sum_lane0(dot);
     float gs = 1.0f, D = dot;  // dS = scale P (gs dP - D)
     if constexpr (Mode == AttentionMode::Gated) {
       float w_mem;
       gate_weights(st.gate[h], gs, w_mem);
       D = gs * dot;
-      if (threadIdx.x == 0) st.gate_terms[th] = st.go_m[th] - dot;
+      if (lane == 0) st.gate_terms[th] = st.go_m[th] - dot;
     } else if constexpr (Mode == AttentionMode::Joint) {
       D = dot + expf(st.mem_lse[th] - st.norm[th]) * st.go_m[th];
-      if (threadIdx.x == 0) st.delta[th] = D;
+      if (lane == 0) st.delta[th] = D;
     }
-    for (index_t j = threadIdx.x; j < n_tok; j += blockDim.x) {
+    for (index_t j = lane; j < n_tok; j += 32) {
       g[j] = j <= t ? scale * p[j] * (gs * g[j] - D) : 0.0f;
       if constexpr (Mode == AttentionMode::Gated) p[j] *= gs;
     }
@@ -283,28 +291,29 @@ void with_head_dim_bucket(index_t dh, F&& f) {
 }
 
 /// Steps 0-5 of the header comment for n_seq sequences of a.n_tok rows each, stacked along the
-/// rows (the memory modes: one); d_gate may be null (frozen, or not gated).
+/// rows (memory (S T, H, K, dh) row by row); d_gate may be null (frozen, or not gated).
 template <AttentionMode Mode>
 void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k, float* d_v, const float* d_out,
                         float* d_gate, PositionScheme positions, index_t n_seq = 1) {
   constexpr bool memory = Mode != AttentionMode::Causal;
-  if (memory && n_seq != 1) fail<InputError>(op, ": the memory modes take one sequence per call");
-  const index_t Tn = a.n_tok, H = a.n_head, dh = a.head_dim, ld = H * dh, rows = Tn * H;
+  const index_t Tn = a.n_tok, H = a.n_head, dh = a.head_dim, ld = H * dh, rows = n_seq * Tn * H;  // (row, head) pairs
   if (Tn == 0 || H == 0 || dh == 0 || n_seq == 0) return;
   const bool packed = n_seq > 1;
   const std::size_t square = static_cast<std::size_t>(n_seq * H * Tn * Tn);
   const std::size_t stats = memory ? static_cast<std::size_t>(rows) : 0;
   const std::size_t mem_out = memory ? static_cast<std::size_t>(rows * dh) : 0;
-  const std::size_t seq_values = static_cast<std::size_t>(n_seq * rows * dh);  // one (S, T, H, dh) tensor
+  const std::size_t seq_values = static_cast<std::size_t>(rows * dh);  // one (S, T, H, dh) tensor
   Scratch scratch((2 * square + mem_out + 4 * stats + (packed ? 7 * seq_values : 0)) * sizeof(float), op);
   float* P = scratch.as<float>();
   float* dS = P + square;
   MemoryRowStats st;
-  // the per-row warp kernels (steps 0 and 4): one warp per (t, h)
+  // the per-row warp kernels (steps 0 and 4): one warp per (t, h) over all S T rows
+  AttentionArgs rows_args = a;
+  rows_args.n_tok = n_seq * Tn;
   const dim3 wblock(attention_backward_block), wgrid(grid_for(rows, attention_backward_block / 32));
   if constexpr (memory) {
     float* rest = dS + square;
-    a.out = rest;  // M (T, H, dh)
+    rows_args.out = rest;  // M (S T, H, dh)
     st.gate = a.gate;
     st.mem_lse = rest + mem_out;
     st.go_m = st.mem_lse + stats;
@@ -312,7 +321,7 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
     st.delta = st.norm + stats;
     st.gate_terms = st.delta;  // gated stores gate terms where joint stores D
     auto stats_kernel = [&]<int DhMax>() {
-      memory_stats_kernel<DhMax><<<wgrid, wblock, 0, stream()>>>(a, d_out, st);
+      memory_stats_kernel<DhMax><<<wgrid, wblock, 0, stream()>>>(rows_args, d_out, st);
     };
     with_head_dim_bucket(dh, stats_kernel);
     check_launch(op, "the memory statistics kernel for ", rows, " rows, K = ", a.n_mem, " (", launch_str(wgrid, wblock), ")");
@@ -324,7 +333,7 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
   index_t row_ld = ld, matrix_stride = dh;
   const dim3 eblock(attention_backward_block), egrid(grid_for(static_cast<index_t>(seq_values), attention_backward_block));
   if (packed) {
-    float* buf = dS + square;
+    float* buf = dS + square + mem_out + 4 * stats;
     float* heads_major[7];
     for (int i = 0; i < 7; ++i) heads_major[i] = buf + i * seq_values;
     const float* from[4] = {a.q, a.k, a.v, d_out};
@@ -343,7 +352,7 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
   auto squares = [&](const float* x, bool transposed) { return GemmOperand{x, Tn, sq, transposed}; };
   // S = q k^T, then P in place
   gemm(op, Tn, Tn, dh, heads(q, false), heads(k, true), 0.0f, P, Tn, sq, batch, math);
-  const dim3 block(attention_backward_block), grid(grid_for(n_seq * rows, 1));
+  const dim3 block(attention_backward_block), grid(grid_for(rows, attention_backward_block / 32));
   causal_softmax_rows_kernel<Mode><<<grid, block, 0, stream()>>>(P, n_seq, Tn, static_cast<int>(H), a.scale,
                                                                  positions == PositionScheme::Alibi, st);
   check_launch(op, "the softmax kernel for ", n_seq * H, " heads of ", Tn, " rows (", launch_str(grid, block), ")");
@@ -364,13 +373,13 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
   }
   if constexpr (memory) {
     auto backward_kernel = [&]<int DhMax>() {
-      memory_backward_kernel<Mode, DhMax><<<wgrid, wblock, 0, stream()>>>(a, d_out, d_q, st);
+      memory_backward_kernel<Mode, DhMax><<<wgrid, wblock, 0, stream()>>>(rows_args, d_out, d_q, st);
     };
     with_head_dim_bucket(dh, backward_kernel);
     check_launch(op, "the memory backward kernel for ", rows, " rows, K = ", a.n_mem, " (", launch_str(wgrid, wblock), ")");
     if (Mode == AttentionMode::Gated && d_gate != nullptr) {
-      gate_backward_kernel<float><<<static_cast<unsigned>(H), block, 0, stream()>>>(d_gate, a.gate, st.gate_terms, Tn,
-                                                                              static_cast<int>(H));
+      gate_backward_kernel<float><<<static_cast<unsigned>(H), block, 0, stream()>>>(d_gate, a.gate, st.gate_terms,
+                                                                              n_seq * Tn, static_cast<int>(H));
       check_launch(op, "the gate gradient kernel for ", H, " heads");
     }
   }
@@ -386,18 +395,14 @@ void causal_attention_backward(TensorView<T, Device> d_q, TensorView<T, Device> 
   attention_backward<AttentionMode::Causal>(op, a, d_q.data(), d_k.data(), d_v.data(), d_out.data(), nullptr, positions);
 }
 
-/// See ops::causal_attention_backward with offsets: each run of consecutive sequences of one length
-/// is one batched backward (split where the scratch budget would be exceeded); empty sequences
-/// are skipped.
-template <class T>
-void causal_attention_backward_segments(TensorView<T, Device> d_q, TensorView<T, Device> d_k, TensorView<T, Device> d_v,
-                                        TensorView<const T, Device> d_out, TensorView<const T, Device> q,
-                                        TensorView<const T, Device> k, TensorView<const T, Device> v,
-                                        PositionScheme positions, std::span<const index_t> offsets) {
-  require_float<T>();
-  const char* op = "causal_attention_backward";
-  const AttentionArgs all = attention_backward_args(op, d_q, d_k, d_v, d_out, q, k, v);
-  const index_t ld = index_t{all.n_head} * all.head_dim;
+/// Runs attention_backward<Mode> over each run of consecutive sequences of one length (split where
+/// the scratch budget would be exceeded); empty sequences are skipped. `all` holds the whole
+/// tensors; each run gets its rows' pointers (and its rows' retrieved memory).
+template <AttentionMode Mode>
+void attention_backward_runs(const char* op, const AttentionArgs& all, float* d_q, float* d_k, float* d_v,
+                             const float* d_out, float* d_gate, PositionScheme positions,
+                             std::span<const index_t> offsets) {
+  const index_t ld = index_t{all.n_head} * all.head_dim, mem_row = ld * all.n_mem;
   for (std::size_t b = 0; b + 1 < offsets.size();) {
     const index_t len = offsets[b + 1] - offsets[b];
     if (len == 0) {
@@ -412,9 +417,55 @@ void causal_attention_backward_segments(TensorView<T, Device> d_q, TensorView<T,
     const index_t first = offsets[b] * ld;
     a.n_tok = len;
     a.q += first, a.k += first, a.v += first;
-    attention_backward<AttentionMode::Causal>(op, a, d_q.data() + first, d_k.data() + first, d_v.data() + first,
-                                              d_out.data() + first, nullptr, positions, static_cast<index_t>(e - b));
+    if (a.mem_k) a.mem_k += offsets[b] * mem_row, a.mem_v += offsets[b] * mem_row;
+    attention_backward<Mode>(op, a, d_q + first, d_k + first, d_v + first, d_out + first, d_gate, positions,
+                             static_cast<index_t>(e - b));
     b = e;
+  }
+}
+
+/// See ops::causal_attention_backward with offsets: each run of consecutive sequences of one length
+/// is one batched backward.
+template <class T>
+void causal_attention_backward_segments(TensorView<T, Device> d_q, TensorView<T, Device> d_k, TensorView<T, Device> d_v,
+                                        TensorView<const T, Device> d_out, TensorView<const T, Device> q,
+                                        TensorView<const T, Device> k, TensorView<const T, Device> v,
+                                        PositionScheme positions, std::span<const index_t> offsets) {
+  require_float<T>();
+  const char* op = "causal_attention_backward";
+  const AttentionArgs all = attention_backward_args(op, d_q, d_k, d_v, d_out, q, k, v);
+  attention_backward_runs<AttentionMode::Causal>(op, all, d_q.data(), d_k.data(), d_v.data(), d_out.data(), nullptr,
+                                                 positions, offsets);
+}
+
+/// See ops::memory_attention_backward with offsets (memory (N, H, K, dh), one row's per row).
+template <class Fusion, class T>
+void memory_attention_backward_segments(TensorView<T, Device> d_q, TensorView<T, Device> d_k, TensorView<T, Device> d_v,
+                                        TensorView<T, Device> d_gate, TensorView<const T, Device> d_out,
+                                        TensorView<const T, Device> q, TensorView<const T, Device> k,
+                                        TensorView<const T, Device> v, TensorView<const T, Device> mem_k,
+                                        TensorView<const T, Device> mem_v, TensorView<const T, Device> gate,
+                                        PositionScheme positions, std::span<const index_t> offsets) {
+  static_assert(longmem::Fusion<Fusion>,
+                "memory_attention_backward: Fusion must be longmem::GatedFusion or longmem::JointFusion");
+  require_float<T>();
+  constexpr bool gated = std::is_same_v<Fusion, GatedFusion>;
+  const char* op = "memory_attention_backward";
+  const AttentionArgs all = attention_backward_args(op, d_q, d_k, d_v, d_out, q, k, v, mem_k, mem_v, gate, gated);
+  if (!absent(d_gate)) {
+    expect_shape(d_gate, Shape{q.dim(1)}, "memory_attention_backward: d_gate (H), like gate");
+    if (overlaps(d_gate, gate)) fail<InputError>(op, ": d_gate overlaps gate");
+  }
+  float* dg = absent(d_gate) ? nullptr : d_gate.data();
+  if (all.n_mem == 0) {
+    attention_backward_runs<AttentionMode::Causal>(op, all, d_q.data(), d_k.data(), d_v.data(), d_out.data(), nullptr,
+                                                   positions, offsets);
+  } else if constexpr (gated) {
+    attention_backward_runs<AttentionMode::Gated>(op, all, d_q.data(), d_k.data(), d_v.data(), d_out.data(), dg,
+                                                  positions, offsets);
+  } else {
+    attention_backward_runs<AttentionMode::Joint>(op, all, d_q.data(), d_k.data(), d_v.data(), d_out.data(), nullptr,
+                                                  positions, offsets);
   }
 }
 

@@ -144,7 +144,8 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
   if constexpr (Mode != AttentionMode::Causal) {
     for (int i = 0; i < 16; ++i) {  // the warp's own rows: no block barrier needed
       const index_t t = w0 + i;
-      if (t < T) memory_branch_row<Mode, DhMax>(a, t, h, qh + t * ld, mem_o + (16 * warp + i) * pitch, mem_ml + 2 * (16 * warp + i));
+      // the retrieved memory (N, H, K, dh) is indexed by the row over all sequences
+      if (t < T) memory_branch_row<Mode, DhMax>(a, row0 + t, h, qh + t * ld, mem_o + (16 * warp + i) * pitch, mem_ml + 2 * (16 * warp + i));
     }
     __syncwarp();
     if constexpr (Mode == AttentionMode::Joint) {  // the memory scores open the local online softmax
