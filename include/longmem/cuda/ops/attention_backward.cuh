@@ -34,6 +34,7 @@
 // (cuda/math_mode.hpp) like linear; softmaxes and statistics are in float, as on the host.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <span>
 #include <utility>
 
@@ -51,15 +52,39 @@ inline constexpr unsigned attention_backward_block = 256;
 inline constexpr std::size_t attention_backward_budget = std::size_t{256} << 20;
 
 /// dst (S, B, A, C) = src (S, A, B, C): the middle two axes swapped (heads to the front of a
-/// sequence's rows and back).
-template <class T>
+/// sequence's rows and back). E: float, or float4 with C counted in float4s; I: the index type
+/// (32 bits when every index fits: the divisions are the kernel's cost).
+template <class E, class I>
 __global__ void __launch_bounds__(attention_backward_block)
-    swap_middle_axes_kernel(T* __restrict__ dst, const T* __restrict__ src, index_t S, index_t A, index_t B, index_t C) {
-  const index_t n = S * A * B * C;
-  for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
-    const index_t c = i % C, r = i / C, a = r % A, r2 = r / A, b = r2 % B, s = r2 / B;  // i runs over dst (s, b, a, c)
+    swap_middle_axes_kernel(E* __restrict__ dst, const E* __restrict__ src, I S, I A, I B, I C) {
+  const I n = S * A * B * C;
+  for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
+    const I c = i % C, r = i / C, a = r % A, r2 = r / A, b = r2 % B, s = r2 / B;  // i runs over dst (s, b, a, c)
     dst[i] = src[((s * A + a) * B + b) * C + c];
   }
+}
+
+/// Launches swap_middle_axes_kernel with the widest element and narrowest index that fit.
+inline void swap_middle_axes(const char* op, float* dst, const float* src, index_t S, index_t A, index_t B, index_t C) {
+  const bool vec4 = C % 4 == 0 && (reinterpret_cast<std::uintptr_t>(dst) | reinterpret_cast<std::uintptr_t>(src)) % 16 == 0;
+  const index_t width = vec4 ? 4 : 1, n = S * A * B * C / width;
+  const dim3 block(attention_backward_block), grid(grid_for(n, attention_backward_block));
+  const bool narrow = n < (index_t{1} << 31);
+  if (vec4 && narrow) {
+    swap_middle_axes_kernel<float4, std::uint32_t><<<grid, block, 0, stream()>>>(
+        reinterpret_cast<float4*>(dst), reinterpret_cast<const float4*>(src), static_cast<std::uint32_t>(S),
+        static_cast<std::uint32_t>(A), static_cast<std::uint32_t>(B), static_cast<std::uint32_t>(C / 4));
+  } else if (vec4) {
+    swap_middle_axes_kernel<float4, index_t><<<grid, block, 0, stream()>>>(
+        reinterpret_cast<float4*>(dst), reinterpret_cast<const float4*>(src), S, A, B, C / 4);
+  } else if (narrow) {
+    swap_middle_axes_kernel<float, std::uint32_t><<<grid, block, 0, stream()>>>(
+        dst, src, static_cast<std::uint32_t>(S), static_cast<std::uint32_t>(A), static_cast<std::uint32_t>(B),
+        static_cast<std::uint32_t>(C));
+  } else {
+    swap_middle_axes_kernel<float, index_t><<<grid, block, 0, stream()>>>(dst, src, S, A, B, C);
+  }
+  check_launch(op, "the head-major copy of ", S, " sequences (", launch_str(grid, block), ")");
 }
 
 /// The memory-augmented modes' per-row statistics (T, H), row th = t H + h; all null for Causal.
@@ -93,11 +118,6 @@ __global__ void memory_stats_kernel(AttentionArgs a, const float* __restrict__ d
     }
   }
 }
-
-/// The sum (or max) of a warp's values as lane 0 has it, in every lane (the butterfly leaves each
-/// lane its own association order; the rows below must use one value).
-__device__ inline float warp_sum_lane0(float v) { return __shfl_sync(0xffffffffu, warp_sum(v), 0); }
-__device__ inline float warp_max_lane0(float v) { return __shfl_sync(0xffffffffu, warp_max(v), 0); }
 
 /// Step 1, row (s, h, t) of S (n_seq H, T, T), one warp per row: P = causal softmax(scale S +
 /// alibi) in place; joint (stats given) rescales it into the one softmax over local
@@ -331,16 +351,12 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
   const float *q = a.q, *k = a.k, *v = a.v, *go = d_out;
   float *gq = d_q, *gk = d_k, *gv = d_v;
   index_t row_ld = ld, matrix_stride = dh;
-  const dim3 eblock(attention_backward_block), egrid(grid_for(static_cast<index_t>(seq_values), attention_backward_block));
   if (packed) {
     float* buf = dS + square + mem_out + 4 * stats;
     float* heads_major[7];
     for (int i = 0; i < 7; ++i) heads_major[i] = buf + i * seq_values;
     const float* from[4] = {a.q, a.k, a.v, d_out};
-    for (int i = 0; i < 4; ++i) {
-      swap_middle_axes_kernel<float><<<egrid, eblock, 0, stream()>>>(heads_major[i], from[i], n_seq, Tn, H, dh);
-      check_launch(op, "the head-major copy of ", n_seq, " sequences (", launch_str(egrid, eblock), ")");
-    }
+    for (int i = 0; i < 4; ++i) swap_middle_axes(op, heads_major[i], from[i], n_seq, Tn, H, dh);
     q = heads_major[0], k = heads_major[1], v = heads_major[2], go = heads_major[3];
     gq = heads_major[4], gk = heads_major[5], gv = heads_major[6];
     row_ld = dh, matrix_stride = Tn * dh;
@@ -366,10 +382,7 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
   gemm(op, Tn, dh, Tn, squares(dS, true), heads(q, false), 0.0f, gk, row_ld, matrix_stride, batch, math);
   if (packed) {
     const std::pair<float*, const float*> back[3] = {{d_q, gq}, {d_k, gk}, {d_v, gv}};
-    for (auto [to, from] : back) {
-      swap_middle_axes_kernel<float><<<egrid, eblock, 0, stream()>>>(to, from, n_seq, H, Tn, dh);
-      check_launch(op, "the copy back from head-major of ", n_seq, " sequences (", launch_str(egrid, eblock), ")");
-    }
+    for (auto [to, from] : back) swap_middle_axes(op, to, from, n_seq, H, Tn, dh);
   }
   if constexpr (memory) {
     auto backward_kernel = [&]<int DhMax>() {

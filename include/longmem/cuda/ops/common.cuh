@@ -154,6 +154,13 @@ __device__ inline T warp_sum(T v) {
   return v;
 }
 
+/// warp_sum / warp_max as lane 0 has them, in every lane (the butterfly leaves each lane its own
+/// association order; a row computed by one warp must use one value).
+template <class T>
+__device__ inline T warp_sum_lane0(T v);
+template <class T>
+__device__ inline T warp_max_lane0(T v);
+
 template <class T>
 __device__ inline T warp_max(T v) {
   for (int offset = 16; offset > 0; offset >>= 1) {
@@ -161,6 +168,15 @@ __device__ inline T warp_max(T v) {
     v = o > v ? o : v;
   }
   return v;
+}
+
+template <class T>
+__device__ inline T warp_sum_lane0(T v) {
+  return __shfl_sync(0xffffffffu, warp_sum(v), 0);
+}
+template <class T>
+__device__ inline T warp_max_lane0(T v) {
+  return __shfl_sync(0xffffffffu, warp_max(v), 0);
 }
 
 /// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.

@@ -1,7 +1,7 @@
 #pragma once
 // Device LayerNorm over the last C features of each row.
 //   layer_norm   y = (x - mean) / sqrt(var + eps) * w + b        (biased variance)
-// One block per row. As on the host, the statistics are two passes in double (mean, then the
+// One warp per row. As on the host, the statistics are two passes in double (mean, then the
 // squared deviations) and the output is computed in double and rounded once, so the two backends
 // agree to a rounding of the output.
 //   layer_norm_backward   d_in [+]= d x;  d_weight += sum_n d_out xhat;  d_bias += sum_n d_out
@@ -28,26 +28,27 @@ index_t check_layer_norm_params(const char* op, const W& weight, const B& bias, 
 
 inline constexpr unsigned layer_norm_block = 256;
 
-/// Rows n = blockIdx.x (grid-stride); out may be in: every element is read by the thread that
-/// writes it, after the statistics (whose reductions end in a barrier) are complete.
+/// One warp per row n (grid-stride); out may be in: every element is read by the lane that writes
+/// it, after the statistics (warp reductions) are complete.
 template <class T>
 __global__ void __launch_bounds__(layer_norm_block)
     layer_norm_kernel(T* out /*(N,C)*/, const T* in /*(N,C)*/, const T* __restrict__ weight /*(C)*/,
                       const T* __restrict__ bias /*(C) or null*/, index_t N, index_t C, double eps) {
-  __shared__ double partial[32];
-  for (index_t n = blockIdx.x; n < N; n += gridDim.x) {
+  const index_t warps = blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (index_t n = blockIdx.x * warps + threadIdx.x / 32; n < N; n += gridDim.x * warps) {
     const T* x = in + n * C;
     T* y = out + n * C;
     double s = 0;
-    for (index_t c = threadIdx.x; c < C; c += blockDim.x) s += static_cast<double>(x[c]);
-    const double mean = block_sum(s, partial) / static_cast<double>(C);
+    for (index_t c = lane; c < C; c += 32) s += static_cast<double>(x[c]);
+    const double mean = warp_sum_lane0(s) / static_cast<double>(C);
     double q = 0;
-    for (index_t c = threadIdx.x; c < C; c += blockDim.x) {
+    for (index_t c = lane; c < C; c += 32) {
       const double dx = static_cast<double>(x[c]) - mean;
       q += dx * dx;
     }
-    const double inv = 1.0 / sqrt(block_sum(q, partial) / static_cast<double>(C) + eps);
-    for (index_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const double inv = 1.0 / sqrt(warp_sum_lane0(q) / static_cast<double>(C) + eps);
+    for (index_t c = lane; c < C; c += 32) {
       const double b = bias ? static_cast<double>(bias[c]) : 0.0;
       y[c] = static_cast<T>((static_cast<double>(x[c]) - mean) * inv * static_cast<double>(weight[c]) + b);
     }
@@ -67,7 +68,7 @@ void layer_norm(TensorView<T, Device> out, TensorView<const T, Device> in, Tenso
   }
   if (in.data() != out.data()) expect_separate(out, in, op, "in (only exact in-place use is allowed)");
   if (N == 0) return;
-  const dim3 block(layer_norm_block), grid(grid_for(N, 1));
+  const dim3 block(layer_norm_block), grid(grid_for(N, layer_norm_block / 32));
   layer_norm_kernel<T><<<grid, block, 0, stream()>>>(out.data(), in.data(), weight.data(),
                                                      absent(bias) ? nullptr : bias.data(), N, C, eps);
   check_launch(op, "the kernel for ", N, " rows of ", C, " features (", launch_str(grid, block), ")");
@@ -81,31 +82,32 @@ __global__ void __launch_bounds__(layer_norm_block)
     layer_norm_backward_kernel(T* __restrict__ d_in /*(N,C) or null*/, double* __restrict__ row_mean,
                                double* __restrict__ row_inv, const T* __restrict__ d_out, const T* __restrict__ in,
                                const T* __restrict__ weight, index_t N, index_t C, double eps, bool accumulate) {
-  __shared__ double partial[32];
-  for (index_t n = blockIdx.x; n < N; n += gridDim.x) {
+  const index_t warps = blockDim.x / 32;
+  const int lane = threadIdx.x % 32;
+  for (index_t n = blockIdx.x * warps + threadIdx.x / 32; n < N; n += gridDim.x * warps) {
     const T* x = in + n * C;
     const T* g = d_out + n * C;
     double s = 0;
-    for (index_t c = threadIdx.x; c < C; c += blockDim.x) s += static_cast<double>(x[c]);
-    const double mean = block_sum(s, partial) / static_cast<double>(C);
+    for (index_t c = lane; c < C; c += 32) s += static_cast<double>(x[c]);
+    const double mean = warp_sum_lane0(s) / static_cast<double>(C);
     double q = 0;
-    for (index_t c = threadIdx.x; c < C; c += blockDim.x) {
+    for (index_t c = lane; c < C; c += 32) {
       const double dx = static_cast<double>(x[c]) - mean;
       q += dx * dx;
     }
-    const double inv = 1.0 / sqrt(block_sum(q, partial) / static_cast<double>(C) + eps);
-    if (threadIdx.x == 0) row_mean[n] = mean, row_inv[n] = inv;
+    const double inv = 1.0 / sqrt(warp_sum_lane0(q) / static_cast<double>(C) + eps);
+    if (lane == 0) row_mean[n] = mean, row_inv[n] = inv;
     if (!d_in) continue;
     double sg = 0, sgx = 0;
-    for (index_t c = threadIdx.x; c < C; c += blockDim.x) {
+    for (index_t c = lane; c < C; c += 32) {
       const double gw = static_cast<double>(g[c]) * static_cast<double>(weight[c]);
       sg += gw;
       sgx += gw * ((static_cast<double>(x[c]) - mean) * inv);
     }
-    const double mg = block_sum(sg, partial) / static_cast<double>(C);
-    const double mgx = block_sum(sgx, partial) / static_cast<double>(C);
+    const double mg = warp_sum_lane0(sg) / static_cast<double>(C);
+    const double mgx = warp_sum_lane0(sgx) / static_cast<double>(C);
     T* dx = d_in + n * C;
-    for (index_t c = threadIdx.x; c < C; c += blockDim.x) {
+    for (index_t c = lane; c < C; c += 32) {
       const double gw = static_cast<double>(g[c]) * static_cast<double>(weight[c]);
       const double xhat = (static_cast<double>(x[c]) - mean) * inv;
       const T v = static_cast<T>(inv * (gw - mg - xhat * mgx));
@@ -128,7 +130,7 @@ void layer_norm_backward(TensorView<T, Device> d_in, TensorView<T, Device> d_wei
   Scratch stats(2 * static_cast<std::size_t>(N) * sizeof(double), op);
   double* mean = stats.as<double>();
   double* inv = stats.as<double>(static_cast<std::size_t>(N) * sizeof(double));
-  const dim3 block(layer_norm_block), grid(grid_for(N, 1));
+  const dim3 block(layer_norm_block), grid(grid_for(N, layer_norm_block / 32));
   layer_norm_backward_kernel<T><<<grid, block, 0, stream()>>>(absent(d_in) ? nullptr : d_in.data(), mean, inv, d_out.data(),
                                                            in.data(), weight.data(), N, C, eps, acc == Accumulate::Yes);
   check_launch(op, "the kernel for ", N, " rows of ", C, " features (", launch_str(grid, block), ")");
