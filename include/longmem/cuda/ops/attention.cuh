@@ -316,6 +316,25 @@ void causal_attention(TensorView<T, Device> out, TensorView<const T, Device> q, 
   run_attention<AttentionMode::Causal>(op, a, positions);
 }
 
+/// The tensor-core kernel (dh <= 64) over the sequences of `offsets`, up to
+/// AttentionArgs::max_segments per launch; launches holding only empty sequences are skipped.
+template <AttentionMode Mode>
+void launch_attention_mma_segments(const char* op, AttentionArgs a, std::span<const index_t> offsets) {
+  const std::size_t n_seq = offsets.size() - 1;
+  for (std::size_t first = 0; first < n_seq; first += AttentionArgs::max_segments) {
+    const std::size_t n = std::min<std::size_t>(AttentionArgs::max_segments, n_seq - first);
+    std::copy(offsets.begin() + static_cast<std::ptrdiff_t>(first),
+              offsets.begin() + static_cast<std::ptrdiff_t>(first + n + 1), a.seg);
+    if (a.seg[n] == a.seg[0]) continue;  // only empty sequences
+    a.n_seg = static_cast<int>(n);
+    if (a.head_dim <= 32) {
+      launch_attention_mma<Mode, 32>(op, a);
+    } else {
+      launch_attention_mma<Mode, 64>(op, a);
+    }
+  }
+}
+
 /// causal_attention over the sequences [offsets[b], offsets[b+1]) of q, k, v (N, H, dh) (offsets
 /// checked by ops::causal_attention): for dh <= 64 up to AttentionArgs::max_segments sequences per
 /// launch of the tensor-core kernel, so a batch of streams fills the GPU as one long grid (one
@@ -339,18 +358,7 @@ void causal_attention_segments(TensorView<T, Device> out, TensorView<const T, De
     }
     return;
   }
-  for (std::size_t first = 0; first < n_seq; first += AttentionArgs::max_segments) {
-    const std::size_t n = std::min<std::size_t>(AttentionArgs::max_segments, n_seq - first);
-    std::copy(offsets.begin() + static_cast<std::ptrdiff_t>(first),
-              offsets.begin() + static_cast<std::ptrdiff_t>(first + n + 1), a.seg);
-    if (a.seg[n] == a.seg[0]) continue;  // only empty sequences
-    a.n_seg = static_cast<int>(n);
-    if (a.head_dim <= 32) {
-      launch_attention_mma<AttentionMode::Causal, 32>(op, a);
-    } else {
-      launch_attention_mma<AttentionMode::Causal, 64>(op, a);
-    }
-  }
+  launch_attention_mma_segments<AttentionMode::Causal>(op, a, offsets);
 }
 
 /// Memory-augmented attention; see fusion.hpp. mem_k/mem_v may be (T, H, 0, dh) or absent (K = 0),
@@ -404,19 +412,7 @@ void memory_attention_segments(TensorView<T, Device> out, TensorView<const T, De
     return;
   }
   a.alibi = positions == PositionScheme::Alibi;
-  constexpr AttentionMode mode = gated ? AttentionMode::Gated : AttentionMode::Joint;
-  for (std::size_t first = 0; first < n_seq; first += AttentionArgs::max_segments) {
-    const std::size_t n = std::min<std::size_t>(AttentionArgs::max_segments, n_seq - first);
-    std::copy(offsets.begin() + static_cast<std::ptrdiff_t>(first),
-              offsets.begin() + static_cast<std::ptrdiff_t>(first + n + 1), a.seg);
-    if (a.seg[n] == a.seg[0]) continue;  // only empty sequences
-    a.n_seg = static_cast<int>(n);
-    if (a.head_dim <= 32) {
-      launch_attention_mma<mode, 32>(op, a);
-    } else {
-      launch_attention_mma<mode, 64>(op, a);
-    }
-  }
+  launch_attention_mma_segments<gated ? AttentionMode::Gated : AttentionMode::Joint>(op, a, offsets);
 }
 
 }  // namespace detail::cuda

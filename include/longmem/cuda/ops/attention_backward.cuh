@@ -398,15 +398,6 @@ void attention_backward(const char* op, AttentionArgs a, float* d_q, float* d_k,
   }
 }
 
-template <class T>
-void causal_attention_backward(TensorView<T, Device> d_q, TensorView<T, Device> d_k, TensorView<T, Device> d_v,
-                               TensorView<const T, Device> d_out, TensorView<const T, Device> q,
-                               TensorView<const T, Device> k, TensorView<const T, Device> v, PositionScheme positions) {
-  require_float<T>();
-  const char* op = "causal_attention_backward";
-  const AttentionArgs a = attention_backward_args(op, d_q, d_k, d_v, d_out, q, k, v);
-  attention_backward<AttentionMode::Causal>(op, a, d_q.data(), d_k.data(), d_v.data(), d_out.data(), nullptr, positions);
-}
 
 /// Runs attention_backward<Mode> over each run of consecutive sequences of one length (split where
 /// the scratch budget would be exceeded); empty sequences are skipped. `all` holds the whole
@@ -451,7 +442,7 @@ void causal_attention_backward_segments(TensorView<T, Device> d_q, TensorView<T,
                                                  positions, offsets);
 }
 
-/// See ops::memory_attention_backward with offsets (memory (N, H, K, dh), one row's per row).
+/// See ops::memory_attention_backward with offsets (memory (N, H, K, dh): each row its own).
 template <class Fusion, class T>
 void memory_attention_backward_segments(TensorView<T, Device> d_q, TensorView<T, Device> d_k, TensorView<T, Device> d_v,
                                         TensorView<T, Device> d_gate, TensorView<const T, Device> d_out,
@@ -482,31 +473,26 @@ void memory_attention_backward_segments(TensorView<T, Device> d_q, TensorView<T,
   }
 }
 
-/// See ops::memory_attention_backward. K = 0 is exactly causal_attention_backward.
+/// See ops::causal_attention_backward: one sequence of all the rows.
+template <class T>
+void causal_attention_backward(TensorView<T, Device> d_q, TensorView<T, Device> d_k, TensorView<T, Device> d_v,
+                               TensorView<const T, Device> d_out, TensorView<const T, Device> q,
+                               TensorView<const T, Device> k, TensorView<const T, Device> v, PositionScheme positions) {
+  const index_t rows[2] = {0, q.rank() > 0 ? q.dim(0) : 0};
+  causal_attention_backward_segments(d_q, d_k, d_v, d_out, q, k, v, positions, std::span<const index_t>(rows));
+}
+
+/// See ops::memory_attention_backward (one sequence of all the rows). K = 0 is exactly
+/// causal_attention_backward.
 template <class Fusion, class T>
 void memory_attention_backward(TensorView<T, Device> d_q, TensorView<T, Device> d_k, TensorView<T, Device> d_v,
                                TensorView<T, Device> d_gate, TensorView<const T, Device> d_out,
                                TensorView<const T, Device> q, TensorView<const T, Device> k, TensorView<const T, Device> v,
                                TensorView<const T, Device> mem_k, TensorView<const T, Device> mem_v,
                                TensorView<const T, Device> gate, PositionScheme positions) {
-  static_assert(longmem::Fusion<Fusion>,
-                "memory_attention_backward: Fusion must be longmem::GatedFusion or longmem::JointFusion");
-  require_float<T>();
-  constexpr bool gated = std::is_same_v<Fusion, GatedFusion>;
-  const char* op = "memory_attention_backward";
-  const AttentionArgs a = attention_backward_args(op, d_q, d_k, d_v, d_out, q, k, v, mem_k, mem_v, gate, gated);
-  if (!absent(d_gate)) {
-    expect_shape(d_gate, Shape{q.dim(1)}, "memory_attention_backward: d_gate (H), like gate");
-    if (overlaps(d_gate, gate)) fail<InputError>(op, ": d_gate overlaps gate");
-  }
-  float* dg = absent(d_gate) ? nullptr : d_gate.data();
-  if (a.n_mem == 0) {
-    attention_backward<AttentionMode::Causal>(op, a, d_q.data(), d_k.data(), d_v.data(), d_out.data(), nullptr, positions);
-  } else if constexpr (gated) {
-    attention_backward<AttentionMode::Gated>(op, a, d_q.data(), d_k.data(), d_v.data(), d_out.data(), dg, positions);
-  } else {
-    attention_backward<AttentionMode::Joint>(op, a, d_q.data(), d_k.data(), d_v.data(), d_out.data(), nullptr, positions);
-  }
+  const index_t rows[2] = {0, q.rank() > 0 ? q.dim(0) : 0};
+  memory_attention_backward_segments<Fusion>(d_q, d_k, d_v, d_gate, d_out, q, k, v, mem_k, mem_v, gate, positions,
+                                             std::span<const index_t>(rows));
 }
 
 }  // namespace longmem::detail::cuda
