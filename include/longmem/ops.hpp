@@ -128,6 +128,15 @@ void check_sequence_offsets(const char* op, TensorView<const T, L> q, std::span<
   }
 }
 
+/// Calls f(o0, o1) for each non-empty sequence [offsets[b], offsets[b+1]): the per-sequence
+/// fallback of the stacked ops below, for backends without a batched version.
+template <class F>
+void for_each_sequence(std::span<const index_t> offsets, F&& f) {
+  for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
+    if (offsets[b] != offsets[b + 1]) f(offsets[b], offsets[b + 1]);
+  }
+}
+
 /// causal_attention over several independent sequences stacked along the rows: rows
 /// [offsets[b], offsets[b+1]) of q, k, v (N, H, dh) and out attend only within their own sequence
 /// (the streams of a batched forward). offsets: b+1 non-decreasing row offsets from 0 to N (an
@@ -141,11 +150,9 @@ void causal_attention(TensorView<T, L> out, In<T, L> q, In<T, L> k, In<T, L> v, 
   if constexpr (requires { OpsBackend<L>::causal_attention_segments(out, q, k, v, positions, offsets); }) {
     OpsBackend<L>::causal_attention_segments(out, q, k, v, positions, offsets);
   } else {
-    for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
-      const index_t o0 = offsets[b], o1 = offsets[b + 1];
-      if (o0 == o1) continue;
+    for_each_sequence(offsets, [&](index_t o0, index_t o1) {
       OpsBackend<L>::causal_attention(out.slice(o0, o1), q.slice(o0, o1), k.slice(o0, o1), v.slice(o0, o1), positions);
-    }
+    });
   }
 }
 
@@ -176,13 +183,11 @@ void memory_attention(TensorView<T, L> out, In<T, L> q, In<T, L> k, In<T, L> v, 
                 }) {
     OpsBackend<L>::template memory_attention_segments<Fusion>(out, q, k, v, mem_k, mem_v, gate, positions, offsets);
   } else {
-    for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
-      const index_t o0 = offsets[b], o1 = offsets[b + 1];
-      if (o0 == o1) continue;
+    for_each_sequence(offsets, [&](index_t o0, index_t o1) {
       OpsBackend<L>::template memory_attention<Fusion>(out.slice(o0, o1), q.slice(o0, o1), k.slice(o0, o1),
                                                        v.slice(o0, o1), mem_k.slice(o0, o1), mem_v.slice(o0, o1), gate,
                                                        positions);
-    }
+    });
   }
 }
 
@@ -260,13 +265,11 @@ void causal_attention_backward(TensorView<T, L> d_q, TensorView<T, L> d_k, Tenso
                 }) {
     OpsBackend<L>::causal_attention_backward_segments(d_q, d_k, d_v, d_out, q, k, v, positions, offsets);
   } else {
-    for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
-      const index_t o0 = offsets[b], o1 = offsets[b + 1];
-      if (o0 == o1) continue;
+    for_each_sequence(offsets, [&](index_t o0, index_t o1) {
       OpsBackend<L>::causal_attention_backward(d_q.slice(o0, o1), d_k.slice(o0, o1), d_v.slice(o0, o1),
                                                d_out.slice(o0, o1), q.slice(o0, o1), k.slice(o0, o1), v.slice(o0, o1),
                                                positions);
-    }
+    });
   }
 }
 
@@ -300,13 +303,11 @@ void memory_attention_backward(TensorView<T, L> d_q, TensorView<T, L> d_k, Tenso
     OpsBackend<L>::template memory_attention_backward_segments<Fusion>(d_q, d_k, d_v, d_gate, d_out, q, k, v, mem_k,
                                                                        mem_v, gate, positions, offsets);
   } else {
-    for (std::size_t b = 0; b + 1 < offsets.size(); ++b) {
-      const index_t o0 = offsets[b], o1 = offsets[b + 1];
-      if (o0 == o1) continue;
+    for_each_sequence(offsets, [&](index_t o0, index_t o1) {
       OpsBackend<L>::template memory_attention_backward<Fusion>(
           d_q.slice(o0, o1), d_k.slice(o0, o1), d_v.slice(o0, o1), d_gate, d_out.slice(o0, o1), q.slice(o0, o1),
           k.slice(o0, o1), v.slice(o0, o1), mem_k.slice(o0, o1), mem_v.slice(o0, o1), gate, positions);
-    }
+    });
   }
 }
 

@@ -470,13 +470,14 @@ class SideNet {
         if constexpr (std::is_invocable_v<RetrieveFn&, std::span<const index_t>, TensorView<const T, L>>) {
           all = retrieve(offsets, cview(a.q).reshape(rows_heads));
         }
-        if (all && all->chunks > 0) {  // every stream's memory stacked by rows: one call
+        const bool stacked = all && all->chunks > 0;
+        if (stacked) {  // every stream's memory stacked by rows: one call
           ops::memory_attention<F>(a.att.view().reshape(rows_heads), cview(a.q).reshape(rows_heads),
                                    cview(a.k).reshape(rows_heads), cview(a.v).reshape(rows_heads), cview(all->keys),
                                    cview(all->values), w.gate, config_.positions, offsets);
           if (acts) acts->stacked_memory = all;
         }
-        for (std::size_t b = 0; !(all && all->chunks > 0) && b < streams; ++b) {
+        for (std::size_t b = 0; !stacked && b < streams; ++b) {
           const index_t o0 = offsets[b], o1 = offsets[b + 1];
           const Shape heads{o1 - o0, H, dh};
           auto q = cview(a.q).slice(o0, o1).reshape(heads);
