@@ -3,16 +3,18 @@
 #   bash examples/models/train.sh [WORKDIR]        (WORKDIR defaults to /tmp/longmem-models)
 #
 #   1. the corpus: long documents from Debian packages (examples/corpus/prepare.sh)
-#   2. a byte-level GPT-2* backbone from scratch: 4 layers, d 256, 8 heads, ALiBi, a 256-token window,
-#      on the GPU (longmem-train pretrain --device cuda; LONGMEM_PRETRAIN_DEVICE=cpu runs the same
-#      training on the CPU: about 55 min on the 16-core GPU host, 2 h 15 min on the 2-core dev machine)
+#   2. a byte-level GPT-2* backbone from scratch: 4 layers, d 256, 8 heads, ALiBi, a 256-token window
 #   3. its SideNet by memory-augmented adaptation, 16 Ki tokens of memory per stream, in two phases: the
 #      training books mixed with recall practice (facts stated, training text, then recalled), then the
 #      same mix scored, in the recall practice, on the first digit of each recalled number
 # then copies both models to examples/models/ and the logs and loss plots to examples/models/logs/.
-# Times: pretraining 6 min on one H200 (7,900 updates of 32 x 256 tokens, 2026-12-03); the adaptation
-# about 17 + 9 min on the 2-core dev machine.
-# Results depend on the thread count only through float rounding.
+# All three runs are on the GPU (--device cuda); LONGMEM_TRAIN_DEVICE=cpu runs the same training on
+# the CPU instead (hours: see the times below).
+# Times (one H100, 2026-12-07): pretraining 4 min 12 s (24,000 updates of 32 x 256 tokens, 570 k
+# tokens/s), the adaptation 45 s + 18 s (475 k tokens/s). On the 2-core dev CPU the adaptation's
+# phases took 17 min per 3,000 updates (so about 57 + 23 min here) and the pretraining about 1 s per
+# update (about 7 h).
+# Results depend on the device and thread count only through float rounding.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 work=${1:-/tmp/longmem-models}
@@ -20,7 +22,8 @@ mkdir -p "$work"
 cd "$root"
 bash examples/corpus/prepare.sh "$work/corpus"
 cmake --preset cpu >/dev/null
-if [ "${LONGMEM_PRETRAIN_DEVICE:-cuda}" = cuda ]; then
+device=${LONGMEM_TRAIN_DEVICE:-cuda}
+if [ "$device" = cuda ]; then
   cmake --preset cuda >/dev/null
   cmake --build --preset cuda --target longmem_train
   train=build/cuda/examples/longmem-train
@@ -29,39 +32,39 @@ else
   train=build/cpu/examples/longmem-train
 fi
 
-# The embedded backbone: 7,900 updates of 32 streams x 256 tokens (the update count is what fitted
-# the GPU session's time at 45 ms per update), cosine from lr 1e-3 to 5e-5 after 300 warm-up updates.
-# 16,000 short recall-practice documents (1-3 facts, 0-160 bytes of text, then recalled: all inside
-# the window) are mixed into the books: they teach the backbone to copy a number from its context (an
-# induction step). Without them it never does (mean p = 0.097 for a key's digit right there in its
-# window, chance level; 0.79 with them: longmem_demo --diagnose). Memory keys and values are the
-# frozen backbone's, so the SideNet cannot learn to read a number back out of memory unless the
-# backbone's layer-m keys carry that step.
-"$train" pretrain --device "${LONGMEM_PRETRAIN_DEVICE:-cuda}" --corpus "$work/corpus" --layers 4 --width 256 --heads 8 \
-  --context 256 --segment-length 256 --batch 32 --steps 7900 --lr 1e-3 --warmup 300 --decay cosine --end-lr 5e-5 \
-  --recall-practice 16000 --recall-min-facts 1 --recall-facts 3 --recall-wording varied --recall-min-gap 0 --recall-max-gap 160 \
-  --eval-every 1000 --eval-tokens 16384 --checkpoint-every 1000 --log-every 500 --resume auto --out "$work/backbone"
+# The embedded backbone: 24,000 updates of 32 streams x 256 tokens, cosine from lr 1e-3 to 5e-5 after
+# 300 warm-up updates. 120,000 short recall-practice documents (1-2 facts in varied wordings, 0-96
+# bytes of text, then recalled: most fit in one segment, so in the window) are mixed into the
+# books: they teach the backbone to copy a number from its context (an induction step). Memory keys
+# and values are the frozen backbone's, so the SideNet can only read a number back out of memory if
+# the backbone's layer-m keys carry that step. (The previous backbone, 7,900 updates with 16,000
+# such documents, copied digits but rarely began a number: its SideNet recalled 10 of 50 keys at
+# 1 Ki and none beyond; this one's recalls 4 Ki and 16 Ki too.)
+"$train" pretrain --device "$device" --corpus "$work/corpus" --layers 4 --width 256 --heads 8 \
+  --context 256 --segment-length 256 --batch 32 --steps 24000 --lr 1e-3 --warmup 300 --decay cosine --end-lr 5e-5 \
+  --recall-practice 120000 --recall-min-facts 1 --recall-facts 2 --recall-wording varied --recall-min-gap 0 --recall-max-gap 96 \
+  --eval-every 4000 --eval-tokens 16384 --checkpoint-every 4000 --log-every 2000 --resume auto --out "$work/backbone"
 
 # Both adaptation phases: the backbone's layer 3 remembered, 16 Ki tokens per stream, and the training
 # books mixed with 3,000 recall-practice documents in varied wordings (1-8 facts, 256 B - 8 KiB of text
 # between statement and recall).
-adapt=(adapt --backbone "$work/backbone/backbone.safetensors" --memory-layer 3 --corpus "$work/corpus"
+adapt=(adapt --device "$device" --backbone "$work/backbone/backbone.safetensors" --memory-layer 3 --corpus "$work/corpus"
   --recall-practice 3000 --recall-min-facts 1 --recall-facts 8 --recall-wording varied --recall-min-gap 256 --recall-max-gap 8192
   --memory-tokens 16384 --chunk-size 4 --retrieved-tokens 64 --segment-length 256 --batch 8)
 
 # Phase 1: every token scored.
 "$train" "${adapt[@]}" \
-  --steps 3000 --lr 1e-3 --warmup 200 --decay cosine --eval-every 1000 --eval-tokens 16384 \
-  --checkpoint-every 250 --log-every 250 --resume auto --out "$work/sidenet-phase1"
+  --steps 10000 --lr 1e-3 --warmup 200 --decay cosine --eval-every 2000 --eval-tokens 16384 \
+  --checkpoint-every 1000 --log-every 1000 --resume auto --out "$work/sidenet-phase1"
 
 # Phase 2, from phase 1's SideNet: the same mix, but in the recall-practice documents only the first
 # digit of each recalled number (and a random 5% of the other tokens) is scored; the books stay fully
-# scored. The first digit is the step that memory alone must supply: after phase 1 the SideNet read
-# the later digits back from memory (81% at 1 Ki, teacher-forced) but never began a number.
+# scored. The first digit is the step that memory alone must supply: nothing of the number is in
+# view yet.
 "$train" "${adapt[@]}" --sidenet "$work/sidenet-phase1/sidenet.safetensors" \
   --recall-targets first-digits --recall-text-targets 0.05 \
-  --steps 1500 --lr 5e-4 --warmup 50 --decay cosine --eval-every 500 --eval-tokens 16384 \
-  --checkpoint-every 250 --log-every 250 --resume auto --out "$work/sidenet-phase2"
+  --steps 4000 --lr 5e-4 --warmup 50 --decay cosine --eval-every 2000 --eval-tokens 16384 \
+  --checkpoint-every 1000 --log-every 1000 --resume auto --out "$work/sidenet-phase2"
 
 mkdir -p examples/models/logs
 cp "$work/backbone/backbone.safetensors" examples/models/
