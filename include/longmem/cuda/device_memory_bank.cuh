@@ -95,6 +95,14 @@ class DeviceMemoryBank {
     } catch (const BackendError& e) {
       detail::fail<BackendError>(describe(geom_), " (", *need, " bytes in all) could not be allocated: ", e.what());
     }
+    // Zeros in the slots nothing was appended to yet: save_state copies the whole ring, and a
+    // checkpoint must hold no uninitialised bytes (compute-sanitizer initcheck found them there).
+    fill(keys_.view(), S{});
+    fill(values_.view(), S{});
+    fill(chunk_keys_.view(), 0.0f);
+    fill(pending_keys_.view(), S{});
+    fill(pending_values_.view(), S{});
+    fill(pending_sum_.view(), 0.0);
     reset();
   }
 
