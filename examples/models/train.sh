@@ -35,11 +35,11 @@ fi
 # The embedded backbone: 24,000 updates of 32 streams x 256 tokens, cosine from lr 1e-3 to 5e-5 after
 # 300 warm-up updates. 120,000 short recall-practice documents (1-2 facts in varied wordings, 0-96
 # bytes of text, then recalled: most fit in one segment, so in the window) are mixed into the
-# books: they teach the backbone to copy a number from its context (an induction step). Memory keys
-# and values are the frozen backbone's, so the SideNet can only read a number back out of memory if
-# the backbone's layer-m keys carry that step. (The previous backbone, 7,900 updates with 16,000
-# such documents, copied digits but rarely began a number: its SideNet recalled 10 of 50 keys at
-# 1 Ki and none beyond; this one's recalls 4 Ki and 16 Ki too.)
+# books: they teach the backbone to copy the digits of a number from its context (an induction
+# step); memory keys and values are the frozen backbone's layer-m keys and values, which the SideNet
+# learns to read. (The previous backbone, 7,900 updates with 16,000 such documents: its SideNet
+# recalled 10 of 50 keys at 1 Ki and none beyond; this one's recalls at 4 Ki and 16 Ki too. Neither
+# backbone begins a number itself: that step is the SideNet's, through memory.)
 "$train" pretrain --device "$device" --corpus "$work/corpus" --layers 4 --width 256 --heads 8 \
   --context 256 --segment-length 256 --batch 32 --steps 24000 --lr 1e-3 --warmup 300 --decay cosine --end-lr 5e-5 \
   --recall-practice 120000 --recall-min-facts 1 --recall-facts 2 --recall-wording varied --recall-min-gap 0 --recall-max-gap 96 \
