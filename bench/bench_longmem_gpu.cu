@@ -138,9 +138,11 @@ void BM_Forward(benchmark::State& state) {
   const int streams = static_cast<int>(state.range(0));
   const bool memory = state.range(1) != 0;
   const DeviceMath math = kMaths[state.range(2)];
+  const bool stacked = state.range(3) != 0;
   Setup& s = setup(streams);
   DevModel& model = *s.model;
   model.set_memory_enabled(memory);
+  model.set_stacked_retrieval(stacked);
   for (int b = 0; b < streams; ++b) {
     if (model.bank(b).size_tokens() != kMemoryTokens) {
       state.SkipWithError("a bank is not full");
@@ -169,13 +171,18 @@ void BM_Forward(benchmark::State& state) {
       benchmark::Counter(static_cast<double>(streams) * kT, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["TFLOP/s"] =
       benchmark::Counter(forward_flops(streams, memory) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
-  state.SetLabel(std::string(memory ? "memory 64Ki" : "memory off") + ", " + to_string(math));
+  state.SetLabel(std::string(memory ? "memory 64Ki" : "memory off") + ", " + to_string(math) +
+                 (memory && streams > 1 ? (stacked ? ", stacked retrieval" : ", retrieval per stream") : ""));
 }
 
-// streams, memory, math. The peer prints streams 1 and 8, memory on and off, in fp16.
+// streams, memory, math, stacked (every stream's retrieval and memory attention in one call: the
+// default; 0 = stream by stream, for comparison). The peer prints streams 1 and 8, memory on and
+// off, in fp16.
 BENCHMARK(BM_Forward)
-    ->ArgNames({"streams", "memory", "math"})
-    ->ArgsProduct({{1, kMaxStreams}, {1, 0}, {0, 1, 2}})
+    ->ArgNames({"streams", "memory", "math", "stacked"})
+    ->ArgsProduct({{1, kMaxStreams}, {1, 0}, {0, 1, 2}, {1}})
+    ->Args({kMaxStreams, 1, 1, 0})
+    ->Args({kMaxStreams, 1, 0, 0})
     ->Unit(benchmark::kMillisecond)
     ->UseManualTime()
     ->MinTime(1.0);

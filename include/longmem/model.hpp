@@ -28,6 +28,7 @@
 // tests check on the host that both agree, since that is where the batched composition can run
 // without a GPU. Device logits stay on the device (SegmentResult<float, Device>); to_host()
 // copies a result back.
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -245,12 +246,24 @@ class Model {
   void set_batched_streams(bool on) { batched_ = on; }
   bool batched_streams() const { return batched_; }
 
+  /// Batched mode on the device retrieves for every stream in one call (when every bank gives the
+  /// same k' = min(k, stored chunks), as full banks do) and the memory layer reads that stacked
+  /// output in one attention call; off, each stream retrieves and attends on its own (the results
+  /// are the same). On by default; the host retriever has no stacked form, so it changes nothing there.
+  void set_stacked_retrieval(bool on) { stacked_retrieval_ = on; }
+  bool stacked_retrieval() const { return stacked_retrieval_; }
+  /// The last batched call's stacked retrieval, when it had one (else empty): rows of stream b are
+  /// [stacked_offsets()[b], stacked_offsets()[b + 1]) of slots, scores, keys and values.
+  const Retrieved<value_type, location>& stacked_retrieval_result() const { return stacked_; }
+  std::span<const index_t> stacked_offsets() const { return stacked_rows_; }
+
   /// The retrieval of the last stream that retrieved (for inspection).
   const Retrieved<value_type, location>& last_retrieval() const {
     return last_retrieving_stream_ < 0 ? retrieved_ : stream_retrieved_[static_cast<std::size_t>(last_retrieving_stream_)];
   }
   /// Batched mode keeps every stream's retrieval: stream b's of the last batched call in which it
-  /// retrieved (empty before).
+  /// retrieved (empty before). After a stacked retrieval it holds the slots, scores and k' only (its
+  /// keys and values have 0 rows): the gathered keys/values are in stacked_retrieval_result().
   const Retrieved<value_type, location>& retrieval(int stream) const {
     return stream_retrieved_.at(static_cast<std::size_t>(stream));
   }
@@ -268,19 +281,62 @@ class Model {
     const std::vector<index_t>& offsets = out_.offsets;  // B+1 row offsets of the streams
     const index_t N = offsets.back();
     logits_.resize({N, V});  // every stream's logits, rows as in out_.hidden
-    // Called by the SideNet's memory layer for each stream, with that stream's queries (T_b, H, dh),
-    // before any bank has been appended to in this call: bank b holds earlier segments only.
-    auto retrieve = [&](std::size_t b, TensorView<const value_type, location> q) -> const Retrieved<value_type, location>* {
-      M& bank = banks_[b];
-      if (!memory_.enabled || bank.num_chunks() == 0) return nullptr;
-      Retrieved<value_type, location>& r = stream_retrieved_[b];  // its own buffers: kernels still read the last one's
-      retriever_.retrieve(bank, q, k_chunks, r);                  // keys/values (T_b, H, k' csz, dh), as on the host
-      result_.retrieved_chunks[b] = r.chunks;
-      last_retrieving_stream_ = static_cast<int>(b);
-      return &r;
+    // Called by the SideNet's memory layer before any bank has been appended to in this call, so
+    // bank b holds earlier segments only. First with every stream's queries (N, H, dh) at once:
+    // a retriever with retrieve_stacked answers for all streams in one launch, into one output
+    // stacked by rows, which the memory layer reads in one attention call. It declines (nullptr)
+    // when it cannot (no retrieve_stacked, memory off, an empty bank, or banks holding different
+    // numbers of chunks under k), and the SideNet then asks stream by stream.
+    struct Retrieve {
+      Model& m;
+      int k;
+      const Retrieved<value_type, location>* operator()(std::size_t b, TensorView<const value_type, location> q) {
+        M& bank = m.banks_[b];
+        if (!m.memory_.enabled || bank.num_chunks() == 0) return nullptr;
+        Retrieved<value_type, location>& r = m.stream_retrieved_[b];  // its own buffers: kernels still read the last one's
+        m.retriever_.retrieve(bank, q, k, r);  // keys/values (T_b, H, k' csz, dh), as on the host
+        m.result_.retrieved_chunks[b] = r.chunks;
+        m.last_retrieving_stream_ = static_cast<int>(b);
+        return &r;
+      }
+      const Retrieved<value_type, location>* operator()(std::span<const index_t> offsets,
+                                                        TensorView<const value_type, location> q) {
+        if constexpr (requires(std::vector<const M*> banks, Retrieved<value_type, location>& out) {
+                        m.retriever_.retrieve_stacked(std::span<const M* const>(banks), q, offsets, k, out);
+                      }) {
+          if (!m.memory_.enabled || !m.stacked_retrieval_) return nullptr;
+          const auto kept = [&](const M& bank) { return std::min<index_t>(k, bank.num_chunks()); };
+          std::vector<const M*> banks;
+          for (const M& bank : m.banks_) {
+            if (kept(bank) == 0 || kept(bank) != kept(m.banks_.front())) return nullptr;
+            banks.push_back(&bank);
+          }
+          m.retriever_.retrieve_stacked(std::span<const M* const>(banks), q, offsets, k, m.stacked_);
+          m.stacked_rows_.assign(offsets.begin(), offsets.end());
+          // Each stream's slots and scores are also kept on their own (retrieval(b)); the
+          // gathered keys/values stay only in the stacked output (stacked_retrieval()).
+          for (std::size_t b = 0; b < banks.size(); ++b) {
+            Retrieved<value_type, location>& r = m.stream_retrieved_[b];
+            const index_t o0 = offsets[b], o1 = offsets[b + 1];
+            r.chunks = m.stacked_.chunks;
+            r.slots.resize({o1 - o0, m.stacked_.slots.dim(1), m.stacked_.slots.dim(2)});
+            r.scores.resize(r.slots.shape());
+            copy(cview(m.stacked_.slots).slice(o0, o1), r.slots.view());
+            copy(cview(m.stacked_.scores).slice(o0, o1), r.scores.view());
+            r.keys.resize({0, m.stacked_.keys.dim(1), m.stacked_.keys.dim(2), m.stacked_.keys.dim(3)});
+            r.values.resize(r.keys.shape());
+            m.result_.retrieved_chunks[b] = r.chunks;
+          }
+          m.last_retrieving_stream_ = static_cast<int>(banks.size()) - 1;
+          return &m.stacked_;
+        } else {
+          return nullptr;
+        }
+      }
     };
+    stacked_rows_.clear();
     side_net_.template forward<F>(cview(out_.hidden), std::span<const index_t>(offsets), backbone_.token_embedding(),
-                                  retrieve, logits_.view());
+                                  Retrieve{*this, k_chunks}, logits_.view());
     for (std::size_t b = 0; b < segments.size(); ++b) {
       auto& logits = result_.logits[b];
       logits.resize({offsets[b + 1] - offsets[b], V});  // (T_b, V); reallocates only for a longer segment
@@ -318,6 +374,9 @@ class Model {
   // Batched mode.
   std::vector<Retrieved<value_type, location>> stream_retrieved_;  // per stream
   int last_retrieving_stream_ = -1;  // whose retrieval last_retrieval() is (-1: retrieved_)
+  bool stacked_retrieval_ = true;
+  Retrieved<value_type, location> stacked_;  // every stream's, stacked by rows (retrieve_stacked)
+  std::vector<index_t> stacked_rows_;        // its B+1 row offsets; empty when the last call had none
   Tensor<value_type, location> logits_;  // (N, V) all streams' logits of the last call
   std::vector<std::int32_t> targets_;    // (N) all streams' targets of the last call
 };

@@ -280,22 +280,32 @@ std::int64_t slot_differences(const Retrieved<float, Host>& host, const Retrieve
 // ---------------------------------------------------------------- 2. device against host
 
 template <class F>
-void device_vs_host(const std::string& arch, bool memory_on) {
-  const std::string what = "random " + arch + " (" + fusion_name<F>() + ", memory " + (memory_on ? "on" : "off") + ")";
+void device_vs_host(const std::string& arch, bool memory_on, bool stacked = true) {
+  const std::string what = "random " + arch + " (" + fusion_name<F>() + ", memory " + (memory_on ? "on" : "off") +
+                           (stacked ? "" : ", retrieval stream by stream") + ")";
   const std::uint64_t seed = base_seed();
   Parts p = random_parts(seed, arch);
   MemoryConfig mem = small_memory();
   mem.enabled = memory_on;
   DevModel<F> dev(p.backbone.to_device(), p.side_net.to_device(), mem, n_streams);
+  dev.set_stacked_retrieval(stacked);
   HostModel<F> host(std::move(p.backbone), std::move(p.side_net), mem, n_streams);
   const StreamData data = random_streams(seed + 1, 64);
   const std::vector<int> all{0, 1, 2};
   Err worst;
   double worst_loss = 0;
+  int stacked_calls = 0;  // segments whose memory layer read one stacked retrieval of all streams
   for (int s = 0; s < n_segments; ++s) {
     const auto segs = spans(data.tokens, s, all), tgts = spans(data.targets, s, all);
     const SegmentResult<float, Host> d = to_host(dev.forward(segs, tgts));
     const auto& h = host.forward(segs, tgts);
+    if (!dev.stacked_offsets().empty()) {
+      ++stacked_calls;
+      std::vector<index_t> rows{0};
+      for (const auto& seg : segs) rows.push_back(rows.back() + static_cast<index_t>(seg.size()));
+      EXPECT(std::equal(rows.begin(), rows.end(), dev.stacked_offsets().begin(), dev.stacked_offsets().end()),
+             "%s segment %d: the stacked retrieval's row offsets are not the segments'", what.c_str(), s);
+    }
     // The host model's last retrieval is its last stream's; the device keeps every stream's.
     const std::int64_t slot_diff =
         memory_on && h.retrieved_chunks[n_streams - 1] > 0 ? slot_differences(host.last_retrieval(), dev.retrieval(n_streams - 1)) : 0;
@@ -323,6 +333,11 @@ void device_vs_host(const std::string& arch, bool memory_on) {
     worst_loss = std::max(worst_loss, loss_err);
     EXPECT(loss_err <= 1e-5, "%s segment %d: loss sum %.9g on the device, %.9g on the host", what.c_str(), s, d.loss_sum, h.loss_sum);
   }
+  // Full banks give every stream the same k', so a memory-on run must take the stacked path in its
+  // later segments (and the per-stream one while the banks fill unevenly); off, never.
+  EXPECT(stacked && memory_on ? stacked_calls > 0 : stacked_calls == 0, "%s: %d of %d segments used the stacked retrieval",
+         what.c_str(), stacked_calls, n_segments);
+  if (stacked && memory_on) std::printf("  %s: %d of %d segments retrieved stacked\n", what.c_str(), stacked_calls, n_segments);
   for (int b = 0; b < n_streams; ++b) {
     const auto& db = dev.bank(b);
     const auto& hb = host.bank(b);
@@ -509,6 +524,8 @@ int main() {
       {"device vs host gpt2-star gated", [] { device_vs_host<GatedFusion>("gpt2-star", true); }},
       {"device vs host gpt2-star joint", [] { device_vs_host<JointFusion>("gpt2-star", true); }},
       {"device vs host gpt2-star off", [] { device_vs_host<GatedFusion>("gpt2-star", false); }},
+      {"device vs host gpt2-star gated per stream", [] { device_vs_host<GatedFusion>("gpt2-star", true, false); }},
+      {"device vs host gpt2 joint per stream", [] { device_vs_host<JointFusion>("gpt2", true, false); }},
       {"device vs host gpt2 gated", [] { device_vs_host<GatedFusion>("gpt2", true); }},
       {"device vs host gpt2 joint", [] { device_vs_host<JointFusion>("gpt2", true); }},
       {"together vs alone gated", [] { together_vs_alone<GatedFusion>(); }},
