@@ -11,8 +11,11 @@
 // Ties are broken in favour of the older chunk (smaller chunk_sequence), on every backend.
 // When the bank holds fewer than k chunks, all of them are retrieved (k' < k); when it
 // is empty, k' = 0 and the tensors are empty.
+#include <algorithm>
 #include <concepts>
 #include <cstdint>
+#include <span>
+#include <vector>
 
 #include "longmem/memory_bank.hpp"
 #include "longmem/tensor.hpp"
@@ -41,5 +44,20 @@ concept ChunkRetrieverFor =
     ChunkRetriever<R> && MemoryBank<M> &&
     requires(R& r, const M& bank, TensorView<const float, typename M::location> queries, int k,
              Retrieved<float, typename M::location>& out) { r.retrieve(bank, queries, k, out); };
+
+/// The banks one stacked retrieval (a retriever's retrieve_stacked) can serve together: all of
+/// them, when every bank gives the same k' = min(k, stored chunks) and k' > 0; none otherwise, and
+/// the caller then retrieves stream by stream.
+template <MemoryBank M>
+std::vector<const M*> banks_for_stacked_retrieval(std::span<const M> banks, int k) {
+  std::vector<const M*> out;
+  if (banks.empty()) return out;
+  const auto kept = [k](const M& bank) { return std::min<index_t>(k, bank.num_chunks()); };
+  for (const M& bank : banks) {
+    if (kept(bank) == 0 || kept(bank) != kept(banks.front())) return {};
+    out.push_back(&bank);
+  }
+  return out;
+}
 
 }  // namespace longmem

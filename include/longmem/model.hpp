@@ -305,12 +305,8 @@ class Model {
                         m.retriever_.retrieve_stacked(std::span<const M* const>(banks), q, offsets, k, out);
                       }) {
           if (!m.memory_.enabled || !m.stacked_retrieval_) return nullptr;
-          const auto kept = [&](const M& bank) { return std::min<index_t>(k, bank.num_chunks()); };
-          std::vector<const M*> banks;
-          for (const M& bank : m.banks_) {
-            if (kept(bank) == 0 || kept(bank) != kept(m.banks_.front())) return nullptr;
-            banks.push_back(&bank);
-          }
+          const std::vector<const M*> banks = banks_for_stacked_retrieval(std::span<const M>(m.banks_), k);
+          if (banks.empty()) return nullptr;
           m.retriever_.retrieve_stacked(std::span<const M* const>(banks), q, offsets, k, m.stacked_);
           m.stacked_rows_.assign(offsets.begin(), offsets.end());
           // Each stream's slots and scores are also kept on their own (retrieval(b)); the

@@ -9,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <set>
+#include <span>
 #include <type_traits>
 #include <vector>
 
@@ -414,4 +415,29 @@ TEST_CASE("retriever: results do not depend on the thread count", "[retriever]")
   REQUIRE(std::equal(one.keys.begin(), one.keys.end(), many.keys.begin(), many.keys.end()));
   REQUIRE(std::equal(one.values.begin(), one.values.end(), many.values.begin(), many.values.end()));
   check_retrieval(bank, cview(queries), 16, many);
+}
+
+TEST_CASE("retriever: banks_for_stacked_retrieval takes all banks only when they give one k'", "[retriever]") {
+  std::mt19937_64 rng(4242);
+  const MemoryGeometry g{2, 4, 4, 8};  // capacity 8 chunks
+  const auto banks_of = [&](std::initializer_list<index_t> chunks) {
+    std::vector<HostMemoryBank<float>> banks;
+    for (index_t c : chunks) banks.push_back(make_bank<float>(rng, g, c, 1));
+    return banks;
+  };
+  const auto served = [](const std::vector<HostMemoryBank<float>>& banks, int k) {
+    const auto picked = banks_for_stacked_retrieval(std::span<const HostMemoryBank<float>>(banks), k);
+    if (picked.empty()) return false;
+    REQUIRE(picked.size() == banks.size());
+    for (std::size_t b = 0; b < banks.size(); ++b) REQUIRE(picked[b] == &banks[b]);
+    return true;
+  };
+  CHECK(served(banks_of({3, 3, 3}), 4));      // k' = 3 for all
+  CHECK(served(banks_of({5, 7, 8}), 4));      // different counts, all at least k: k' = 4 for all
+  CHECK(served(banks_of({20, 2}), 2));        // a wrapped ring (8 held) and 2 chunks: k' = 2
+  CHECK(served(banks_of({6}), 64));           // one bank: k' = 6
+  CHECK_FALSE(served(banks_of({3, 4}), 4));   // k' 3 and 4
+  CHECK_FALSE(served(banks_of({0, 0}), 4));   // empty banks: nothing to retrieve
+  CHECK_FALSE(served(banks_of({5, 0, 5}), 4));  // one empty bank
+  CHECK_FALSE(served({}, 4));                 // no banks
 }

@@ -238,12 +238,8 @@ class SideNetAdaptation {
                         task.retriever_.retrieve_stacked(std::span<const Bank* const>(banks), q, offsets, k, out);
                       }) {
           if (!task.memory_.enabled) return nullptr;
-          std::vector<const Bank*> banks;
-          for (const Bank& bank : task.banks_) {
-            const index_t kept = std::min<index_t>(k, bank.num_chunks());
-            if (kept == 0 || kept != std::min<index_t>(k, task.banks_.front().num_chunks())) return nullptr;
-            banks.push_back(&bank);
-          }
+          const std::vector<const Bank*> banks = banks_for_stacked_retrieval(std::span<const Bank>(task.banks_), k);
+          if (banks.empty()) return nullptr;
           task.retriever_.retrieve_stacked(std::span<const Bank* const>(banks), q, offsets, k, task.stacked_);
           return &task.stacked_;
         } else {
