@@ -28,7 +28,6 @@
 // tests check on the host that both agree, since that is where the batched composition can run
 // without a GPU. Device logits stay on the device (SegmentResult<float, Device>); to_host()
 // copies a result back.
-#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -310,7 +309,7 @@ class Model {
           m.retriever_.retrieve_stacked(std::span<const M* const>(banks), q, offsets, k, m.stacked_);
           m.stacked_rows_.assign(offsets.begin(), offsets.end());
           // Each stream's slots and scores are also kept on their own (retrieval(b)); the
-          // gathered keys/values stay only in the stacked output (stacked_retrieval()).
+          // gathered keys/values stay only in the stacked output (stacked_retrieval_result()).
           for (std::size_t b = 0; b < banks.size(); ++b) {
             Retrieved<value_type, location>& r = m.stream_retrieved_[b];
             const index_t o0 = offsets[b], o1 = offsets[b + 1];
