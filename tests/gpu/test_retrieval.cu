@@ -1044,8 +1044,11 @@ int main() {
   detail::cuda_check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties", 0);
   std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
   try {
-    const std::string only = std::getenv("LONGMEM_TEST_ONLY") ? std::getenv("LONGMEM_TEST_ONLY") : "";
+    const char* only_env = std::getenv("LONGMEM_TEST_ONLY");
+    const std::string only = only_env ? only_env : "";
+    std::string known = ",";  // the part names seen so far, comma-separated
     const auto part = [&](const char* name, auto&& run) {
+      known += std::string(name) + ",";
       if (only.empty() || ("," + only + ",").find(std::string(",") + name + ",") != std::string::npos) {
         run();
       } else {
@@ -1069,6 +1072,14 @@ int main() {
     part("stacked", [] { test_stacked(); });
     part("edges", [] { test_edges(); });
     part("refusals", [] { test_refusals_with_device(); });
+    // A misspelt part name would otherwise run nothing and pass.
+    for (std::size_t at = 0; !only.empty() && at <= only.size();) {
+      const std::size_t end = std::min(only.find(',', at), only.size());
+      const std::string name = only.substr(at, end - at);
+      CHECK(known.find("," + name + ",") != std::string::npos, "LONGMEM_TEST_ONLY names '%s', which is no part (known: %s)",
+            name.c_str(), known.c_str());
+      at = end + 1;
+    }
   } catch (const std::exception& e) {
     ++failures;
     std::printf("FAILED: uncaught exception: %s\n", e.what());
