@@ -19,11 +19,15 @@
 // memory is read-only while timing (set_remember(false)): the banks stay full and identical, every
 // query retrieves 16 chunks (checked).
 //
-//   Forward/streams:<B>/memory:<0|1>/math:<0|1|2>
+//   Forward/streams:<B>/memory:<0|1>/math:<0|1|2>/stacked:<0|1>/dtype:0
+//   Forward/streams:<B>/memory:<0|1>/math:0/stacked:1/dtype:1
 // one model.forward of one fixed random 1024-token segment per stream (logits (1024, 50257) per
 // stream, fp32) for B 1 and 8, memory on and off (off: every SideNet layer plain causal attention,
 // no retrieval), under DeviceMath fp32 (0: float accuracy, the fixtures' mode), tf32 (1) and bf16 (2)
 // (cuda/math_mode.hpp: what is rounded, and what is not: retrieval stays exact fp32 in every mode).
+// dtype:1 is the bf16 model (Bf16Model below: Gpt2Backbone<bfloat16, Device> from the same host
+// weights by to<Device, bfloat16>(), bf16 bank, bf16 logits); its retrieval scores bf16 queries
+// against float chunk keys, exactly.
 //
 // Timing: CUDA events around each forward on the ops' stream (the legacy default stream), so the
 // figure is device time of the whole call, host gaps included; UseManualTime(), one warm-up call.
@@ -39,6 +43,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <longmem/cuda/chunk_retriever.cuh>
@@ -54,6 +59,8 @@ namespace {
 
 using namespace longmem;
 using DevModel = Model<Gpt2Backbone<float, Device>, DeviceMemoryBank<float>, FusedChunkRetriever>;
+// bf16 buffers throughout (weights, activations, logits) and a bf16 bank.
+using Bf16Model = Model<Gpt2Backbone<bfloat16, Device>, DeviceMemoryBank<__nv_bfloat16>, FusedChunkRetriever>;
 
 constexpr int kLayers = 24, kD = 1024, kHeads = 16, kVocab = 50257, kT = 1024;
 constexpr int kMemoryLayer = 17, kReduction = 2;
@@ -82,36 +89,48 @@ std::vector<std::int32_t> random_tokens(std::mt19937_64& rng, std::size_t n) {
   return t;
 }
 
+template <class M>
 struct Setup {
-  std::unique_ptr<DevModel> model;
+  std::unique_ptr<M> model;
   std::vector<std::vector<std::int32_t>> segments;  // the timed segment of each stream
 };
 
-// One model per stream count, built on first use (the 8-stream one holds 4.3 GB of banks); the
-// host weights are drawn once.
-Setup& setup(int streams) {
-  static int built = -1;
-  static Setup s;
-  static std::unique_ptr<Gpt2Backbone<float>> host_backbone;
-  static std::unique_ptr<SideNet<float>> host_side_net;
-  if (built == streams) return s;
-  s = Setup{};
-  if (!host_backbone) {
+// The host weights, drawn once.
+struct HostWeights {
+  Gpt2Backbone<float> backbone;
+  SideNet<float> side_net;
+};
+const HostWeights& host_weights() {
+  static const HostWeights w = [] {
     const auto cfg = BackboneConfig::gpt2_star(kLayers, kD, kHeads, kVocab, kT);
-    host_backbone = std::make_unique<Gpt2Backbone<float>>(Gpt2Backbone<float>::random(cfg, 1, 0.02));
-    host_side_net = std::make_unique<SideNet<float>>(SideNet<float>::from_backbone(*host_backbone, kMemoryLayer, kReduction));
-    fill(host_side_net->layer(host_side_net->config().memory_augmented_layer()).gate.view(), 0.5f);
-  }
+    auto bb = Gpt2Backbone<float>::random(cfg, 1, 0.02);
+    auto sn = SideNet<float>::from_backbone(bb, kMemoryLayer, kReduction);
+    fill(sn.layer(sn.config().memory_augmented_layer()).gate.view(), 0.5f);
+    return HostWeights{std::move(bb), std::move(sn)};
+  }();
+  return w;
+}
+
+// One model per element type and stream count, built on first use (the 8-stream float one holds
+// 4.3 GB of banks, the bf16 one 2.1 GB); a new stream count replaces the model of that type.
+template <class E>
+auto& setup(int streams) {
+  using M = std::conditional_t<std::is_same_v<E, float>, DevModel, Bf16Model>;
+  static int built = -1;
+  static Setup<M> s;
+  if (built == streams) return s;
+  s = Setup<M>{};
   MemoryConfig mem;
   mem.memory_tokens = kMemoryTokens;
   mem.chunk_size = kChunk;
   mem.retrieved_tokens = kRetrieved;
-  s.model = std::make_unique<DevModel>(host_backbone->to_device(), host_side_net->to_device(), mem, streams);
+  const HostWeights& w = host_weights();
+  s.model = std::make_unique<M>(w.backbone.template to<Device, E>(), w.side_net.template to<Device, E>(), mem, streams);
   {
     const DeviceMathScope fast(DeviceMath::tf32);
     std::mt19937_64 rng(42 + static_cast<std::uint64_t>(streams));
     const BackboneRequest req{false, false, kMemoryLayer};
-    BackboneOutput<float, Device> out;
+    BackboneOutput<E, Device> out;
     for (int i = 0; i < kFillSegments; ++i) {
       std::vector<std::vector<std::int32_t>> toks;
       for (int b = 0; b < streams; ++b) toks.push_back(random_tokens(rng, kT));
@@ -130,17 +149,14 @@ Setup& setup(int streams) {
   return s;
 }
 
-void BM_Forward(benchmark::State& state) {
-  if (!cuda_device_available()) {
-    state.SkipWithError("no CUDA device");
-    return;
-  }
+template <class E>
+void run_forward(benchmark::State& state) {
   const int streams = static_cast<int>(state.range(0));
   const bool memory = state.range(1) != 0;
   const DeviceMath math = kMaths[state.range(2)];
   const bool stacked = state.range(3) != 0;
-  Setup& s = setup(streams);
-  DevModel& model = *s.model;
+  auto& s = setup<E>(streams);
+  auto& model = *s.model;
   model.set_memory_enabled(memory);
   model.set_stacked_retrieval(stacked);
   for (int b = 0; b < streams; ++b) {
@@ -171,18 +187,33 @@ void BM_Forward(benchmark::State& state) {
       benchmark::Counter(static_cast<double>(streams) * kT, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["TFLOP/s"] =
       benchmark::Counter(forward_flops(streams, memory) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
-  state.SetLabel(std::string(memory ? "memory 64Ki" : "memory off") + ", " + to_string(math) +
+  state.SetLabel(std::string(memory ? "memory 64Ki" : "memory off") + ", " +
+                 (std::is_same_v<E, float> ? to_string(math) : "bf16 model") +
                  (memory && streams > 1 ? (stacked ? ", stacked retrieval" : ", retrieval per stream") : ""));
 }
 
+void BM_Forward(benchmark::State& state) {
+  if (!cuda_device_available()) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  if (state.range(4) == 0) {
+    run_forward<float>(state);
+  } else {
+    run_forward<bfloat16>(state);
+  }
+}
+
 // streams, memory, math, stacked (every stream's retrieval and memory attention in one call: the
-// default; 0 = stream by stream, for comparison). The peer prints streams 1 and 8, memory on and
-// off, in fp16.
+// default; 0 = stream by stream, for comparison), dtype (0: float buffers under `math`; 1: the bf16
+// model, where math does not apply). The peer prints streams 1 and 8, memory on and off, in fp16.
 BENCHMARK(BM_Forward)
-    ->ArgNames({"streams", "memory", "math", "stacked"})
-    ->ArgsProduct({{1, kMaxStreams}, {1, 0}, {0, 1, 2}, {1}})
-    ->Args({kMaxStreams, 1, 1, 0})
-    ->Args({kMaxStreams, 1, 0, 0})
+    ->ArgNames({"streams", "memory", "math", "stacked", "dtype"})
+    ->ArgsProduct({{1, kMaxStreams}, {1, 0}, {0, 1, 2}, {1}, {0}})
+    ->Args({kMaxStreams, 1, 1, 0, 0})
+    ->Args({kMaxStreams, 1, 0, 0, 0})
+    ->ArgsProduct({{1, kMaxStreams}, {1, 0}, {0}, {1}, {1}})
+    ->Args({kMaxStreams, 1, 0, 0, 1})
     ->Unit(benchmark::kMillisecond)
     ->UseManualTime()
     ->MinTime(1.0);

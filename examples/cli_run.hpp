@@ -2,7 +2,8 @@
 // What longmem-run computes, for either place: the options, a backbone run and a LongMem run, as
 // templates over a placement policy P:
 //   P::location    Host or Device: where the model's weights, activations and memory live
-//   P::Bank        the memory bank policy (HostMemoryBank<float> / DeviceMemoryBank<float>)
+//   P::Bank        the memory bank policy (HostMemoryBank<float> / DeviceMemoryBank<float>, or
+//                  DeviceMemoryBank<__nv_bfloat16> for a bf16 model)
 //   P::Retriever   the chunk retriever (ExactChunkRetriever / FusedChunkRetriever)
 // cli.cpp (g++) instantiates them for the host; cli_device.cu (nvcc, only in CUDA builds)
 // for the device, because the device ops are CUDA kernels. Checkpoints always load on the host
@@ -39,13 +40,19 @@ struct HostPlacement {
   using Retriever = ExactChunkRetriever;
 };
 
-/// A loaded host part (backbone or SideNet) at location L: itself for the host, a device copy otherwise.
-template <class L, class Part>
+/// What checkpoints load as on the host for a model computing in T: T itself, or float for a bf16
+/// model (converted once, when it is copied to the device).
+template <class T>
+using LoadType = std::conditional_t<ComputeType<T>, T, float>;
+
+/// A loaded host part (backbone or SideNet) at location L in element type T: itself for the host, a
+/// device copy (converted to T) otherwise.
+template <class L, class T, class Part>
 auto place(Part&& host_part) {
   if constexpr (std::is_same_v<L, Host>) {
     return std::forward<Part>(host_part);
   } else {
-    return host_part.to_device();
+    return host_part.template to<L, T>();
   }
 }
 
@@ -58,14 +65,14 @@ const char* where() {
 template <class T>
 void write_f32(SafetensorsWriter& w, const std::string& name, TensorView<const T, Host> t) {
   Tensor<float, Host> f(t.shape());
-  for (index_t i = 0; i < t.numel(); ++i) f.data()[i] = static_cast<float>(t.data()[i]);
+  for (index_t i = 0; i < t.numel(); ++i) f.data()[i] = to_float(t.data()[i]);
   w.add<float>(name, f.view());
 }
 
 template <class P, class T>
 int run_backbone(const RunOptions& o, const std::vector<std::int32_t>& ids) {
   using L = typename P::location;
-  auto backbone = place<L>(Gpt2Backbone<T>::load(o.backbone));
+  auto backbone = place<L, T>(Gpt2Backbone<LoadType<T>>::load(o.backbone));
   const auto& cfg = backbone.config();
   const index_t N = static_cast<index_t>(ids.size());
   const int seg = o.segment_length ? o.segment_length : static_cast<int>(N);
@@ -108,8 +115,8 @@ template <class P, class T, class Fusion>
 int run_longmem(const RunOptions& o, const std::vector<std::int32_t>& ids) {
   using L = typename P::location;
   using M = Model<Gpt2Backbone<T, L>, typename P::Bank, typename P::Retriever, Fusion>;
-  auto backbone = Gpt2Backbone<T>::load(o.backbone);
-  auto side_net = SideNet<T>::load(o.sidenet);
+  auto backbone = Gpt2Backbone<LoadType<T>>::load(o.backbone);
+  auto side_net = SideNet<LoadType<T>>::load(o.sidenet);
   MemoryConfig mem = side_net.recommended_memory().value_or(MemoryConfig{});
   if (o.memory_tokens) mem.memory_tokens = *o.memory_tokens;
   if (o.chunk_size) mem.chunk_size = *o.chunk_size;
@@ -117,7 +124,8 @@ int run_longmem(const RunOptions& o, const std::vector<std::int32_t>& ids) {
   mem.enabled = !o.no_memory;
   const int seg = o.segment_length ? o.segment_length : backbone.config().n_positions;
   const index_t V = backbone.config().vocab_size;
-  M model(place<L>(std::move(backbone)), place<L>(std::move(side_net)), mem, 1, typename P::Retriever{}, o.allow_other);
+  M model(place<L, T>(std::move(backbone)), place<L, T>(std::move(side_net)), mem, 1, typename P::Retriever{},
+          o.allow_other);
   const index_t N = static_cast<index_t>(ids.size());
   Tensor<float, Host> logits({N, V});
   Tensor<T, Host> staged;  // device runs: one segment's logits copied back
@@ -138,7 +146,7 @@ int run_longmem(const RunOptions& o, const std::vector<std::int32_t>& ids) {
       copy(cview(out.logits[0]), staged.view());
       seg_logits = staged.data();
     }
-    for (index_t i = 0; i < len * V; ++i) logits.data()[b * V + i] = static_cast<float>(seg_logits[i]);
+    for (index_t i = 0; i < len * V; ++i) logits.data()[b * V + i] = to_float(seg_logits[i]);
     nll += out.loss_sum;
     counted += out.loss_tokens;
   }
@@ -156,6 +164,7 @@ int run_longmem(const RunOptions& o, const std::vector<std::int32_t>& ids) {
   if constexpr (!std::is_same_v<L, Host>) {  // host files stay as they were
     md["device"] = L::name;
     md["device_math"] = o.device_math;
+    md["dtype"] = o.dtype;
   }
   w.set_metadata(md);
   Tensor<std::int32_t, Host> tok({N});

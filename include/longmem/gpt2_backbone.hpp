@@ -242,9 +242,11 @@ Tensor<T, Host> segment(TensorView<const T, Host> v, index_t b, index_t n) {
 
 }  // namespace detail
 
-/// A frozen GPT-2 / GPT-2* backbone computing in T (float or double) on location L.
+/// A frozen GPT-2 / GPT-2* backbone computing in T on location L (float or double; bfloat16 on
+/// the device: make a float host backbone, then `to<Device, bfloat16>()`).
 /// forward() reuses internal scratch buffers: one instance serves one thread at a time.
-template <ComputeType T, class L = Host>
+template <class T, class L = Host>
+  requires ModelValueType<T, L>
 class Gpt2Backbone {
  public:
   using value_type = T;
@@ -487,23 +489,31 @@ class Gpt2Backbone {
   const BlockWeights<T, L>& block(int j) const { return params_.blocks.at(static_cast<std::size_t>(j)); }
   TensorView<const T, L> ln_f_weight() const { return params_.ln_f_weight.view(); }
   TensorView<const T, L> ln_f_bias() const { return params_.ln_f_bias.view(); }
-  /// The same backbone with every weight copied to location L2: load (or make) a host backbone,
-  /// then `to<Device>()` (or to_device()) for the GPU. The fingerprint is carried over, so a
-  /// device model checks its SideNet without reading wte back. Throws BackendError when L2 is
-  /// Device and the CUDA runtime sees no usable device.
-  template <class L2>
-  Gpt2Backbone<T, L2> to() const {
+  /// The same backbone with every weight copied to location L2 (and converted to T2): load (or
+  /// make) a host backbone, then `to<Device>()` (or to_device()) for the GPU, or
+  /// `to<Device, bfloat16>()` for a bf16 one (weights rounded to nearest even once, on the host).
+  /// The fingerprint is carried over (a converted backbone keeps its source's), so a device model
+  /// checks its SideNet without reading wte back. Throws BackendError when L2 is Device and the
+  /// CUDA runtime sees no usable device.
+  template <class L2, class T2 = T>
+    requires ModelValueType<T2, L2>
+  Gpt2Backbone<T2, L2> to() const {
+    static_assert(std::is_same_v<T2, T> || std::is_same_v<L, Host>, "convert a host backbone (to<L2, T2>() on the host)");
     detail::Allocator<L2>::require_usable("Gpt2Backbone::to_device (copying the backbone's weights to the GPU)");
-    Gpt2Parameters<T, L2> p;
+    Gpt2Parameters<T2, L2> p;
     p.blocks.resize(params_.blocks.size());
-    std::vector<Tensor<T, L2>*> dst;
-    visit_gpt2_tensors(config_, p, [&](const std::string&, Tensor<T, L2>& t, const Shape&) { dst.push_back(&t); });
+    std::vector<Tensor<T2, L2>*> dst;
+    visit_gpt2_tensors(config_, p, [&](const std::string&, Tensor<T2, L2>& t, const Shape&) { dst.push_back(&t); });
     std::size_t i = 0;
     visit_gpt2_tensors(config_, params_, [&](const std::string&, const Tensor<T, L>& t, const Shape&) {
       dst[i]->resize(t.shape());
-      copy(cview(t), dst[i++]->view());
+      if constexpr (std::is_same_v<T2, T>) {
+        copy(cview(t), dst[i++]->view());
+      } else {
+        copy(cview(converted<T2>(cview(t))), dst[i++]->view());
+      }
     });
-    Gpt2Backbone<T, L2> moved(config_, std::move(p));
+    Gpt2Backbone<T2, L2> moved(config_, std::move(p));
     moved.fingerprint_ = fingerprint();
     return moved;
   }
@@ -687,7 +697,8 @@ class Gpt2Backbone {
     });
   }
 
-  template <ComputeType, class>
+  template <class T2, class L2>
+    requires ModelValueType<T2, L2>
   friend class Gpt2Backbone;  // to<L2>() hands its fingerprint over
 
   BackboneConfig config_;

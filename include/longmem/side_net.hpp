@@ -207,9 +207,11 @@ inline std::optional<MemoryConfig> memory_config_from_metadata(const MetadataRea
   return m;
 }
 
-/// The SideNet computing in T on location L. forward() reuses scratch buffers: one
+/// The SideNet computing in T on location L (float or double; bfloat16 on the device, from a
+/// float host SideNet by `to<Device, bfloat16>()`). forward() reuses scratch buffers: one
 /// instance serves one thread at a time.
-template <ComputeType T, class L = Host>
+template <class T, class L = Host>
+  requires ModelValueType<T, L>
 class SideNet {
  public:
   using value_type = T;
@@ -357,22 +359,29 @@ class SideNet {
   const std::optional<MemoryConfig>& recommended_memory() const { return recommended_; }
   const SideNetLayerWeights<T, L>& layer(int i) const { return params_.layers.at(static_cast<std::size_t>(i)); }
   SideNetLayerWeights<T, L>& layer(int i) { return params_.layers.at(static_cast<std::size_t>(i)); }
-  /// The same SideNet with every weight copied to location L2: load a host SideNet, then
-  /// `to<Device>()` (or to_device()) for the GPU. Throws BackendError when L2 is Device and the
-  /// CUDA runtime sees no usable device.
-  template <class L2>
-  SideNet<T, L2> to() const {
+  /// The same SideNet with every weight copied to location L2 (and converted to T2): load a host
+  /// SideNet, then `to<Device>()` (or to_device()) for the GPU, or `to<Device, bfloat16>()` for a
+  /// bf16 one (rounded to nearest even once, on the host). Throws BackendError when L2 is Device
+  /// and the CUDA runtime sees no usable device.
+  template <class L2, class T2 = T>
+    requires ModelValueType<T2, L2>
+  SideNet<T2, L2> to() const {
+    static_assert(std::is_same_v<T2, T> || std::is_same_v<L, Host>, "convert a host SideNet (to<L2, T2>() on the host)");
     detail::Allocator<L2>::require_usable("SideNet::to_device (copying the SideNet's weights to the GPU)");
-    SideNetParameters<T, L2> p;
+    SideNetParameters<T2, L2> p;
     p.layers.resize(params_.layers.size());
-    std::vector<Tensor<T, L2>*> dst;
-    visit_side_net_tensors(config_, p, [&](const std::string&, Tensor<T, L2>& t, const Shape&) { dst.push_back(&t); });
+    std::vector<Tensor<T2, L2>*> dst;
+    visit_side_net_tensors(config_, p, [&](const std::string&, Tensor<T2, L2>& t, const Shape&) { dst.push_back(&t); });
     std::size_t i = 0;
     visit_side_net_tensors(config_, params_, [&](const std::string&, const Tensor<T, L>& t, const Shape&) {
       dst[i]->resize(t.shape());
-      copy(cview(t), dst[i++]->view());
+      if constexpr (std::is_same_v<T2, T>) {
+        copy(cview(t), dst[i++]->view());
+      } else {
+        copy(cview(converted<T2>(cview(t))), dst[i++]->view());
+      }
     });
-    return SideNet<T, L2>(config_, std::move(p), recommended_);
+    return SideNet<T2, L2>(config_, std::move(p), recommended_);
   }
   SideNet<T, Device> to_device() const { return to<Device>(); }
 

@@ -23,6 +23,7 @@
 #include <utility>
 
 #include "longmem/detail/host_memory.hpp"
+#include "longmem/dtype.hpp"
 #include "longmem/error.hpp"
 
 namespace longmem {
@@ -40,6 +41,13 @@ struct Device {
 
 template <class L>
 concept Location = std::is_same_v<L, Host> || std::is_same_v<L, Device>;
+
+/// Element types a model (backbone, SideNet, Model) holds its weights and activations in at
+/// location L: float or double anywhere; bfloat16 on the device only, where every op reads and
+/// writes bf16 but computes in fp32 (GEMMs accumulate in fp32, LayerNorm and softmax statistics
+/// in fp32 or double), as PyTorch's bf16 modules do.
+template <class T, class L>
+concept ModelValueType = Location<L> && (ComputeType<T> || (std::is_same_v<T, bfloat16> && std::is_same_v<L, Device>));
 
 /// Extents of a row-major tensor, rank 0..max_rank.
 class Shape {
@@ -337,6 +345,25 @@ Tensor<std::remove_const_t<T>, Host> to_host(TensorView<T, L> v) {
 template <class T, class L>
 Tensor<T, Host> to_host(const Tensor<T, L>& t) {
   return to_host(t.view());
+}
+
+/// A host copy of a host view with every element converted to U (through float for the 16-bit
+/// types, round to nearest even; double -> float rounds once).
+template <class U, class T>
+Tensor<U, Host> converted(TensorView<const T, Host> v) {
+  Tensor<U, Host> out(v.shape());
+  const T* src = v.data();
+  U* dst = out.data();
+  for (index_t i = 0; i < v.numel(); ++i) {
+    if constexpr (std::is_same_v<U, T>) {
+      dst[i] = src[i];
+    } else if constexpr (std::is_same_v<U, double> && std::is_same_v<T, float>) {
+      dst[i] = src[i];
+    } else {
+      dst[i] = from_float<U>(to_float(src[i]));
+    }
+  }
+  return out;
 }
 
 /// Throws ShapeError unless v has exactly the expected shape; `what` names the tensor.

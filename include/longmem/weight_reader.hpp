@@ -144,7 +144,7 @@ template <class T>
 std::string embedding_fingerprint(TensorView<const T, Host> wte) {
   std::uint64_t h = 14695981039346656037ull;
   for (const T& x : wte) {
-    const float f = static_cast<float>(x);
+    const float f = to_float(x);
     h = fnv1a64(&f, sizeof f, h);
   }
   char buf[32];

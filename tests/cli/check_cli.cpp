@@ -213,12 +213,27 @@ int main(int argc, char** argv) {
           check(eb <= 20.0 / 256 && eb > 1.0 / (1 << 18), "--device-math bf16: within 20 u of the reference, and not fp32's result");
           check(SafetensorsFile::open(out_bf16).metadata().at("device_math") == "bf16", "the output records device_math bf16");
         }
+        // The bf16 model (--dtype bf16: bf16 weights, activations and memory): the same bound.
+        const fs::path out_b16 = scratch / "lm_cuda_dtype_bf16.safetensors";
+        const int rcb = run(quote(tool) + lm_args + " --out " + quote(out_b16) + " --device cuda --dtype bf16 --quiet");
+        check(rcb == 0, "--device cuda --dtype bf16 runs");
+        if (rcb == 0) {
+          auto bgot = SafetensorsFile::open(out_b16).read<float>("logits", Shape{llogits.dim(1), llogits.dim(2)});
+          const double eb = relative_error(bgot.data(), llogits.data(), bgot.numel());
+          std::cout << "--device cuda --dtype bf16 logits: max |err| / max |ref| = " << eb << "\n";
+          check(eb <= 20.0 / 256 && eb > 1.0 / (1 << 18), "--dtype bf16: within 20 u of the reference, and not fp32's result");
+          check(SafetensorsFile::open(out_b16).metadata().at("dtype") == "bf16", "the output records dtype bf16");
+        }
       } else {
         check(rc == 2 && no_unexpected && text.find("needs a CUDA device") != std::string::npos,
               "--device cuda without a usable GPU: exit 2, 'needs a CUDA device'");
       }
       check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device cuda --dtype f64") == 64,
             "--device cuda with --dtype f64 is a usage error (64)");
+      check(run(quote(tool) + lm_args + " --out " + quote(out) + " --dtype bf16") == 64,
+            "--dtype bf16 without --device cuda is a usage error (64)");
+      check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device cuda --dtype bf16 --device-math tf32") == 64,
+            "--dtype bf16 with --device-math is a usage error (64)");
       check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device gpu") == 64,
             "an unknown --device is a usage error (64)");
       check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device-math bf16") == 64,

@@ -17,6 +17,8 @@
 //
 // Tolerances: max |dev - ref| <= 1e-4 * max |ref| per (segment, stream) (fp32 throughout: cuBLASLt
 // computes in CUBLAS_COMPUTE_32F, so only the summation order differs from the host).
+// The fixtures again with a bf16 model (Gpt2Backbone<bfloat16, Device>, bf16 bank): every op's
+// output rounded to bf16, the bf16 mode's bound below.
 // The fixtures again under the reduced-precision device modes (longmem::DeviceMath): each of the
 // chained tensor-core products (the fixtures' backbone and SideNet: ~20 GEMMs and attention
 // products from token to logit) adds about u of relative error to what it passes on, so the bound
@@ -53,6 +55,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -70,6 +73,9 @@ constexpr double tolerance = 1e-4;  // of max |ref|
 
 template <class F>
 using DevModel = Model<Gpt2Backbone<float, Device>, DeviceMemoryBank<float>, FusedChunkRetriever, F>;
+// The bf16 model: weights and activations in bf16 buffers, bf16 bank storage.
+template <class F>
+using Bf16Model = Model<Gpt2Backbone<bfloat16, Device>, DeviceMemoryBank<__nv_bfloat16>, FusedChunkRetriever, F>;
 template <class F>
 using HostModel = Model<Gpt2Backbone<float>, HostMemoryBank<float>, ExactChunkRetriever, F>;
 
@@ -129,7 +135,9 @@ bool throws_with(Fn&& fn, const std::string& part, std::string* msg) {
 // ---------------------------------------------------------------- 1. fixtures
 
 // Mirrors check_longmem_fixture in tests/unit/test_model.cpp, on the device.
-/// The bound of check_fixture under a device math mode (see the header).
+/// The bound of check_fixture under a device math mode (see the header); a bf16 model (bf16
+/// buffers) has the bf16 mode's bound: every op's output is rounded to bf16 (u = 2^-8) where the
+/// bf16 mode rounds every GEMM's inputs, about as many roundings on the way to a logit.
 double fixture_tolerance(DeviceMath math) {
   switch (math) {
     case DeviceMath::tf32: return 20 * std::ldexp(1.0, -11);
@@ -139,13 +147,15 @@ double fixture_tolerance(DeviceMath math) {
   return tolerance;
 }
 
-template <class F>
+template <class F, class E = float>
 void check_fixture(const std::string& name, const std::string& expected_name, bool memory_on,
                    DeviceMath math = DeviceMath::fp32) {
+  constexpr bool bf16_model = std::is_same_v<E, bfloat16>;
+  if (bf16_model) math = DeviceMath::bf16;  // for the bound and the label; bf16 buffers ignore the mode
   const auto dir = fixture_dir() / name;
   const std::string what = name + " '" + expected_name + "' (" + fusion_name<F>() + ", memory " + (memory_on ? "on" : "off") +
-                           (math == DeviceMath::fp32 ? "" : std::string(", ") + to_string(math)) + ")";
-  const DeviceMathScope scope(math);
+                           (bf16_model ? ", bf16 model" : math == DeviceMath::fp32 ? "" : std::string(", ") + to_string(math)) + ")";
+  const DeviceMathScope scope(bf16_model ? DeviceMath::fp32 : math);
   const double bound = fixture_tolerance(math);
   if (!std::filesystem::exists(dir / "expected.safetensors")) {
     EXPECT(false, "%s: %s is missing (set LONGMEM_FIXTURE_DIR)", what.c_str(), (dir / "expected.safetensors").c_str());
@@ -163,7 +173,8 @@ void check_fixture(const std::string& name, const std::string& expected_name, bo
   const auto backbone = Gpt2Backbone<float>::load(dir / "backbone.safetensors");
   const auto side_net = SideNet<float>::load(dir / "sidenet.safetensors");
   const int V = backbone.config().vocab_size;
-  DevModel<F> model(backbone.to_device(), side_net.to_device(), mem, B);
+  using M = std::conditional_t<bf16_model, Bf16Model<F>, DevModel<F>>;
+  M model(backbone.template to<Device, E>(), side_net.template to<Device, E>(), mem, B);
   auto tokens = expected.read<std::int32_t>("tokens", {B, S * T});
   auto want = expected.read<float>(expected_name, {B, S * T, V});
   bool memory_was_used = false;
@@ -178,7 +189,7 @@ void check_fixture(const std::string& name, const std::string& expected_name, bo
              b, dev.shape().str().c_str(), T, V);
       if (!(dev.shape() == Shape{T, V})) continue;
       memory_was_used |= out.retrieved_chunks[static_cast<std::size_t>(b)] > 0;
-      const Tensor<float, Host> got = to_host(dev);
+      const Tensor<float, Host> got = converted<float>(cview(to_host(dev)));
       const Err e = compare(got.data(), want[b].data() + static_cast<std::int64_t>(s) * T * V, static_cast<std::int64_t>(T) * V);
       worst.merge(e);
       EXPECT(e.relative() <= bound, "%s segment %d stream %d (%d retrieved chunks): max |err| %.3g, max |ref| %.3g: %.3g of max |ref| > %.2g",
@@ -521,6 +532,13 @@ int main() {
       {"fixture longmem_gpt2star off bf16",
        [] { check_fixture<GatedFusion>("longmem_gpt2star", "logits_no_memory", false, DeviceMath::bf16); }},
       {"fixture longmem_gpt2 gated bf16", [] { check_fixture<GatedFusion>("longmem_gpt2", "logits", true, DeviceMath::bf16); }},
+      {"fixture longmem_gpt2star gated bf16 model", [] { check_fixture<GatedFusion, bfloat16>("longmem_gpt2star", "logits", true); }},
+      {"fixture longmem_gpt2star joint bf16 model",
+       [] { check_fixture<JointFusion, bfloat16>("longmem_gpt2star", "logits_joint", true); }},
+      {"fixture longmem_gpt2star off bf16 model",
+       [] { check_fixture<GatedFusion, bfloat16>("longmem_gpt2star", "logits_no_memory", false); }},
+      {"fixture longmem_gpt2 gated bf16 model", [] { check_fixture<GatedFusion, bfloat16>("longmem_gpt2", "logits", true); }},
+      {"fixture longmem_gpt2 joint bf16 model", [] { check_fixture<JointFusion, bfloat16>("longmem_gpt2", "logits_joint", true); }},
       {"device vs host gpt2-star gated", [] { device_vs_host<GatedFusion>("gpt2-star", true); }},
       {"device vs host gpt2-star joint", [] { device_vs_host<JointFusion>("gpt2-star", true); }},
       {"device vs host gpt2-star off", [] { device_vs_host<GatedFusion>("gpt2-star", false); }},

@@ -47,6 +47,12 @@
 // and each mode must visibly take effect: its worst error relative to max |ref| over the sizes
 // must exceed 2^-18 (the fp32 mode stays near 2^-24 x a few), else the mode was ignored.
 //
+// Then every forward case on the device with bfloat16 buffers (the bf16 model's ops), inputs
+// rounded to bf16 first so that only the op is compared, against the float64 reference of those
+// inputs: the float tolerance plus u_bf16 = 2^-8 of max |ref| for the output's rounding to bf16
+// (<= 2^-9 of |out|); attention also 4 u_bf16 (its probabilities go to the tensor cores as bf16);
+// cross_entropy reads bf16 exactly and writes float, so its float tolerance.
+//
 // Exit status: 0 all passed, 1 something failed, 77 no CUDA device (ctest: skipped; the table
 // then runs on the host backend alone, so the cases themselves are still checked).
 // Arguments: an optional substring of op names to run only those. LONGMEM_TEST_SEED=<n> draws
@@ -87,8 +93,9 @@ bool device_present = false;
 
 // ---------------------------------------------------------------- backends
 
-enum class Backend { Host, Device };
-const char* name(Backend b) { return b == Backend::Host ? "host" : "device"; }
+// DeviceBf16: the device backend on bfloat16 buffers (forward cases only; run_table's bf16 pass).
+enum class Backend { Host, Device, DeviceBf16 };
+const char* name(Backend b) { return b == Backend::Host ? "host" : b == Backend::Device ? "device" : "device bf16"; }
 constexpr Backend backends[] = {Backend::Host, Backend::Device};
 
 /// LONGMEM_TEST_STRIDE=<n> runs every n-th size of each op case (quick runs, sanitizers).
@@ -103,56 +110,56 @@ std::uint64_t base_seed() {
   return 20230612;
 }
 
-/// A float tensor at L holding x (absent stays absent).
-template <class L>
-Tensor<float, L> to(const HostD& x) {
+/// A tensor of E (float, or bfloat16 on the device) at L holding x (absent stays absent).
+template <class L, class E = float>
+Tensor<E, L> to(const HostD& x) {
   if (x.data() == nullptr) return {};
-  Tensor<float, Host> h(x.shape());
-  for (index_t i = 0; i < x.numel(); ++i) h.data()[i] = static_cast<float>(x.data()[i]);
+  Tensor<E, Host> h(x.shape());
+  for (index_t i = 0; i < x.numel(); ++i) h.data()[i] = from_float<E>(static_cast<float>(x.data()[i]));
   if constexpr (std::is_same_v<L, Host>) {
     return h;
   } else {
-    Tensor<float, Device> d(x.shape());
-    copy<float>(cview(h), d.view());
+    Tensor<E, Device> d(x.shape());
+    copy<E>(cview(h), d.view());
     return d;
   }
 }
 
-/// A float tensor at L of shape s, every element NaN.
-template <class L>
-Tensor<float, L> poisoned(Shape s) {
-  Tensor<float, L> t(s);
-  fill<float>(t.view(), std::numeric_limits<float>::quiet_NaN());
+/// A tensor of E at L of shape s, every element NaN.
+template <class L, class E = float>
+Tensor<E, L> poisoned(Shape s) {
+  Tensor<E, L> t(s);
+  fill<E>(t.view(), from_float<E>(std::numeric_limits<float>::quiet_NaN()));
   return t;
 }
 
-/// The contents of a float view at L, in double on the host.
-template <class L>
-HostD back(TensorView<const float, L> v) {
-  Tensor<float, Host> h(v.shape());
-  if (v.numel() > 0) copy<float>(v, h.view());
+/// The contents of a view at L, in double on the host.
+template <class L, class E>
+HostD back(TensorView<const E, L> v) {
+  Tensor<E, Host> h(v.shape());
+  if (v.numel() > 0) copy<E>(v, h.view());
   HostD x(v.shape());
-  for (index_t i = 0; i < h.numel(); ++i) x.data()[i] = static_cast<double>(h.data()[i]);
+  for (index_t i = 0; i < h.numel(); ++i) x.data()[i] = static_cast<double>(to_float(h.data()[i]));
   return x;
 }
-template <class L>
-HostD back(const Tensor<float, L>& t) {
-  return back<L>(t.view());
+template <class L, class E>
+HostD back(const Tensor<E, L>& t) {
+  return back<L, E>(t.view());
 }
 
-/// A view of `n` elements that starts one float into a larger buffer: only 4-byte aligned.
-template <class L>
+/// A view of `n` elements that starts one element into a larger buffer: aligned to one element only.
+template <class L, class E = float>
 struct Offset {
-  Tensor<float, L> buffer;
-  TensorView<float, L> view;
+  Tensor<E, L> buffer;
+  TensorView<E, L> view;
 };
-template <class L>
-Offset<L> offset_copy(const HostD& x) {
+template <class L, class E = float>
+Offset<L, E> offset_copy(const HostD& x) {
   HostD padded(Shape{x.numel() + 1});
   padded.data()[0] = 0;
   std::copy(x.data(), x.data() + x.numel(), padded.data() + 1);
-  Offset<L> o{to<L>(padded), {}};
-  o.view = TensorView<float, L>(o.buffer.data() + 1, x.shape());
+  Offset<L, E> o{to<L, E>(padded), {}};
+  o.view = TensorView<E, L>(o.buffer.data() + 1, x.shape());
   return o;
 }
 
@@ -265,12 +272,14 @@ struct OpCase {
   std::vector<Tolerance> tolerance;  // one per output
 };
 
-/// Turns one generic lambda f(location, params, inputs) into a run for every backend.
+/// Turns one generic lambda f(location, element, params, inputs) into a run for every backend:
+/// float on the host and the device, and bfloat16 buffers on the device (the bf16 model's).
 template <class F>
 RunFn on_every_backend(F f) {
   return [f](Backend b, const Params& p, const Inputs& in) -> Outputs {
-    if (b == Backend::Host) return f(Host{}, p, in);
-    return f(Device{}, p, in);
+    if (b == Backend::Host) return f(Host{}, float{}, p, in);
+    if (b == Backend::DeviceBf16) return f(Device{}, bfloat16{}, p, in);
+    return f(Device{}, float{}, p, in);
   };
 }
 
@@ -353,13 +362,14 @@ std::vector<OpCase> op_table() {
       for (index_t t = 0; t < p.T; ++t) in.ids.push_back(tok(rng));
       return in;
     };
-    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+    c.run = on_every_backend([](auto loc, auto elem, const Params& p, const Inputs& in) {
       using L = decltype(loc);
-      auto wte = to<L>(in.x[0]);
-      auto wpe = to<L>(in.x[1]);
-      auto out = poisoned<L>(Shape{p.T, p.C});
+      using E = decltype(elem);
+      auto wte = to<L, E>(in.x[0]);
+      auto wpe = to<L, E>(in.x[1]);
+      auto out = poisoned<L, E>(Shape{p.T, p.C});
       ops::embedding(out.view(), std::span<const std::int32_t>(in.ids), cview(wte),
-                     p.variant ? cview(wpe) : TensorView<const float, L>{});
+                     p.variant ? cview(wpe) : TensorView<const E, L>{});
       return outputs(back(out));
     });
     c.reference = [](const Params&, const Inputs& in) { return outputs(reference::embedding(in.ids, in.x[0], in.x[1])); };
@@ -386,19 +396,20 @@ std::vector<OpCase> op_table() {
       in.x.push_back(p.variant == 1 ? HostD() : random_tensor(Shape{p.C}, rng));
       return in;
     };
-    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+    c.run = on_every_backend([](auto loc, auto elem, const Params& p, const Inputs& in) {
       using L = decltype(loc);
-      using CV = TensorView<const float, L>;
-      auto x = to<L>(in.x[0]);
-      auto w = to<L>(in.x[1]);
-      auto b = to<L>(in.x[2]);
+      using E = decltype(elem);
+      using CV = TensorView<const E, L>;
+      auto x = to<L, E>(in.x[0]);
+      auto w = to<L, E>(in.x[1]);
+      auto b = to<L, E>(in.x[2]);
       const CV bias = p.variant == 1 ? CV{} : cview(b);
       if (p.variant == 3) {
         ops::layer_norm(x.view(), cview(x), cview(w), bias, 1e-5);
         return outputs(back(x));
       }
       const Shape s = p.variant == 2 ? Shape{p.N, p.C / 4, 4} : Shape{p.N, p.C};
-      auto out = poisoned<L>(s);
+      auto out = poisoned<L, E>(s);
       ops::layer_norm(out.view(), cview(x).reshape(s), cview(w), bias, 1e-5);
       return outputs(reshaped(back(out), Shape{p.N, p.C}));
     });
@@ -412,7 +423,7 @@ std::vector<OpCase> op_table() {
   }
 
   {  // linear: bit 0 bias, bit 1 accumulate into a non-zero out from an (N, 1, I) view, bit 2 views
-     // that start one float into their buffers (4-byte alignment only)
+     // that start one element into their buffers (4-byte alignment only for float, 2 for bf16)
     OpCase c;
     c.name = "linear";
     const std::pair<index_t, index_t> io[] = {{1, 1}, {16, 33}, {67, 129}, {256, 768}};
@@ -431,23 +442,24 @@ std::vector<OpCase> op_table() {
       in.x.push_back(random_tensor(Shape{p.N, p.O}, rng));  // start value when accumulating
       return in;
     };
-    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+    c.run = on_every_backend([](auto loc, auto elem, const Params& p, const Inputs& in) {
       using L = decltype(loc);
-      using CV = TensorView<const float, L>;
+      using E = decltype(elem);
+      using CV = TensorView<const E, L>;
       const bool bias = p.variant & 1, acc = p.variant & 2, shifted = p.variant & 4;
       HostD start = acc ? reshaped(in.x[3], Shape{p.N, p.O}) : HostD(Shape{p.N, p.O});
       if (!acc) fill<double>(start.view(), std::numeric_limits<double>::quiet_NaN());
-      auto x = offset_copy<L>(in.x[0]);
-      auto w = offset_copy<L>(in.x[1]);
-      auto b = offset_copy<L>(in.x[2]);
-      auto out = offset_copy<L>(start);
-      Tensor<float, L> xa = to<L>(in.x[0]), wa = to<L>(in.x[1]), ba = to<L>(in.x[2]), outa = to<L>(start);
+      auto x = offset_copy<L, E>(in.x[0]);
+      auto w = offset_copy<L, E>(in.x[1]);
+      auto b = offset_copy<L, E>(in.x[2]);
+      auto out = offset_copy<L, E>(start);
+      Tensor<E, L> xa = to<L, E>(in.x[0]), wa = to<L, E>(in.x[1]), ba = to<L, E>(in.x[2]), outa = to<L, E>(start);
       const CV xv = shifted ? CV(x.view) : cview(xa), wv = shifted ? CV(w.view) : cview(wa),
                bv = shifted ? CV(b.view) : cview(ba);
-      const TensorView<float, L> ov = shifted ? out.view : outa.view();
+      const TensorView<E, L> ov = shifted ? out.view : outa.view();
       const CV xin = acc ? xv.reshape(Shape{p.N, 1, p.I}) : xv;
       ops::linear(ov, xin, wv, bias ? bv : CV{}, acc ? Accumulate::Yes : Accumulate::No);
-      return outputs(back<L>(CV(ov)));
+      return outputs(back<L, E>(CV(ov)));
     });
     c.reference = [](const Params& p, const Inputs& in) {
       const bool bias = p.variant & 1, acc = p.variant & 2;
@@ -473,11 +485,12 @@ std::vector<OpCase> op_table() {
       return in;
     };
     auto kind = [](const Params& p) { return p.variant & 1 ? Activation::GeluErf : Activation::GeluTanh; };
-    c.run = on_every_backend([kind](auto loc, const Params& p, const Inputs& in) {
+    c.run = on_every_backend([kind](auto loc, auto elem, const Params& p, const Inputs& in) {
       using L = decltype(loc);
-      auto x = to<L>(in.x[0]);
+      using E = decltype(elem);
+      auto x = to<L, E>(in.x[0]);
       if (p.variant & 2) {
-        auto out = poisoned<L>(Shape{p.N});
+        auto out = poisoned<L, E>(Shape{p.N});
         ops::gelu(out.view(), cview(x), kind(p));
         return outputs(back(out));
       }
@@ -505,11 +518,12 @@ std::vector<OpCase> op_table() {
       for (int i = 0; i < 3; ++i) in.x.push_back(random_tensor(Shape{p.N, p.C}, rng));
       return in;
     };
-    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+    c.run = on_every_backend([](auto loc, auto elem, const Params& p, const Inputs& in) {
       using L = decltype(loc);
-      auto out = to<L>(in.x[0]);
-      auto a = to<L>(in.x[1]);
-      auto b = to<L>(in.x[2]);
+      using E = decltype(elem);
+      auto out = to<L, E>(in.x[0]);
+      auto a = to<L, E>(in.x[1]);
+      auto b = to<L, E>(in.x[2]);
       const Shape s = (p.variant & 2) ? Shape{p.N, 4, p.C / 4} : Shape{p.N, p.C};
       if (p.variant & 1) {
         ops::add_difference(out.view(), cview(a).reshape(s), cview(b).reshape(s));
@@ -577,12 +591,13 @@ std::vector<OpCase> op_table() {
           c.sizes.push_back(p);
         }
     c.make = attention_inputs;
-    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+    c.run = on_every_backend([](auto loc, auto elem, const Params& p, const Inputs& in) {
       using L = decltype(loc);
-      auto q = to<L>(in.x[0]);
-      auto k = to<L>(in.x[1]);
-      auto v = to<L>(in.x[2]);
-      auto out = poisoned<L>(p.variant % 2 ? Shape{p.T, p.H * p.dh} : Shape{p.T, p.H, p.dh});
+      using E = decltype(elem);
+      auto q = to<L, E>(in.x[0]);
+      auto k = to<L, E>(in.x[1]);
+      auto v = to<L, E>(in.x[2]);
+      auto out = poisoned<L, E>(p.variant % 2 ? Shape{p.T, p.H * p.dh} : Shape{p.T, p.H, p.dh});
       ops::causal_attention(out.view(), cview(q), cview(k), cview(v), p.pos);
       return outputs(reshaped(back(out), Shape{p.T, p.H, p.dh}));
     });
@@ -614,12 +629,13 @@ std::vector<OpCase> op_table() {
       return o;
     };
     c.make = attention_inputs;
-    c.run = on_every_backend([offsets_of](auto loc, const Params& p, const Inputs& in) {
+    c.run = on_every_backend([offsets_of](auto loc, auto elem, const Params& p, const Inputs& in) {
       using L = decltype(loc);
-      auto q = to<L>(in.x[0]);
-      auto k = to<L>(in.x[1]);
-      auto v = to<L>(in.x[2]);
-      auto out = poisoned<L>(Shape{p.T, p.H, p.dh});
+      using E = decltype(elem);
+      auto q = to<L, E>(in.x[0]);
+      auto k = to<L, E>(in.x[1]);
+      auto v = to<L, E>(in.x[2]);
+      auto out = poisoned<L, E>(Shape{p.T, p.H, p.dh});
       const std::vector<index_t> offsets = offsets_of(p);
       ops::causal_attention(out.view(), cview(q), cview(k), cview(v), p.pos, std::span<const index_t>(offsets));
       return outputs(back(out));
@@ -655,17 +671,18 @@ std::vector<OpCase> op_table() {
               c.sizes.push_back(p);
             }
     c.make = attention_inputs;
-    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+    c.run = on_every_backend([](auto loc, auto elem, const Params& p, const Inputs& in) {
       using L = decltype(loc);
-      auto q = to<L>(in.x[0]);
-      auto k = to<L>(in.x[1]);
-      auto v = to<L>(in.x[2]);
-      auto mk = to<L>(in.x[3]);
-      auto mv = to<L>(in.x[4]);
-      auto g = to<L>(in.x[5]);
+      using E = decltype(elem);
+      auto q = to<L, E>(in.x[0]);
+      auto k = to<L, E>(in.x[1]);
+      auto v = to<L, E>(in.x[2]);
+      auto mk = to<L, E>(in.x[3]);
+      auto mv = to<L, E>(in.x[4]);
+      auto g = to<L, E>(in.x[5]);
       // K = 0 memory is given as a (T, H, 0, dh) view over no data, as the bank hands it over
-      const TensorView<const float, L> mkv(mk.data(), Shape{p.T, p.H, p.K, p.dh}), mvv(mv.data(), Shape{p.T, p.H, p.K, p.dh});
-      auto out = poisoned<L>(Shape{p.T, p.H, p.dh});
+      const TensorView<const E, L> mkv(mk.data(), Shape{p.T, p.H, p.K, p.dh}), mvv(mv.data(), Shape{p.T, p.H, p.K, p.dh});
+      auto out = poisoned<L, E>(Shape{p.T, p.H, p.dh});
       if (p.fusion == 0) {
         ops::memory_attention<GatedFusion>(out.view(), cview(q), cview(k), cview(v), mkv, mvv, cview(g), p.pos);
       } else {
@@ -687,16 +704,17 @@ std::vector<OpCase> op_table() {
     c.name = "memory_attention segments";
     c.sizes = memory_segment_sizes(false);
     c.make = attention_inputs;
-    c.run = on_every_backend([memory_offsets](auto loc, const Params& p, const Inputs& in) {
+    c.run = on_every_backend([memory_offsets](auto loc, auto elem, const Params& p, const Inputs& in) {
       using L = decltype(loc);
-      auto q = to<L>(in.x[0]);
-      auto k = to<L>(in.x[1]);
-      auto v = to<L>(in.x[2]);
-      auto mk = to<L>(in.x[3]);
-      auto mv = to<L>(in.x[4]);
-      auto g = to<L>(in.x[5]);
-      const TensorView<const float, L> mkv(mk.data(), Shape{p.T, p.H, p.K, p.dh}), mvv(mv.data(), Shape{p.T, p.H, p.K, p.dh});
-      auto out = poisoned<L>(Shape{p.T, p.H, p.dh});
+      using E = decltype(elem);
+      auto q = to<L, E>(in.x[0]);
+      auto k = to<L, E>(in.x[1]);
+      auto v = to<L, E>(in.x[2]);
+      auto mk = to<L, E>(in.x[3]);
+      auto mv = to<L, E>(in.x[4]);
+      auto g = to<L, E>(in.x[5]);
+      const TensorView<const E, L> mkv(mk.data(), Shape{p.T, p.H, p.K, p.dh}), mvv(mv.data(), Shape{p.T, p.H, p.K, p.dh});
+      auto out = poisoned<L, E>(Shape{p.T, p.H, p.dh});
       const std::vector<index_t> offsets = memory_offsets(p);
       const std::span<const index_t> o(offsets);
       if (p.fusion == 0) {
@@ -741,12 +759,13 @@ std::vector<OpCase> op_table() {
       for (index_t t = 0; t < p.T; ++t) in.ids.push_back((p.variant & 1) && t % 3 == 1 ? -1 : tok(rng));
       return in;
     };
-    c.run = on_every_backend([](auto loc, const Params& p, const Inputs& in) {
+    c.run = on_every_backend([](auto loc, auto elem, const Params& p, const Inputs& in) {
       using L = decltype(loc);
-      auto logits = to<L>(in.x[0]);
+      using E = decltype(elem);
+      auto logits = to<L, E>(in.x[0]);
       const bool with_losses = !(p.variant & 2);
-      auto losses = with_losses ? poisoned<L>(Shape{p.T}) : Tensor<float, L>{};
-      auto [sum, count] = ops::cross_entropy<float, L>(cview(logits), in.ids, losses.view());
+      auto losses = with_losses ? poisoned<L, float>(Shape{p.T}) : Tensor<float, L>{};
+      auto [sum, count] = ops::cross_entropy<E, L>(cview(logits), in.ids, losses.view());
       return outputs(scalar(sum), scalar(double(count)), with_losses ? back(losses) : HostD());
     });
     c.reference = [](const Params& p, const Inputs& in) {
@@ -1143,19 +1162,47 @@ std::optional<Tolerance> reduced_tolerance(const std::string& op, DeviceMath mat
   return std::nullopt;
 }
 
+/// The tolerance of a forward op on bfloat16 buffers (see the header), output o: the inputs are
+/// rounded to bf16 first, so what remains is the op's own arithmetic (fp32, as on float buffers:
+/// the float tolerance) plus the rounding of its output to bf16 (<= 2^-9 of |out|, so u_bf16 of
+/// max |ref| leaves a factor 2); attention adds 4 u_bf16 for its probabilities, rounded to bf16
+/// (<= 2^-9 relative) before P V on the tensor cores: <= 2^-9 max |v| per output, and max |ref| is
+/// about max |v| (row 0 is v_0). cross_entropy reads bf16 logits exactly and writes float: the float
+/// tolerance. nullopt: no bf16 form (the backward ops).
+std::optional<Tolerance> bf16_tolerance(const OpCase& op, std::size_t o) {
+  if (op.name.starts_with("backward")) return std::nullopt;
+  const double u_bf16 = std::ldexp(1.0, -8);
+  Tolerance t = op.tolerance[o];
+  if (op.name == "cross_entropy") return t;
+  t.rtol += u_bf16;
+  if (op.name.find("attention") != std::string::npos) t.rtol += 4 * u_bf16;
+  return t;
+}
+
+/// Every input of a case rounded to bf16 (absent inputs stay absent).
+Inputs rounded_to_bf16(Inputs in) {
+  for (HostD& x : in.x) {
+    for (index_t i = 0; i < x.numel(); ++i) x.data()[i] = to_float(to_bfloat16(static_cast<float>(x.data()[i])));
+  }
+  return in;
+}
+
 /// Runs every size of every case on every backend; prints one summary line per (case, backend).
 /// Under a reduced-precision `math` mode: only the ops it touches, on the device, with
-/// reduced_tolerance, plus the check that the mode took effect.
-void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32) {
+/// reduced_tolerance, plus the check that the mode took effect. With `bf16_buffers`: every forward
+/// case on the device with bfloat16 buffers (Backend::DeviceBf16), inputs rounded to bf16, against
+/// the float64 reference of the rounded inputs within bf16_tolerance.
+void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32, bool bf16_buffers = false) {
   const auto table = op_table();
-  const bool reduced = math != DeviceMath::fp32;
+  const bool reduced = math != DeviceMath::fp32 || bf16_buffers;
   if (reduced && !device_present) return;
   const DeviceMathScope scope(math);
   const std::size_t n_backends = device_present ? 2 : 1;
   for (std::size_t which = 0; which < table.size(); ++which) {
     const OpCase& op = table[which];
     if (!filter.empty() && op.name.find(filter) == std::string::npos) continue;
-    const std::optional<Tolerance> reduced_tol = reduced ? reduced_tolerance(op.name, math) : std::nullopt;
+    const std::optional<Tolerance> reduced_tol =
+        bf16_buffers ? bf16_tolerance(op, 0) : reduced ? reduced_tolerance(op.name, math) : std::nullopt;
     if (reduced && !reduced_tol) continue;
     double worst[2] = {0, 0};  // max over sizes and outputs of max_err / bound
     double worst_rel = 0;      // reduced modes: max over sizes and outputs of max_err / max_ref
@@ -1167,11 +1214,11 @@ void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32) {
       ++run;
       const std::uint64_t seed = base_seed() + 1000003 * which + i;
       std::mt19937_64 rng(seed);
-      const Inputs in = op.make(p, rng);
+      const Inputs in = bf16_buffers ? rounded_to_bf16(op.make(p, rng)) : op.make(p, rng);
       const Outputs ref = op.reference(p, in);
       Outputs got[2];
       for (std::size_t bi = reduced ? 1 : 0; bi < n_backends; ++bi) {
-        const Backend b = backends[bi];
+        const Backend b = bf16_buffers ? Backend::DeviceBf16 : backends[bi];
         std::string error;
         try {
           got[bi] = op.run(b, p, in);
@@ -1195,7 +1242,8 @@ void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32) {
           continue;
         }
         for (std::size_t o = 0; o < ref.size(); ++o) {
-          const Comparison cmp = compare(got[bi][o], ref[o], reduced ? *reduced_tol : op.tolerance[o]);
+          const Comparison cmp =
+              compare(got[bi][o], ref[o], bf16_buffers ? *bf16_tolerance(op, o) : reduced ? *reduced_tol : op.tolerance[o]);
           if (cmp.bound > 0) worst[bi] = std::max(worst[bi], cmp.max_err / cmp.bound);
           if (cmp.max_ref > 0) worst_rel = std::max(worst_rel, cmp.max_err / cmp.max_ref);
           if (!cmp.ok) {
@@ -1211,6 +1259,12 @@ void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32) {
           if (d.shape_ok && d.nan_at < 0) host_device = std::max(host_device, d.max_err);
         }
       }
+    }
+    if (bf16_buffers) {  // the element type is fixed at compile time: nothing to prove applied
+      std::printf("%-22s device bf16 buffers %4zu sizes: %s, worst error %.3g of the bound (rtol %.3g), %.3g of max|ref|\n",
+                  op.name.c_str(), run, failed[1] ? "FAILED" : "ok", worst[1], reduced_tol->rtol, worst_rel);
+      std::fflush(stdout);
+      continue;
     }
     if (reduced) {
       std::printf("%-22s device %s %4zu sizes: %s, worst error %.3g of the bound (rtol %.3g), %.3g of max|ref|\n",
@@ -1517,6 +1571,7 @@ int main(int argc, char** argv) {
     run_table(filter);
     run_table(filter, DeviceMath::tf32);
     run_table(filter, DeviceMath::bf16);
+    run_table(filter, DeviceMath::fp32, /*bf16_buffers=*/true);
   });
   if (filter.empty() || filter == "behaviour") run_part("behaviour", [] { attention_behaviour(); });
   if (filter.empty() || filter == "refusals") run_part("refusals", [] { refusals(); });

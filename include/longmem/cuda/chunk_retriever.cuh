@@ -17,7 +17,8 @@
 //      per (query, head) in a workspace, (H, T, S, k') 64-bit keys. The (T, n) score matrix is
 //      never written anywhere.
 //   2. merge: one warp per (query, head) merges the S candidate lists, writes slots and scores,
-//      and gathers the chosen chunks' token keys and values (converted to float).
+//      and gathers the chosen chunks' token keys and values (converted to float; to bf16 for a bf16
+//      model, whose queries are widened to float first, exactly).
 // Every head of every bank (and every query) is in the same two launches.
 //
 // Scores are fp32 FMA (tensor cores only as a bounded prefilter that decides which chunks to
@@ -109,6 +110,18 @@ class FusedChunkRetriever {
               k, std::span<Retrieved<float, Device>* const>(outs), bank.stream(), "FusedChunkRetriever::retrieve");
   }
 
+  /// The same for a bf16 model: bf16 queries (widened to float on the device, exactly, so the
+  /// selection is the float path's), the chosen chunks' keys and values gathered as bf16.
+  template <DeviceStorageType S>
+  void retrieve(const DeviceMemoryBank<S>& bank, TensorView<const bfloat16, Device> queries, int k,
+                Retrieved<bfloat16, Device>& out) {
+    const DeviceMemoryBank<S>* banks[1] = {&bank};
+    const TensorView<const float, Device> qs[1] = {widened(queries, bank.stream())};
+    Retrieved<bfloat16, Device>* outs[1] = {&out};
+    run<true>(std::span<const DeviceMemoryBank<S>* const>(banks), std::span<const TensorView<const float, Device>>(qs),
+              k, std::span<Retrieved<bfloat16, Device>* const>(outs), bank.stream(), "FusedChunkRetriever::retrieve");
+  }
+
   /// Convenience: queries from an owning device tensor or a mutable view.
   template <DeviceStorageType S, class Q>
     requires requires(const Q& q) {
@@ -172,10 +185,19 @@ class FusedChunkRetriever {
   /// the same rows of one output: out.slots, out.scores (N, H, k'), out.keys, out.values
   /// (N, H, k' csz, dh) (what memory_attention with offsets reads). Every bank must give the same
   /// k' = min(k, stored chunks) (full banks do): a ConfigError says which does not.
-  template <DeviceStorageType S>
-  void retrieve_stacked(std::span<const DeviceMemoryBank<S>* const> banks, TensorView<const float, Device> queries,
-                        std::span<const index_t> offsets, int k, Retrieved<float, Device>& out) {
+  /// bfloat16 queries (a bf16 model's) are widened to float on the device first (exactly), and the
+  /// keys and values are gathered as bf16.
+  template <DeviceStorageType S, class E>
+    requires(std::is_same_v<E, float> || std::is_same_v<E, bfloat16>)
+  void retrieve_stacked(std::span<const DeviceMemoryBank<S>* const> banks, TensorView<const E, Device> queries_in,
+                        std::span<const index_t> offsets, int k, Retrieved<E, Device>& out) {
     const char* who = "FusedChunkRetriever::retrieve_stacked";
+    TensorView<const float, Device> queries;
+    if constexpr (std::is_same_v<E, float>) {
+      queries = queries_in;
+    } else {
+      queries = widened(queries_in, banks.empty() ? cudaStream_t{} : banks.front()->stream());
+    }
     const index_t N = queries.rank() > 0 ? queries.dim(0) : 0;
     if (offsets.size() != banks.size() + 1 || offsets.front() != 0 || offsets.back() != N ||
         !std::is_sorted(offsets.begin(), offsets.end())) {
@@ -207,8 +229,8 @@ class FusedChunkRetriever {
       dst[b] = {out.slots.data() + o * H * kk, out.scores.data() + o * H * kk, out.keys.data() + o * H * kk * csz * dh,
                 out.values.data() + o * H * kk * csz * dh};
     }
-    launches<true>(banks, std::span<const TensorView<const float, Device>>(qs), k, std::span<const OutputRows>(dst),
-                   banks.front()->stream(), who);
+    launches<true, detail::device_element_t<E>>(banks, std::span<const TensorView<const float, Device>>(qs), k,
+                                                std::span<const OutputRows>(dst), banks.front()->stream(), who);
   }
 
   /// The splits the next call would use for `pairs` (query tile, head) blocks and at most
@@ -242,17 +264,30 @@ class FusedChunkRetriever {
     return sm_count_;
   }
 
-  /// Where one bank's results go: slots, scores (T_b, H, k'), keys, values (T_b, H, k' csz, dh).
+  /// Where one bank's results go: slots, scores (T_b, H, k'), keys, values (T_b, H, k' csz, dh) of
+  /// the merge kernel's element type.
   struct OutputRows {
     std::int32_t* slots = nullptr;
     float* scores = nullptr;
-    float* keys = nullptr;
-    float* values = nullptr;
+    void* keys = nullptr;
+    void* values = nullptr;
   };
 
-  template <bool Gather, class S>
+  /// A float copy of bf16 queries (T, H, dh) in the retriever's own buffer, on `stream`.
+  TensorView<const float, Device> widened(TensorView<const bfloat16, Device> q, cudaStream_t stream) {
+    widened_.resize(q.shape());
+    const index_t n = q.numel();
+    if (n > 0 && q.data() != nullptr) {
+      const unsigned blocks = static_cast<unsigned>(std::clamp<index_t>((n + 255) / 256, 1, 65535 * 8));
+      detail::retrieval_widen_kernel<<<blocks, 256, 0, stream>>>(detail::device_ptr(q.data()), widened_.data(), n);
+      check_launch("FusedChunkRetriever", "query widening");
+    }
+    return widened_.view();
+  }
+
+  template <bool Gather, class S, class E>
   void run(std::span<const DeviceMemoryBank<S>* const> banks, std::span<const TensorView<const float, Device>> queries,
-           int k, std::span<Retrieved<float, Device>* const> outs, cudaStream_t stream, const char* who) {
+           int k, std::span<Retrieved<E, Device>* const> outs, cudaStream_t stream, const char* who) {
     // Every argument is checked before anything is resized or launched.
     if (outs.size() != banks.size()) {
       detail::fail<ShapeError>(who, ": ", banks.size(), " banks need as many outputs, got ", outs.size());
@@ -267,7 +302,7 @@ class FusedChunkRetriever {
     std::vector<OutputRows> dst(banks.size());
     for (std::size_t b = 0; b < banks.size(); ++b) {
       const index_t Tq = queries[b].dim(0), kk = std::min<index_t>(k, banks[b]->num_chunks());
-      Retrieved<float, Device>& out = *outs[b];
+      Retrieved<E, Device>& out = *outs[b];
       out.chunks = static_cast<int>(kk);
       out.slots.resize({Tq, H, kk});
       out.scores.resize({Tq, H, kk});
@@ -278,15 +313,17 @@ class FusedChunkRetriever {
       dst[b] = {out.slots.data(), out.scores.data(), Gather ? out.keys.data() : nullptr,
                 Gather ? out.values.data() : nullptr};
     }
-    launches<Gather>(banks, queries, k, dst, stream, who);
+    launches<Gather, detail::device_element_t<E>>(banks, queries, k, dst, stream, who);
   }
 
-  template <bool Gather, class S>
+  /// O: the gathered keys' and values' element type (float or __nv_bfloat16).
+  template <bool Gather, class O, class S>
   void launches(std::span<const DeviceMemoryBank<S>* const> banks, std::span<const TensorView<const float, Device>> queries,
                 int k, std::span<const OutputRows> dst, cudaStream_t stream, const char* who) {
     for (std::size_t first = 0; first < banks.size(); first += max_banks_per_launch) {
       const std::size_t count = std::min<std::size_t>(max_banks_per_launch, banks.size() - first);
-      launch<Gather>(banks.subspan(first, count), queries.subspan(first, count), k, dst.subspan(first, count), stream, who);
+      launch<Gather, O>(banks.subspan(first, count), queries.subspan(first, count), k, dst.subspan(first, count), stream,
+                        who);
     }
   }
 
@@ -326,7 +363,7 @@ class FusedChunkRetriever {
 
   }
 
-  template <bool Gather, class S>
+  template <bool Gather, class O, class S>
   void launch(std::span<const DeviceMemoryBank<S>* const> banks, std::span<const TensorView<const float, Device>> queries,
               int k, std::span<const OutputRows> dst, cudaStream_t stream, const char* who) {
     using Tl = detail::RetrievalTile;
@@ -421,7 +458,7 @@ class FusedChunkRetriever {
     const index_t warps = max_T * H;
     const dim3 merge_grid(static_cast<unsigned>((warps + merge_threads / 32 - 1) / (merge_threads / 32)),
                           static_cast<unsigned>(L.n_banks));
-    detail::retrieval_merge_kernel<S><<<merge_grid, merge_threads, 0, stream>>>(L);
+    detail::retrieval_merge_kernel<S, O><<<merge_grid, merge_threads, 0, stream>>>(L);
     check_launch(who, "merge");
   }
 
@@ -442,6 +479,7 @@ class FusedChunkRetriever {
   int blocks_per_sm_ = 0;  // select blocks resident per SM at the last launch (0: none yet)
   Tensor<std::uint64_t, Device> partial_;  // (sum over banks of H * T * splits * k') candidate keys
   Tensor<std::uint32_t, Device> key_max_;  // (banks of a launch, H) the tensor-core path's K, as float bits
+  Tensor<float, Device> widened_;          // (N, H, dh) bf16 queries as float
 };
 
 static_assert(ChunkRetrieverFor<FusedChunkRetriever, DeviceMemoryBank<float>>);

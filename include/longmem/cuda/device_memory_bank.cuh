@@ -159,11 +159,13 @@ class DeviceMemoryBank {
   TensorView<const S, Device> keys() const { return keys_.view(); }                  // (H, C, csz, dh)
   TensorView<const S, Device> values() const { return values_.view(); }              // (H, C, csz, dh)
 
-  /// Appends T tokens of keys and values, both (T, H, dh) float on the device; semantics of
-  /// HostMemoryBank::append (pending chunk first, only the newest C chunks of one call written).
+  /// Appends T tokens of keys and values, both (T, H, dh) float or bfloat16 (a bf16 model's) on the
+  /// device; semantics of HostMemoryBank::append (pending chunk first, only the newest C chunks of
+  /// one call written). Chunk keys are the float means of the keys as given.
   template <class T>
   void append(TensorView<const T, Device> keys, TensorView<const T, Device> values) {
-    static_assert(std::is_same_v<T, float>, "DeviceMemoryBank::append takes float keys and values");
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16>,
+                  "DeviceMemoryBank::append takes float or bfloat16 keys and values");
     const Shape expected{keys.rank() == 3 ? keys.dim(0) : 0, geom_.n_head, geom_.head_dim};
     if (keys.rank() != 3 || !(keys.shape() == expected)) {
       detail::fail<ShapeError>("DeviceMemoryBank::append: keys must be (T, H, dh) = (T, ", geom_.n_head, ", ",
@@ -185,19 +187,19 @@ class DeviceMemoryBank {
     const dim3 heads(static_cast<unsigned>(geom_.n_head));
     if (plan.complete_count > 0) {
       detail::bank_append_pending_kernel<S><<<heads, threads, 0, stream_>>>(
-          keys.data(), values.data(), 0, static_cast<int>(plan.complete_count), static_cast<int>(pending_), false,
+          detail::device_ptr(keys.data()), detail::device_ptr(values.data()), 0, static_cast<int>(plan.complete_count), static_cast<int>(pending_), false,
           plan.complete_commit_slot, a);
       check_launch("completing the pending chunk");
     }
     if (plan.whole_count > 0) {
       const dim3 grid(static_cast<unsigned>(plan.whole_count), static_cast<unsigned>(geom_.n_head));
-      detail::bank_append_chunks_kernel<S><<<grid, threads, 0, stream_>>>(keys.data(), values.data(), plan.whole_t0,
+      detail::bank_append_chunks_kernel<S><<<grid, threads, 0, stream_>>>(detail::device_ptr(keys.data()), detail::device_ptr(values.data()), plan.whole_t0,
                                                                            plan.whole_first_sequence, a);
       check_launch("writing whole chunks");
     }
     if (plan.tail_count > 0) {
       detail::bank_append_pending_kernel<S><<<heads, threads, 0, stream_>>>(
-          keys.data(), values.data(), plan.tail_t0, static_cast<int>(plan.tail_count), 0, true, index_t{-1}, a);
+          detail::device_ptr(keys.data()), detail::device_ptr(values.data()), plan.tail_t0, static_cast<int>(plan.tail_count), 0, true, index_t{-1}, a);
       check_launch("starting the pending chunk");
     }
     chunks_appended_ = plan.chunks_after;

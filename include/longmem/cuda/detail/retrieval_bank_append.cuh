@@ -79,12 +79,14 @@ struct DeviceBankArrays {
   int n_head, head_dim, chunk_size;
 };
 
+/// Keys and values arrive as E (float, or __nv_bfloat16 from a bf16 model: exact in float, so a
+/// bf16 bank stores them unchanged).
 /// Tokens [t0, t0 + count) of keys/values (T, H, dh) go to pending positions
 /// [pending_before, pending_before + count). The key sum continues from the stored one, or starts
 /// at 0 when `fresh`. When commit_slot >= 0 the pending chunk is then complete: it is copied to
 /// that slot and its chunk key written. Grid: one block per head; threads stride over d.
-template <class S>
-__global__ void bank_append_pending_kernel(const float* __restrict__ keys, const float* __restrict__ values,
+template <class S, class E>
+__global__ void bank_append_pending_kernel(const E* __restrict__ keys, const E* __restrict__ values,
                                            index_t t0, int count, int pending_before, bool fresh,
                                            index_t commit_slot, DeviceBankArrays<S> a) {
   const int h = static_cast<int>(blockIdx.x);
@@ -95,9 +97,9 @@ __global__ void bank_append_pending_kernel(const float* __restrict__ keys, const
     for (int j = 0; j < count; ++j) {
       const index_t src = ((t0 + j) * H + h) * dh + d;
       const index_t dst = (h * csz + pending_before + j) * dh + d;
-      const float k = keys[src];
+      const float k = device_load(keys[src]);
       a.pending_keys[dst] = device_store<S>(k);
-      a.pending_values[dst] = device_store<S>(values[src]);
+      a.pending_values[dst] = device_store<S>(device_load(values[src]));
       sum += static_cast<double>(k);
     }
     if (commit_slot >= 0) {
@@ -118,8 +120,8 @@ __global__ void bank_append_pending_kernel(const float* __restrict__ keys, const
 
 /// n_whole complete chunks: chunk j is tokens [t0 + j*csz, t0 + (j+1)*csz) of keys/values
 /// (T, H, dh) and goes to slot (first_sequence + j) % C. Grid: (n_whole, H); threads stride over d.
-template <class S>
-__global__ void bank_append_chunks_kernel(const float* __restrict__ keys, const float* __restrict__ values,
+template <class S, class E>
+__global__ void bank_append_chunks_kernel(const E* __restrict__ keys, const E* __restrict__ values,
                                           index_t t0, index_t first_sequence, DeviceBankArrays<S> a) {
   const index_t j = blockIdx.x;
   const int h = static_cast<int>(blockIdx.y);
@@ -131,9 +133,9 @@ __global__ void bank_append_chunks_kernel(const float* __restrict__ keys, const 
     for (index_t i = 0; i < csz; ++i) {
       const index_t src = ((t0 + j * csz + i) * H + h) * dh + d;
       const index_t dst = ((h * C + slot) * csz + i) * dh + d;
-      const float k = keys[src];
+      const float k = device_load(keys[src]);
       a.keys[dst] = device_store<S>(k);
-      a.values[dst] = device_store<S>(values[src]);
+      a.values[dst] = device_store<S>(device_load(values[src]));
       sum += static_cast<double>(k);
     }
     a.chunk_keys[(h * C + slot) * dh + d] = static_cast<float>(sum * inv);

@@ -73,8 +73,8 @@ struct RetrievalBank {
   std::uint64_t* partial = nullptr;   // (H, T, splits, kk) workspace
   std::int32_t* slots = nullptr;      // (T, H, kk)
   float* scores = nullptr;            // (T, H, kk)
-  float* out_keys = nullptr;          // (T, H, kk * csz, dh), null: no gather
-  float* out_values = nullptr;        // (T, H, kk * csz, dh)
+  void* out_keys = nullptr;           // (T, H, kk * csz, dh) of the merge kernel's O, null: no gather
+  void* out_values = nullptr;         // (T, H, kk * csz, dh)
   index_t capacity = 0;               // C
   index_t chunks = 0;                 // n valid chunks
   index_t oldest = 0;                 // slot of the oldest chunk
@@ -812,7 +812,34 @@ __device__ __forceinline__ void retrieval_load8(const S* src, float (&dst)[8]) {
   }
 }
 
-template <class S>
+/// Eight floats to eight O (float: two 16-byte stores; __nv_bfloat16: one, rounded to nearest even).
+template <class O>
+__device__ __forceinline__ void retrieval_store8(O* dst, const float (&f)[8]) {
+  if constexpr (std::is_same_v<O, float>) {
+    reinterpret_cast<float4*>(dst)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(dst)[1] = make_float4(f[4], f[5], f[6], f[7]);
+  } else {
+    static_assert(std::is_same_v<O, __nv_bfloat16>, "the gather writes float or bf16");
+    uint4 raw;
+    std::uint32_t* w = &raw.x;
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const __nv_bfloat162 pair = __floats2bfloat162_rn(f[2 * p], f[2 * p + 1]);
+      memcpy(w + p, &pair, 4);
+    }
+    *reinterpret_cast<uint4*>(dst) = raw;
+  }
+}
+
+/// n elements bf16 -> float (the retriever's queries from a bf16 model; exact).
+__global__ inline void retrieval_widen_kernel(const __nv_bfloat16* __restrict__ in, float* __restrict__ out, index_t n) {
+  for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
+    out[i] = __bfloat162float(in[i]);
+  }
+}
+
+/// O: the gathered keys' and values' element type (float, or __nv_bfloat16 for a bf16 model).
+template <class S, class O = float>
 __global__ void __launch_bounds__(256) retrieval_merge_kernel(const __grid_constant__ RetrievalLaunch<S> L) {
   const int H = L.n_head, dh = L.head_dim, csz = L.chunk_size, splits = L.splits;
   const int b = static_cast<int>(blockIdx.y);
@@ -861,16 +888,14 @@ __global__ void __launch_bounds__(256) retrieval_merge_kernel(const __grid_const
       const index_t slot = retrieval_key_slot(list.at(i), bank.oldest, C);
       const S* sk = bank.keys + (static_cast<index_t>(h) * C + slot) * chunk;
       const S* sv = bank.values + (static_cast<index_t>(h) * C + slot) * chunk;
-      float* dk = bank.out_keys + (o + i) * chunk;
-      float* dv = bank.out_values + (o + i) * chunk;
+      O* dk = static_cast<O*>(bank.out_keys) + (o + i) * chunk;
+      O* dv = static_cast<O*>(bank.out_values) + (o + i) * chunk;
       for (index_t e = 8 * lane; e < chunk; e += 8 * 32) {
         float fk[8], fv[8];
         retrieval_load8(sk + e, fk);
         retrieval_load8(sv + e, fv);
-        reinterpret_cast<float4*>(dk + e)[0] = make_float4(fk[0], fk[1], fk[2], fk[3]);
-        reinterpret_cast<float4*>(dk + e)[1] = make_float4(fk[4], fk[5], fk[6], fk[7]);
-        reinterpret_cast<float4*>(dv + e)[0] = make_float4(fv[0], fv[1], fv[2], fv[3]);
-        reinterpret_cast<float4*>(dv + e)[1] = make_float4(fv[4], fv[5], fv[6], fv[7]);
+        retrieval_store8(dk + e, fk);
+        retrieval_store8(dv + e, fv);
       }
     }
     return;
@@ -879,11 +904,11 @@ __global__ void __launch_bounds__(256) retrieval_merge_kernel(const __grid_const
     const index_t slot = retrieval_key_slot(list.at(i), bank.oldest, C);
     const S* sk = bank.keys + (static_cast<index_t>(h) * C + slot) * chunk;
     const S* sv = bank.values + (static_cast<index_t>(h) * C + slot) * chunk;
-    float* dk = bank.out_keys + (o + i) * chunk;
-    float* dv = bank.out_values + (o + i) * chunk;
+    O* dk = static_cast<O*>(bank.out_keys) + (o + i) * chunk;
+    O* dv = static_cast<O*>(bank.out_values) + (o + i) * chunk;
     for (index_t e = lane; e < chunk; e += 32) {
-      dk[e] = device_load(sk[e]);
-      dv[e] = device_load(sv[e]);
+      dk[e] = device_store<O>(device_load(sk[e]));
+      dv[e] = device_store<O>(device_load(sv[e]));
     }
   }
 }

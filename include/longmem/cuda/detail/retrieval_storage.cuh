@@ -1,14 +1,19 @@
 #pragma once
 // Storage element types of device banks and their conversions, shared by the bank's append
-// kernels and the retriever's gather (users name DeviceStorageType only).
+// kernels, the retriever's gather and the device ops (users name DeviceStorageType only).
 //
 //   DeviceStorageType<S>   float, __half or __nv_bfloat16
 //   device_store<S>(x)     float -> S, round to nearest even (HostMemoryBank's from_float rounding)
 //   device_load(s)         S -> float, exact
+//   device_element_t<T>    the CUDA twin of a library element type: longmem::bfloat16 and
+//                          longmem::half have __nv_bfloat16's and __half's layout (one uint16)
+//   device_ptr(p)          a T* as a device_element_t<T>*
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <type_traits>
+
+#include "longmem/dtype.hpp"
 
 namespace longmem {
 
@@ -38,6 +43,31 @@ __device__ inline float device_load(S x) {
   } else {
     return x;
   }
+}
+
+template <class T>
+struct device_element {
+  using type = T;
+};
+template <>
+struct device_element<bfloat16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct device_element<half> {
+  using type = __half;
+};
+template <class T>
+using device_element_t = typename device_element<T>::type;
+static_assert(sizeof(bfloat16) == sizeof(__nv_bfloat16) && sizeof(half) == sizeof(__half));
+
+template <class T>
+device_element_t<T>* device_ptr(T* p) {
+  return reinterpret_cast<device_element_t<T>*>(p);
+}
+template <class T>
+const device_element_t<T>* device_ptr(const T* p) {
+  return reinterpret_cast<const device_element_t<T>*>(p);
 }
 
 }  // namespace detail

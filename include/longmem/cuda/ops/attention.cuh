@@ -1,12 +1,13 @@
 #pragma once
-// Device attention: causal and memory-augmented, forward (T tokens, H heads, dh head dim, K
+// Device attention: causal and memory-augmented, forward (float or bfloat16 buffers; T tokens, H heads, dh head dim, K
 // retrieved tokens; rows of q/k/v/out are (T, H, dh) with stride H*dh, memory (T, H, K, dh)).
 //
 // Two flash-style kernels, the same modes and results up to float rounding; no T x T matrix exists
 // anywhere and ALiBi slopes come from detail::alibi_slope inside the kernel:
 //   dh <= 64     attention_mma_kernel (attention_mma.cuh): the local branch on tensor cores
 //                (mma.sync; 3xTF32, float accuracy, under DeviceMath::fp32; 1xTF32 under tf32
-//                and bf16: cuda/math_mode.hpp), 64 queries per block
+//                and bf16: cuda/math_mode.hpp), 64 queries per block; on bf16 buffers
+//                attention_mma_bf16_kernel (attention_mma_bf16.cuh): bf16 m16n8k16 mma
 //   dh <= 256    attention_kernel (below): FMAs from shared memory, 32 queries per block
 // Modes (AttentionMode):
 //   causal_attention                        Causal: the local softmax only
@@ -30,6 +31,7 @@
 
 #include "longmem/cuda/math_mode.hpp"
 #include "longmem/cuda/ops/attention_mma.cuh"
+#include "longmem/cuda/ops/attention_mma_bf16.cuh"
 #include "longmem/cuda/ops/attention_parts.cuh"
 #include "longmem/cuda/ops/common.cuh"
 #include "longmem/detail/alibi.hpp"
@@ -55,8 +57,8 @@ inline std::size_t attention_smem_floats(int dh, bool memory) {
   return n;
 }
 
-template <AttentionMode Mode, int DhMax>
-__global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgs a) {
+template <AttentionMode Mode, int DhMax, class E>
+__global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgsT<E> a) {
   constexpr float neg_inf = -INFINITY;
   constexpr int per_lane = DhMax / 4;     // local phase: features c = sub + 4 * x
   constexpr int keys_per_lane = attn_bc / 4;
@@ -76,7 +78,7 @@ __global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgs a
   for (int e = tid; e < attn_br * dh; e += attn_threads) {
     const int r = e / dh, c = e % dh;
     const index_t t = q0 + r;
-    qs[r * qp + c] = t < T ? a.q[t * ld + index_t(h) * dh + c] : 0.0f;
+    qs[r * qp + c] = t < T ? device_load(a.q[t * ld + index_t(h) * dh + c]) : 0.0f;
   }
   __syncthreads();
 
@@ -118,8 +120,8 @@ __global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgs a
       const int r = e / dh, c = e % dh;
       const index_t s = k0 + r;
       const bool ok = s < T;
-      ks[r * kp + c] = ok ? a.k[s * ld + index_t(h) * dh + c] : 0.0f;
-      vs[r * dh + c] = ok ? a.v[s * ld + index_t(h) * dh + c] : 0.0f;
+      ks[r * kp + c] = ok ? device_load(a.k[s * ld + index_t(h) * dh + c]) : 0.0f;
+      vs[r * dh + c] = ok ? device_load(a.v[s * ld + index_t(h) * dh + c]) : 0.0f;
     }
     __syncthreads();
 
@@ -177,19 +179,19 @@ __global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgs a
 
   if (!row_valid) return;  // after the last barrier
   const float inv = 1.0f / l;
-  float* o = a.out + t * ld + index_t(h) * dh;
+  E* o = a.out + t * ld + index_t(h) * dh;
   float w_local = 1.0f, w_mem = 0.0f;
   if constexpr (Mode == AttentionMode::Gated) {
-    gate_weights(a.gate[h], w_local, w_mem);
+    gate_weights(device_load(a.gate[h]), w_local, w_mem);
   }
 #pragma unroll
   for (int x = 0; x < per_lane; ++x) {
     const int c = sub + 4 * x;
     if (c >= dh) continue;
     if constexpr (Mode == AttentionMode::Gated) {
-      o[c] = (w_local * inv) * acc[x] + w_mem * mem_o[i * dh + c];
+      o[c] = device_store<E>((w_local * inv) * acc[x] + w_mem * mem_o[i * dh + c]);
     } else {
-      o[c] = acc[x] * inv;
+      o[c] = device_store<E>(acc[x] * inv);
     }
   }
 }
@@ -198,10 +200,11 @@ __global__ void __launch_bounds__(attn_threads) attention_kernel(AttentionArgs a
 // Argument checks (the host backend's, cpu/ops/attention.hpp) and launch
 
 /// Validates the attention arguments and gathers them; K = 0 when memory is absent.
-inline AttentionArgs attention_args(const char* op, TensorView<float, Device> out, TensorView<const float, Device> q,
-                                    TensorView<const float, Device> k, TensorView<const float, Device> v,
-                                    TensorView<const float, Device> mem_k, TensorView<const float, Device> mem_v,
-                                    TensorView<const float, Device> gate, bool gate_needed) {
+template <class T>
+AttentionArgsT<device_element_t<T>> attention_args(const char* op, TensorView<T, Device> out, TensorView<const T, Device> q,
+                                                   TensorView<const T, Device> k, TensorView<const T, Device> v,
+                                                   TensorView<const T, Device> mem_k, TensorView<const T, Device> mem_v,
+                                                   TensorView<const T, Device> gate, bool gate_needed) {
   if (q.rank() != 3) fail<ShapeError>(op, ": q: expected shape (T, H, dh), got ", q.shape().str());
   const index_t n_tok = q.dim(0), H = q.dim(1), dh = q.dim(2);
   const std::string like_q = std::string(op) + ": ";
@@ -236,14 +239,14 @@ inline AttentionArgs attention_args(const char* op, TensorView<float, Device> ou
                      "; use the host backend for wider heads");
   }
   if (H > 65535) fail<ShapeError>(op, ": ", H, " heads is more than the CUDA attention kernel's 65535");
-  AttentionArgs args;
-  args.q = q.data();
-  args.k = k.data();
-  args.v = v.data();
-  args.out = out.data();
-  args.mem_k = mem_k.data();
-  args.mem_v = mem_v.data();
-  args.gate = absent(gate) ? nullptr : gate.data();
+  AttentionArgsT<device_element_t<T>> args;
+  args.q = device_ptr(q.data());
+  args.k = device_ptr(k.data());
+  args.v = device_ptr(v.data());
+  args.out = device_ptr(out.data());
+  args.mem_k = device_ptr(mem_k.data());
+  args.mem_v = device_ptr(mem_v.data());
+  args.gate = absent(gate) ? nullptr : device_ptr(gate.data());
   args.n_tok = n_tok;
   args.n_mem = K;
   args.n_head = static_cast<int>(H);
@@ -252,8 +255,8 @@ inline AttentionArgs attention_args(const char* op, TensorView<float, Device> ou
   return args;
 }
 
-template <class Kernel>
-void launch_attention_kernel(const char* op, Kernel kernel, const AttentionArgs& a, dim3 grid, dim3 block, std::size_t smem) {
+template <class Kernel, class Args>
+void launch_attention_kernel(const char* op, Kernel kernel, const Args& a, dim3 grid, dim3 block, std::size_t smem) {
   if (smem > 48 * 1024) {  // beyond the default limit a kernel must opt in
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), op,
           "raising the attention kernel's shared memory to ", smem, " bytes (head dim ", a.head_dim, ")");
@@ -264,18 +267,21 @@ void launch_attention_kernel(const char* op, Kernel kernel, const AttentionArgs&
 }
 
 /// The FMA kernel (any dh up to 256).
-template <AttentionMode Mode, int DhMax>
-void launch_attention(const char* op, const AttentionArgs& a) {
+template <AttentionMode Mode, int DhMax, class E>
+void launch_attention(const char* op, const AttentionArgsT<E>& a) {
   const std::size_t smem = attention_smem_floats(a.head_dim, Mode != AttentionMode::Causal) * sizeof(float);
   const dim3 grid(static_cast<unsigned>((a.n_tok + attn_br - 1) / attn_br), static_cast<unsigned>(a.n_head));
-  launch_attention_kernel(op, attention_kernel<Mode, DhMax>, a, grid, dim3(attn_threads), smem);
+  launch_attention_kernel(op, attention_kernel<Mode, DhMax, E>, a, grid, dim3(attn_threads), smem);
 }
 
-/// The tensor-core kernel (dh up to 64): 3xTF32 under DeviceMath::fp32, 1xTF32 otherwise. With
-/// a.n_seg sequences, one block per (query block of the longest sequence, sequence) and head.
-template <AttentionMode Mode, int DhMax>
-void launch_attention_mma(const char* op, const AttentionArgs& a) {
-  const std::size_t smem = attention_mma_smem_floats(DhMax, Mode != AttentionMode::Causal) * sizeof(float);
+/// The tensor-core kernel (dh up to 64): on float buffers 3xTF32 under DeviceMath::fp32, 1xTF32
+/// otherwise; on bf16 buffers bf16 mma.m16n8k16 (attention_mma_bf16.cuh). With a.n_seg sequences,
+/// one block per (query block of the longest sequence, sequence) and head.
+template <AttentionMode Mode, int DhMax, class E>
+void launch_attention_mma(const char* op, const AttentionArgsT<E>& a) {
+  constexpr bool bf16 = std::is_same_v<E, __nv_bfloat16>;
+  const std::size_t smem = bf16 ? attention_mma_bf16_smem_bytes(DhMax, Mode != AttentionMode::Causal)
+                                : attention_mma_smem_floats(DhMax, Mode != AttentionMode::Causal) * sizeof(float);
   index_t blocks = (a.n_tok + mma_br - 1) / mma_br;
   if (a.n_seg > 0) {
     index_t longest = 0;
@@ -283,26 +289,28 @@ void launch_attention_mma(const char* op, const AttentionArgs& a) {
     blocks = (longest + mma_br - 1) / mma_br * a.n_seg;
   }
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(a.n_head));
-  if (device_math() == DeviceMath::fp32) {
-    launch_attention_kernel(op, attention_mma_kernel<Mode, DhMax, true>, a, grid, dim3(mma_threads), smem);
+  if constexpr (bf16) {
+    launch_attention_kernel(op, attention_mma_bf16_kernel<Mode, DhMax>, a, grid, dim3(mma_threads), smem);
+  } else if (device_math() == DeviceMath::fp32) {
+    launch_attention_kernel(op, attention_mma_kernel<Mode, DhMax, true, E>, a, grid, dim3(mma_threads), smem);
   } else {
-    launch_attention_kernel(op, attention_mma_kernel<Mode, DhMax, false>, a, grid, dim3(mma_threads), smem);
+    launch_attention_kernel(op, attention_mma_kernel<Mode, DhMax, false, E>, a, grid, dim3(mma_threads), smem);
   }
 }
 
-template <AttentionMode Mode>
-void run_attention(const char* op, AttentionArgs a, PositionScheme positions) {
+template <AttentionMode Mode, class E>
+void run_attention(const char* op, AttentionArgsT<E> a, PositionScheme positions) {
   static_assert(device_attention_tuning.mma_max_head_dim == 64, "the dispatch below covers dh <= 64 on tensor cores");
   if (a.n_tok == 0 || a.n_head == 0 || a.head_dim == 0) return;
   a.alibi = positions == PositionScheme::Alibi;
   if (a.head_dim <= 32) {
-    launch_attention_mma<Mode, 32>(op, a);
+    launch_attention_mma<Mode, 32, E>(op, a);
   } else if (a.head_dim <= 64) {
-    launch_attention_mma<Mode, 64>(op, a);
+    launch_attention_mma<Mode, 64, E>(op, a);
   } else if (a.head_dim <= 128) {
-    launch_attention<Mode, 128>(op, a);
+    launch_attention<Mode, 128, E>(op, a);
   } else {
-    launch_attention<Mode, 256>(op, a);
+    launch_attention<Mode, 256, E>(op, a);
   }
 }
 
@@ -310,16 +318,16 @@ void run_attention(const char* op, AttentionArgs a, PositionScheme positions) {
 template <class T>
 void causal_attention(TensorView<T, Device> out, TensorView<const T, Device> q, TensorView<const T, Device> k,
                       TensorView<const T, Device> v, PositionScheme positions) {
-  require_float<T>();
+  require_forward_element<T>();
   const char* op = "causal_attention";
-  const AttentionArgs a = attention_args(op, out, q, k, v, {}, {}, {}, false);
+  const auto a = attention_args(op, out, q, k, v, {}, {}, {}, false);
   run_attention<AttentionMode::Causal>(op, a, positions);
 }
 
 /// The tensor-core kernel (dh <= 64) over the sequences of `offsets`, up to
 /// AttentionArgs::max_segments per launch; launches holding only empty sequences are skipped.
-template <AttentionMode Mode>
-void launch_attention_mma_segments(const char* op, AttentionArgs a, std::span<const index_t> offsets) {
+template <AttentionMode Mode, class E>
+void launch_attention_mma_segments(const char* op, AttentionArgsT<E> a, std::span<const index_t> offsets) {
   const std::size_t n_seq = offsets.size() - 1;
   for (std::size_t first = 0; first < n_seq; first += AttentionArgs::max_segments) {
     const std::size_t n = std::min<std::size_t>(AttentionArgs::max_segments, n_seq - first);
@@ -328,9 +336,9 @@ void launch_attention_mma_segments(const char* op, AttentionArgs a, std::span<co
     if (a.seg[n] == a.seg[0]) continue;  // only empty sequences
     a.n_seg = static_cast<int>(n);
     if (a.head_dim <= 32) {
-      launch_attention_mma<Mode, 32>(op, a);
+      launch_attention_mma<Mode, 32, E>(op, a);
     } else {
-      launch_attention_mma<Mode, 64>(op, a);
+      launch_attention_mma<Mode, 64, E>(op, a);
     }
   }
 }
@@ -344,9 +352,9 @@ template <class T>
 void causal_attention_segments(TensorView<T, Device> out, TensorView<const T, Device> q, TensorView<const T, Device> k,
                                TensorView<const T, Device> v, PositionScheme positions,
                                std::span<const index_t> offsets) {
-  require_float<T>();
+  require_forward_element<T>();
   const char* op = "causal_attention";
-  AttentionArgs a = attention_args(op, out, q, k, v, {}, {}, {}, false);
+  auto a = attention_args(op, out, q, k, v, {}, {}, {}, false);
   if (a.n_tok == 0 || a.n_head == 0 || a.head_dim == 0) return;
   a.alibi = positions == PositionScheme::Alibi;
   const std::size_t n_seq = offsets.size() - 1;
@@ -358,7 +366,7 @@ void causal_attention_segments(TensorView<T, Device> out, TensorView<const T, De
     }
     return;
   }
-  launch_attention_mma_segments<AttentionMode::Causal>(op, a, offsets);
+  launch_attention_mma_segments<AttentionMode::Causal, device_element_t<T>>(op, a, offsets);
 }
 
 /// Memory-augmented attention; see fusion.hpp. mem_k/mem_v may be (T, H, 0, dh) or absent (K = 0),
@@ -369,10 +377,10 @@ void memory_attention(TensorView<T, Device> out, TensorView<const T, Device> q, 
                       TensorView<const T, Device> v, TensorView<const T, Device> mem_k, TensorView<const T, Device> mem_v,
                       TensorView<const T, Device> gate, PositionScheme positions) {
   static_assert(longmem::Fusion<Fusion>, "memory_attention: Fusion must be longmem::GatedFusion or longmem::JointFusion");
-  require_float<T>();
+  require_forward_element<T>();
   constexpr bool gated = std::is_same_v<Fusion, GatedFusion>;
   const char* op = "memory_attention";
-  const AttentionArgs a = attention_args(op, out, q, k, v, mem_k, mem_v, gate, gated);
+  const auto a = attention_args(op, out, q, k, v, mem_k, mem_v, gate, gated);
   if (a.n_mem == 0) {
     run_attention<AttentionMode::Causal>(op, a, positions);
   } else if constexpr (gated) {
@@ -392,10 +400,10 @@ void memory_attention_segments(TensorView<T, Device> out, TensorView<const T, De
                                TensorView<const T, Device> mem_v, TensorView<const T, Device> gate,
                                PositionScheme positions, std::span<const index_t> offsets) {
   static_assert(longmem::Fusion<Fusion>, "memory_attention: Fusion must be longmem::GatedFusion or longmem::JointFusion");
-  require_float<T>();
+  require_forward_element<T>();
   constexpr bool gated = std::is_same_v<Fusion, GatedFusion>;
   const char* op = "memory_attention";
-  AttentionArgs a = attention_args(op, out, q, k, v, mem_k, mem_v, gate, gated);
+  auto a = attention_args(op, out, q, k, v, mem_k, mem_v, gate, gated);
   if (a.n_mem == 0) {
     causal_attention_segments(out, q, k, v, positions, offsets);
     return;
@@ -412,7 +420,7 @@ void memory_attention_segments(TensorView<T, Device> out, TensorView<const T, De
     return;
   }
   a.alibi = positions == PositionScheme::Alibi;
-  launch_attention_mma_segments<gated ? AttentionMode::Gated : AttentionMode::Joint>(op, a, offsets);
+  launch_attention_mma_segments<gated ? AttentionMode::Gated : AttentionMode::Joint, device_element_t<T>>(op, a, offsets);
 }
 
 }  // namespace detail::cuda

@@ -1,5 +1,5 @@
 #pragma once
-// Tensor-core attention for head dims up to 64 (fp32 in and out, fp32-accurate maths):
+// Tensor-core attention for head dims up to 64 (fp32 or bf16 in and out, fp32-accurate maths):
 // flash-style, the local causal branch on mma.sync tensor cores, the memory branch and the
 // gate/joint fusion as in the FMA kernel (attention.cuh). sm_80 and later.
 //
@@ -16,6 +16,7 @@
 // small_a small_b is <= 2^-22 |a b|), so scores and outputs keep float accuracy (the op tests' rtol
 // 1e-4 of the FMA kernel holds), at 3 tensor-core instructions per product instead of 1.
 // Split = false (DeviceMath::tf32 and bf16): one mma on the inputs rounded to TF32 (10 mantissa bits).
+// (bf16 buffers take attention_mma_bf16.cuh's kernel; this one is instantiated for float only.)
 // Fragment layouts: cuda/detail/mma.cuh.
 // Shared rows have a pitch of DhMax + 4 floats: both fragment reads (k: row g, column tig; v: rows
 // 2 tig and 2 tig + 1, column g) then fall in 32 distinct banks.
@@ -83,8 +84,17 @@ __device__ inline void mma_f32(float (&d)[4], const std::uint32_t (&a_big)[4], c
   }
 }
 
-template <AttentionMode Mode, int DhMax, bool Split>
-__global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArgs a) {
+/// Four consecutive elements of a row as float (one 16-byte load for float, 8 bytes for bf16).
+__device__ inline float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ inline float4 load4(const __nv_bfloat16* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+  const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
+template <AttentionMode Mode, int DhMax, bool Split, class E>
+__global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArgsT<E> a) {
   static_assert(DhMax % 8 == 0 && DhMax <= 64, "the tensor-core kernel holds dh <= 64 in registers");
   constexpr int n_slice = DhMax / 8;  // 8-wide slices of dh: S's reduction steps and O's column tiles
   constexpr int n_kslice = mma_bc / 8;  // 8-key slices of a tile
@@ -113,11 +123,12 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
   const index_t w0 = q0 + 16 * warp, w_last = w0 + 15;  // the warp's rows
   const index_t row[2] = {w0 + g, w0 + g + 8};          // this thread's rows (fragment rows g, g + 8)
-  const float* qh = a.q + row0 * ld + index_t(h) * dh;
-  const float* kh = a.k + row0 * ld + index_t(h) * dh;
-  const float* vh = a.v + row0 * ld + index_t(h) * dh;
-  // 16-byte staging needs rows of whole float4s at 16-byte addresses
-  const bool vec4 = dh % 4 == 0 && ((reinterpret_cast<std::uintptr_t>(kh) | reinterpret_cast<std::uintptr_t>(vh)) % 16) == 0;
+  const E* qh = a.q + row0 * ld + index_t(h) * dh;
+  const E* kh = a.k + row0 * ld + index_t(h) * dh;
+  const E* vh = a.v + row0 * ld + index_t(h) * dh;
+  // Vector staging needs rows of whole groups of 4 elements at 4-element-aligned addresses
+  const bool vec4 = dh % 4 == 0 &&
+                    ((reinterpret_cast<std::uintptr_t>(kh) | reinterpret_cast<std::uintptr_t>(vh)) % (4 * sizeof(E))) == 0;
 
   // Q fragments for every dh slice, split once.
   std::uint32_t q_big[n_slice][4], q_small[n_slice][4];
@@ -127,7 +138,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const index_t r = row[e % 2];
-      const float x = r < T && c[e] < dh ? qh[r * ld + c[e]] : 0.0f;
+      const float x = r < T && c[e] < dh ? device_load(qh[r * ld + c[e]]) : 0.0f;
       to_tf32_parts<Split>(x, q_big[s][e], q_small[s][e]);
     }
   }
@@ -178,8 +189,8 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
         const index_t key = k0 + r;
         float4 kx = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vx = kx;
         if (key < T && c < dh) {
-          kx = *reinterpret_cast<const float4*>(kh + key * ld + c);
-          vx = *reinterpret_cast<const float4*>(vh + key * ld + c);
+          kx = load4(kh + key * ld + c);
+          vx = load4(vh + key * ld + c);
         }
         *reinterpret_cast<float4*>(ks + r * pitch + c) = kx;
         *reinterpret_cast<float4*>(vs + r * pitch + c) = vx;
@@ -190,8 +201,8 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
         const int r = e / DhMax, c = e % DhMax;
         const index_t key = k0 + r;
         const bool ok = key < T && c < dh;
-        ks[r * pitch + c] = ok ? kh[key * ld + c] : 0.0f;
-        vs[r * pitch + c] = ok ? vh[key * ld + c] : 0.0f;
+        ks[r * pitch + c] = ok ? device_load(kh[key * ld + c]) : 0.0f;
+        vs[r * pitch + c] = ok ? device_load(vh[key * ld + c]) : 0.0f;
       }
     }
     __syncthreads();
@@ -266,13 +277,13 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
   }
   float w_local = 1.0f, w_mem = 0.0f;
-  if constexpr (Mode == AttentionMode::Gated) gate_weights(a.gate[h], w_local, w_mem);
+  if constexpr (Mode == AttentionMode::Gated) gate_weights(device_load(a.gate[h]), w_local, w_mem);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const index_t t = row[r];
     if (t >= T) continue;
     const float inv = 1.0f / l[r];
-    float* out = a.out + (row0 + t) * ld + index_t(h) * dh;
+    E* out = a.out + (row0 + t) * ld + index_t(h) * dh;
     const float* mo = mem_o + (t - q0) * pitch;
 #pragma unroll
     for (int s = 0; s < n_slice; ++s) {
@@ -281,9 +292,9 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
         const int c = 8 * s + 2 * tig + e;
         if (c >= dh) continue;
         if constexpr (Mode == AttentionMode::Gated) {
-          out[c] = (w_local * inv) * o[s][2 * r + e] + w_mem * mo[c];
+          out[c] = device_store<E>((w_local * inv) * o[s][2 * r + e] + w_mem * mo[c]);
         } else {
-          out[c] = o[s][2 * r + e] * inv;
+          out[c] = device_store<E>(o[s][2 * r + e] * inv);
         }
       }
     }

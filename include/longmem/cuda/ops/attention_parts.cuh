@@ -31,15 +31,18 @@ namespace detail::cuda {
 
 enum class AttentionMode { Causal, Gated, Joint };
 
-/// What the kernels read and write (device pointers).
-struct AttentionArgs {
-  const float* q = nullptr;      // (T, H, dh)
-  const float* k = nullptr;      // (T, H, dh)
-  const float* v = nullptr;      // (T, H, dh)
-  float* out = nullptr;          // (T, H, dh)
-  const float* mem_k = nullptr;  // (T, H, K, dh)
-  const float* mem_v = nullptr;  // (T, H, K, dh)
-  const float* gate = nullptr;   // (H) logits, Gated only
+/// What the kernels read and write (device pointers), elements E: float, or __nv_bfloat16 for the
+/// forward of a bf16 model (read as float, every sum in float, the output rounded once).
+template <class E = float>
+struct AttentionArgsT {
+  using element = E;
+  const E* q = nullptr;      // (T, H, dh)
+  const E* k = nullptr;      // (T, H, dh)
+  const E* v = nullptr;      // (T, H, dh)
+  E* out = nullptr;          // (T, H, dh)
+  const E* mem_k = nullptr;  // (T, H, K, dh)
+  const E* mem_v = nullptr;  // (T, H, K, dh)
+  const E* gate = nullptr;   // (H) logits, Gated only
   index_t n_tok = 0, n_mem = 0;
   int n_head = 0, head_dim = 0;
   float scale = 1;  // 1 / sqrt(dh), rounded as the host backend rounds it
@@ -52,6 +55,7 @@ struct AttentionArgs {
   int n_seg = 0;
   index_t seg[max_segments + 1] = {};
 };
+using AttentionArgs = AttentionArgsT<float>;  // the backward's (float only)
 
 #if defined(__CUDACC__)
 /// The memory branch of query row t, head h, computed by one warp (lanes over dh): a softmax over
@@ -60,8 +64,8 @@ struct AttentionArgs {
 /// e Vr; lane 0 writes ml[0] = max score and ml[1] = sum of exp(score - max) (Joint seeds the local
 /// softmax with them). Keys go G at a time with all their loads issued first, so that enough bytes
 /// are in flight for HBM. Requires K > 0.
-template <AttentionMode Mode, int DhMax>
-__device__ inline void memory_branch_row(const AttentionArgs& a, index_t t, int h, const float* q_row, float* o_row,
+template <AttentionMode Mode, int DhMax, class E, class QE>
+__device__ inline void memory_branch_row(const AttentionArgsT<E>& a, index_t t, int h, const QE* q_row, float* o_row,
                                          float* ml) {
   constexpr int per_lane = DhMax < 32 ? 1 : DhMax / 32;  // features c = lane + 32 x
   constexpr int G = DhMax <= 64 ? 8 : 4;
@@ -71,11 +75,11 @@ __device__ inline void memory_branch_row(const AttentionArgs& a, index_t t, int 
 #pragma unroll
   for (int x = 0; x < per_lane; ++x) {
     const int c = lane + 32 * x;
-    qr[x] = c < dh ? q_row[c] : 0.0f;
+    qr[x] = c < dh ? device_load(q_row[c]) : 0.0f;
     o[x] = 0.0f;
   }
-  const float* kr = a.mem_k + (t * a.n_head + h) * K * dh;  // (K, dh)
-  const float* vr = a.mem_v + (t * a.n_head + h) * K * dh;  // (K, dh)
+  const E* kr = a.mem_k + (t * a.n_head + h) * K * dh;  // (K, dh)
+  const E* vr = a.mem_v + (t * a.n_head + h) * K * dh;  // (K, dh)
   float m = -INFINITY, l = 0.0f;
   for (index_t j0 = 0; j0 < K; j0 += G) {
     float kv[G][per_lane], vv[G][per_lane];
@@ -85,8 +89,8 @@ __device__ inline void memory_branch_row(const AttentionArgs& a, index_t t, int 
       for (int x = 0; x < per_lane; ++x) {
         const int c = lane + 32 * x;
         const bool ok = j0 + u < K && c < dh;
-        kv[u][x] = ok ? kr[(j0 + u) * dh + c] : 0.0f;
-        vv[u][x] = ok ? vr[(j0 + u) * dh + c] : 0.0f;
+        kv[u][x] = ok ? device_load(kr[(j0 + u) * dh + c]) : 0.0f;
+        vv[u][x] = ok ? device_load(vr[(j0 + u) * dh + c]) : 0.0f;
       }
     }
     float s[G];

@@ -17,6 +17,7 @@
 #include <string>
 #include <type_traits>
 
+#include "longmem/cuda/detail/retrieval_storage.cuh"
 #include "longmem/cuda/storage.hpp"
 #include "longmem/detail/op_checks.hpp"
 #include "longmem/error.hpp"
@@ -127,7 +128,16 @@ inline unsigned grid_for(index_t n, unsigned block, unsigned max_blocks = 65535u
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > index_t{max_blocks} ? index_t{max_blocks} : blocks));
 }
 
-/// The device backend computes in float (cuBLASLt fp32 GEMMs, float kernels).
+/// The forward ops take float or bfloat16 buffers: bf16 is read and written as bf16, every sum
+/// and statistic inside is fp32 (or double), as in PyTorch's bf16 kernels.
+template <class T>
+constexpr void require_forward_element() {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16>,
+                "the CUDA backend's forward ops take Tensor<float, Device> or Tensor<bfloat16, Device> buffers; "
+                "use the host backend for double");
+}
+
+/// The backward and optimiser ops compute in float (cuBLASLt fp32 GEMMs, float kernels).
 template <class T>
 constexpr void require_float() {
   static_assert(std::is_same_v<T, float>,

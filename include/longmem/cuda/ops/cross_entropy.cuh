@@ -3,7 +3,7 @@
 //   cross_entropy_backward   d_logits = scale (softmax(logits) - onehot(y))   (0 where y = -1)
 //   cross_entropy   loss_t = logsumexp(logits_t) - logits_t[y_t]     (targets of -1 ignored: loss 0)
 // One block per row: the maximum in float (exact), exp(x - max) in float summed in double, the log
-// and the loss in double. Per-row losses come back to the host in double and are summed there in
+// and the loss in double. cross_entropy also reads bfloat16 logits (the bf16 model's). Per-row losses come back to the host in double and are summed there in
 // row order, as the host backend sums them; the returned pair makes this op synchronise.
 #include <cstdint>
 #include <span>
@@ -35,9 +35,10 @@ index_t check_cross_entropy(const char* op, const V& logits, std::span<const std
 
 inline constexpr unsigned cross_entropy_block = 256;
 
-template <class T>
+/// E float or __nv_bfloat16 (bf16 logits are read exactly as float).
+template <class E>
 __global__ void __launch_bounds__(cross_entropy_block)
-    cross_entropy_kernel(const T* __restrict__ logits /*(T,V)*/, const std::int32_t* __restrict__ targets /*(T)*/,
+    cross_entropy_kernel(const E* __restrict__ logits /*(T,V)*/, const std::int32_t* __restrict__ targets /*(T)*/,
                          double* __restrict__ row_loss /*(T)*/, float* __restrict__ losses /*(T) or null*/,
                          index_t n_tok, index_t Vn) {
   __shared__ float partial_max[32];
@@ -51,15 +52,15 @@ __global__ void __launch_bounds__(cross_entropy_block)
       }
       continue;
     }
-    const T* x = logits + t * Vn;
+    const E* x = logits + t * Vn;
     float mx = -INFINITY;
-    for (index_t j = threadIdx.x; j < Vn; j += blockDim.x) mx = fmaxf(mx, static_cast<float>(x[j]));
+    for (index_t j = threadIdx.x; j < Vn; j += blockDim.x) mx = fmaxf(mx, device_load(x[j]));
     mx = block_max(mx, partial_max);
     double z = 0;
-    for (index_t j = threadIdx.x; j < Vn; j += blockDim.x) z += static_cast<double>(expf(static_cast<float>(x[j]) - mx));
+    for (index_t j = threadIdx.x; j < Vn; j += blockDim.x) z += static_cast<double>(expf(device_load(x[j]) - mx));
     z = block_sum(z, partial_sum);
     if (threadIdx.x == 0) {
-      const double loss = log(z) - (static_cast<double>(x[y]) - static_cast<double>(mx));
+      const double loss = log(z) - (static_cast<double>(device_load(x[y])) - static_cast<double>(mx));
       row_loss[t] = loss;
       if (losses) losses[t] = static_cast<float>(loss);
     }
@@ -70,7 +71,7 @@ __global__ void __launch_bounds__(cross_entropy_block)
 template <class T>
 std::pair<double, std::int64_t> cross_entropy(TensorView<const T, Device> logits, std::span<const std::int32_t> targets,
                                               TensorView<float, Device> losses) {
-  require_float<T>();
+  require_forward_element<T>();
   const char* op = "cross_entropy";
   const index_t Vn = check_cross_entropy(op, logits, targets);
   const index_t n_tok = static_cast<index_t>(targets.size());
@@ -85,8 +86,8 @@ std::pair<double, std::int64_t> cross_entropy(TensorView<const T, Device> logits
   auto* row_loss = scratch.as<double>(ids_bytes);
   upload_ids(targets, ids, op);
   const dim3 block(cross_entropy_block), grid(grid_for(n_tok, 1));
-  cross_entropy_kernel<T><<<grid, block, 0, stream()>>>(logits.data(), ids, row_loss,
-                                                        write_losses ? losses.data() : nullptr, n_tok, Vn);
+  cross_entropy_kernel<<<grid, block, 0, stream()>>>(device_ptr(logits.data()), ids, row_loss,
+                                                     write_losses ? losses.data() : nullptr, n_tok, Vn);
   check_launch(op, "the kernel for ", n_tok, " rows of ", Vn, " logits (", launch_str(grid, block), ")");
 
   std::vector<double> host(static_cast<std::size_t>(n_tok));

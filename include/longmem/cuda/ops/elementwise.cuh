@@ -6,6 +6,8 @@
 //   add_difference   out += a - b
 //   gelu_backward    d_in = d_out gelu'(in)
 // CUDA's tanhf and erff (a few ulp) stand in for the host's Eigen tanh and vectorised erf.
+// The forward ops take float or bfloat16 buffers (bf16: computed in float, rounded once on write);
+// gelu_backward is float only.
 #include "longmem/cuda/ops/common.cuh"
 #include "longmem/model_config.hpp"
 
@@ -24,33 +26,35 @@ __device__ inline float gelu_value(float v, bool tanh_form) {
   return 0.5f * v * (1.0f + erff(v * 0.7071067812f));
 }
 
-/// y = gelu(x); y may be x (each element is read and written by one thread).
-template <class T>
-__global__ void gelu_kernel(T* y, const T* x, index_t n, bool tanh_form) {
+/// y = gelu(x); y may be x (each element is read and written by one thread). E: float or
+/// __nv_bfloat16 (computed in float, rounded once).
+template <class E>
+__global__ void gelu_kernel(E* y, const E* x, index_t n, bool tanh_form) {
   for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
-    y[i] = gelu_value(x[i], tanh_form);
+    y[i] = device_store<E>(gelu_value(device_load(x[i]), tanh_form));
   }
 }
 
-/// y += a (- b when b is not null).
-template <class T>
-__global__ void add_kernel(T* y, const T* a, const T* b, index_t n) {
+/// y += a (- b when b is not null); a - b first, in float, then the sum, rounded once.
+template <class E>
+__global__ void add_kernel(E* y, const E* a, const E* b, index_t n) {
   for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
-    y[i] += b ? a[i] - b[i] : a[i];
+    const float r = b ? device_load(a[i]) - device_load(b[i]) : device_load(a[i]);
+    y[i] = device_store<E>(device_load(y[i]) + r);
   }
 }
 
 template <class T>
 void launch_gelu(T* y, const T* x, index_t n, Activation kind) {
   const dim3 block(elementwise_block), grid(grid_for(n, elementwise_block));
-  gelu_kernel<T><<<grid, block, 0, stream()>>>(y, x, n, kind == Activation::GeluTanh);
+  gelu_kernel<<<grid, block, 0, stream()>>>(device_ptr(y), device_ptr(x), n, kind == Activation::GeluTanh);
   check_launch("gelu", "the kernel for ", n, " elements (", launch_str(grid, block), ")");
 }
 
 /// x = gelu(x) in place.
 template <class T>
 void gelu(TensorView<T, Device> x, Activation kind) {
-  require_float<T>();
+  require_forward_element<T>();
   check_activation("gelu", kind);
   if (absent(x)) return;
   launch_gelu(x.data(), x.data(), x.numel(), kind);
@@ -59,7 +63,7 @@ void gelu(TensorView<T, Device> x, Activation kind) {
 /// out = gelu(in); out may be in.
 template <class T>
 void gelu(TensorView<T, Device> out, TensorView<const T, Device> in, Activation kind) {
-  require_float<T>();
+  require_forward_element<T>();
   check_activation("gelu", kind);
   expect_same_elements(out, in, "gelu", "in");
   if (out.data() != in.data()) expect_separate(out, in, "gelu", "in (only exact in-place use is allowed)");
@@ -70,25 +74,26 @@ void gelu(TensorView<T, Device> out, TensorView<const T, Device> in, Activation 
 /// out += in.
 template <class T>
 void add(TensorView<T, Device> out, TensorView<const T, Device> in) {
-  require_float<T>();
+  require_forward_element<T>();
   expect_same_elements(out, in, "add", "in");
   if (absent(out)) return;
   const index_t n = out.numel();
   const dim3 block(elementwise_block), grid(grid_for(n, elementwise_block));
-  add_kernel<T><<<grid, block, 0, stream()>>>(out.data(), in.data(), nullptr, n);
+  add_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(in.data()),
+                                           static_cast<const device_element_t<T>*>(nullptr), n);
   check_launch("add", "the kernel for ", n, " elements (", launch_str(grid, block), ")");
 }
 
 /// out += a - b.
 template <class T>
 void add_difference(TensorView<T, Device> out, TensorView<const T, Device> a, TensorView<const T, Device> b) {
-  require_float<T>();
+  require_forward_element<T>();
   expect_same_elements(out, a, "add_difference", "a");
   expect_same_elements(out, b, "add_difference", "b");
   if (absent(out)) return;
   const index_t n = out.numel();
   const dim3 block(elementwise_block), grid(grid_for(n, elementwise_block));
-  add_kernel<T><<<grid, block, 0, stream()>>>(out.data(), a.data(), b.data(), n);
+  add_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(a.data()), device_ptr(b.data()), n);
   check_launch("add_difference", "the kernel for ", n, " elements (", launch_str(grid, block), ")");
 }
 

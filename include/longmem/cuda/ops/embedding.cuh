@@ -45,17 +45,18 @@ index_t check_embedding(const char* op, const Rows& rows, std::span<const std::i
   return d;
 }
 
-/// One block per token row; threads stride over the d features. Same float sum as the host.
-template <class T>
-__global__ void embedding_kernel(T* __restrict__ out /*(T,d)*/, const std::int32_t* __restrict__ tokens /*(T)*/,
-                                 const T* __restrict__ wte /*(V,d)*/, const T* __restrict__ wpe /*(P,d) or null*/,
+/// One block per token row; threads stride over the d features. Same float sum as the host; E
+/// float or __nv_bfloat16 (the sum in float, rounded once).
+template <class E>
+__global__ void embedding_kernel(E* __restrict__ out /*(T,d)*/, const std::int32_t* __restrict__ tokens /*(T)*/,
+                                 const E* __restrict__ wte /*(V,d)*/, const E* __restrict__ wpe /*(P,d) or null*/,
                                  index_t n_tok, index_t d) {
   for (index_t t = blockIdx.x; t < n_tok; t += gridDim.x) {
-    const T* e = wte + static_cast<index_t>(tokens[t]) * d;
-    T* y = out + t * d;
+    const E* e = wte + static_cast<index_t>(tokens[t]) * d;
+    E* y = out + t * d;
     if (wpe) {
-      const T* pe = wpe + t * d;
-      for (index_t c = threadIdx.x; c < d; c += blockDim.x) y[c] = e[c] + pe[c];
+      const E* pe = wpe + t * d;
+      for (index_t c = threadIdx.x; c < d; c += blockDim.x) y[c] = device_store<E>(device_load(e[c]) + device_load(pe[c]));
     } else {
       for (index_t c = threadIdx.x; c < d; c += blockDim.x) y[c] = e[c];
     }
@@ -65,15 +66,15 @@ __global__ void embedding_kernel(T* __restrict__ out /*(T,d)*/, const std::int32
 template <class T>
 void embedding(TensorView<T, Device> out, std::span<const std::int32_t> tokens, TensorView<const T, Device> wte,
                TensorView<const T, Device> wpe) {
-  require_float<T>();
+  require_forward_element<T>();
   const char* op = "embedding";
   const index_t d = check_embedding<T>(op, out, tokens, wte, wpe, "out");
   const index_t n_tok = static_cast<index_t>(tokens.size());
   Scratch ids(tokens.size_bytes(), op);
   upload_ids(tokens, ids.as<std::int32_t>(), op);
   const dim3 block(d >= 256 ? 256 : 128), grid(grid_for(n_tok, 1));
-  embedding_kernel<T><<<grid, block, 0, stream()>>>(out.data(), ids.as<std::int32_t>(), wte.data(),
-                                                    absent(wpe) ? nullptr : wpe.data(), n_tok, d);
+  embedding_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), ids.as<std::int32_t>(), device_ptr(wte.data()),
+                                                 absent(wpe) ? nullptr : device_ptr(wpe.data()), n_tok, d);
   check_launch(op, "the kernel for ", n_tok, " tokens of width ", d, " (", launch_str(grid, block), ")");
 }
 

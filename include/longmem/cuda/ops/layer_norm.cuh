@@ -29,28 +29,30 @@ index_t check_layer_norm_params(const char* op, const W& weight, const B& bias, 
 inline constexpr unsigned layer_norm_block = 256;
 
 /// One warp per row n (grid-stride); out may be in: every element is read by the lane that writes
-/// it, after the statistics (warp reductions) are complete.
-template <class T>
+/// it, after the statistics (warp reductions) are complete. E float or __nv_bfloat16 (bf16 output:
+/// the double result rounded to float, then to bf16).
+template <class E>
 __global__ void __launch_bounds__(layer_norm_block)
-    layer_norm_kernel(T* out /*(N,C)*/, const T* in /*(N,C)*/, const T* __restrict__ weight /*(C)*/,
-                      const T* __restrict__ bias /*(C) or null*/, index_t N, index_t C, double eps) {
+    layer_norm_kernel(E* out /*(N,C)*/, const E* in /*(N,C)*/, const E* __restrict__ weight /*(C)*/,
+                      const E* __restrict__ bias /*(C) or null*/, index_t N, index_t C, double eps) {
   const index_t warps = blockDim.x / 32;
   const int lane = threadIdx.x % 32;
   for (index_t n = blockIdx.x * warps + threadIdx.x / 32; n < N; n += gridDim.x * warps) {
-    const T* x = in + n * C;
-    T* y = out + n * C;
+    const E* x = in + n * C;
+    E* y = out + n * C;
     double s = 0;
-    for (index_t c = lane; c < C; c += 32) s += static_cast<double>(x[c]);
+    for (index_t c = lane; c < C; c += 32) s += static_cast<double>(device_load(x[c]));
     const double mean = warp_sum_lane0(s) / static_cast<double>(C);
     double q = 0;
     for (index_t c = lane; c < C; c += 32) {
-      const double dx = static_cast<double>(x[c]) - mean;
+      const double dx = static_cast<double>(device_load(x[c])) - mean;
       q += dx * dx;
     }
     const double inv = 1.0 / sqrt(warp_sum_lane0(q) / static_cast<double>(C) + eps);
     for (index_t c = lane; c < C; c += 32) {
-      const double b = bias ? static_cast<double>(bias[c]) : 0.0;
-      y[c] = static_cast<T>((static_cast<double>(x[c]) - mean) * inv * static_cast<double>(weight[c]) + b);
+      const double b = bias ? static_cast<double>(device_load(bias[c])) : 0.0;
+      const double v = (static_cast<double>(device_load(x[c])) - mean) * inv * static_cast<double>(device_load(weight[c])) + b;
+      y[c] = device_store<E>(static_cast<float>(v));
     }
   }
 }
@@ -58,7 +60,7 @@ __global__ void __launch_bounds__(layer_norm_block)
 template <class T>
 void layer_norm(TensorView<T, Device> out, TensorView<const T, Device> in, TensorView<const T, Device> weight,
                 TensorView<const T, Device> bias, double eps) {
-  require_float<T>();
+  require_forward_element<T>();
   const char* op = "layer_norm";
   const index_t C = check_layer_norm_params(op, weight, bias, eps, "bias");
   const index_t N = rows_of(in, C, op, "in");
@@ -69,8 +71,8 @@ void layer_norm(TensorView<T, Device> out, TensorView<const T, Device> in, Tenso
   if (in.data() != out.data()) expect_separate(out, in, op, "in (only exact in-place use is allowed)");
   if (N == 0) return;
   const dim3 block(layer_norm_block), grid(grid_for(N, layer_norm_block / 32));
-  layer_norm_kernel<T><<<grid, block, 0, stream()>>>(out.data(), in.data(), weight.data(),
-                                                     absent(bias) ? nullptr : bias.data(), N, C, eps);
+  layer_norm_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(in.data()), device_ptr(weight.data()),
+                                                  absent(bias) ? nullptr : device_ptr(bias.data()), N, C, eps);
   check_launch(op, "the kernel for ", N, " rows of ", C, " features (", launch_str(grid, block), ")");
 }
 

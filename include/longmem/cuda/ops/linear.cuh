@@ -1,9 +1,11 @@
 #pragma once
-// Device linear layer in PyTorch Linear layout through cuBLASLt, fp32 data, fp32 accumulation.
-// The compute type follows longmem::device_math() (cuda/math_mode.hpp): CUBLAS_COMPUTE_32F (fp32,
-// the default: no rounding of the inputs), CUBLAS_COMPUTE_32F_FAST_TF32 (tf32) or
-// CUBLAS_COMPUTE_32F_FAST_16BF (bf16: cuBLASLt may round the inputs to bf16; on an H200 it ran
-// the tf32 kernels).
+// Device linear layer in PyTorch Linear layout through cuBLASLt, fp32 accumulation.
+// float buffers: the compute type follows longmem::device_math() (cuda/math_mode.hpp):
+// CUBLAS_COMPUTE_32F (fp32, the default: no rounding of the inputs), CUBLAS_COMPUTE_32F_FAST_TF32
+// (tf32) or CUBLAS_COMPUTE_32F_FAST_16BF (bf16: cuBLASLt may round the inputs to bf16; on an H200
+// it ran the tf32 kernels).
+// bfloat16 buffers (forward only): A, B, C, D and the bias in bf16, CUBLAS_COMPUTE_32F (bf16 tensor
+// cores, fp32 accumulation, the result rounded once to bf16); device_math() does not apply.
 //   linear            out (N, O) [+]= in (N, I) W (O, I)^T + b (O)
 //   linear_backward   d_in (N, I) [+]= d_out W;  d_W (O, I) += d_out^T in;  d_b (O) += sum_n d_out
 //   gemm              any row-major C = op(A) op(B) (+ C), strided-batched (linear_backward, the
@@ -135,12 +137,12 @@ inline bool cached_algo(const BlasLtContext& ctx, const MatmulDescriptors& d, co
   return chosen.has_value();
 }
 
-/// out (N, O) += bias (O) per row, for the path without the epilogue.
-template <class T>
-__global__ void add_bias_kernel(T* out, const T* __restrict__ bias, index_t N, index_t O) {
+/// out (N, O) += bias (O) per row, for the path without the epilogue (E float or __nv_bfloat16).
+template <class E>
+__global__ void add_bias_kernel(E* out, const E* __restrict__ bias, index_t N, index_t O) {
   const index_t n_el = N * O;
   for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n_el; i += index_t{gridDim.x} * blockDim.x) {
-    out[i] += bias[i % O];
+    out[i] = device_store<E>(device_load(out[i]) + device_load(bias[i % O]));
   }
 }
 
@@ -156,13 +158,27 @@ inline cublasComputeType_t compute_type(DeviceMath m) {
   return CUBLAS_COMPUTE_32F;
 }
 
-inline bool matmul(float* out, const float* in, const float* weight, const float* bias, index_t N, index_t O, index_t I,
-                   bool accumulate, bool epilogue_bias, DeviceMath math) {
+/// The cuBLASLt data type of a buffer element type.
+template <class T>
+constexpr cudaDataType_t blas_data_type() {
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    return CUDA_R_16BF;
+  } else {
+    static_assert(std::is_same_v<T, float>, "cuBLASLt GEMMs take float or bfloat16 buffers");
+    return CUDA_R_32F;
+  }
+}
+
+/// out, in, weight, bias all of element type `type` (CUDA_R_32F: compute as `math` says;
+/// CUDA_R_16BF: CUBLAS_COMPUTE_32F, bf16 tensor cores).
+inline bool matmul(void* out, const void* in, const void* weight, const void* bias, index_t N, index_t O, index_t I,
+                   bool accumulate, bool epilogue_bias, DeviceMath math, cudaDataType_t type = CUDA_R_32F) {
   const char* op = "linear";
   const BlasLtContext& ctx = blaslt_context();
   MatmulDescriptors d;
-  check_cublas(cublasLtMatmulDescCreate(&d.op, compute_type(math), CUDA_R_32F), op, "cublasLtMatmulDescCreate (",
-               to_string(math), ")");
+  const cublasComputeType_t compute = type == CUDA_R_32F ? compute_type(math) : CUBLAS_COMPUTE_32F;
+  check_cublas(cublasLtMatmulDescCreate(&d.op, compute, CUDA_R_32F), op, "cublasLtMatmulDescCreate (",
+               type == CUDA_R_32F ? to_string(math) : "bf16 data", ")");
   const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
   check_cublas(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)), op,
                "setting TRANSA");
@@ -172,7 +188,7 @@ inline bool matmul(float* out, const float* in, const float* weight, const float
     const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
     check_cublas(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)), op,
                  "setting the bias epilogue");
-    const cudaDataType_t bias_type = CUDA_R_32F;
+    const cudaDataType_t bias_type = type;
     check_cublas(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)),
                  op, "setting the bias type");
     check_cublas(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), op,
@@ -180,9 +196,9 @@ inline bool matmul(float* out, const float* in, const float* weight, const float
   }
   const auto m = static_cast<std::uint64_t>(O), n = static_cast<std::uint64_t>(N), k = static_cast<std::uint64_t>(I);
   // A = W^T stored (I, O) column-major, ld I; B = in^T (I, N), ld I; C = D = out^T (O, N), ld O.
-  check_cublas(cublasLtMatrixLayoutCreate(&d.a, CUDA_R_32F, k, m, static_cast<std::int64_t>(I)), op, "layout of weight");
-  check_cublas(cublasLtMatrixLayoutCreate(&d.b, CUDA_R_32F, k, n, static_cast<std::int64_t>(I)), op, "layout of in");
-  check_cublas(cublasLtMatrixLayoutCreate(&d.c, CUDA_R_32F, m, n, static_cast<std::int64_t>(O)), op, "layout of out");
+  check_cublas(cublasLtMatrixLayoutCreate(&d.a, type, k, m, static_cast<std::int64_t>(I)), op, "layout of weight");
+  check_cublas(cublasLtMatrixLayoutCreate(&d.b, type, k, n, static_cast<std::int64_t>(I)), op, "layout of in");
+  check_cublas(cublasLtMatrixLayoutCreate(&d.c, type, m, n, static_cast<std::int64_t>(O)), op, "layout of out");
 
   check_cublas(cublasLtMatmulPreferenceCreate(&d.pref), op, "cublasLtMatmulPreferenceCreate");
   const std::uint64_t ws = ctx.workspace_bytes;
@@ -200,8 +216,8 @@ inline bool matmul(float* out, const float* in, const float* weight, const float
   check_cublas(cublasLtMatmulPreferenceSetAttribute(d.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c,
                                                     sizeof(align_c)), op, "setting alignment D");
 
-  const GemmKey key{current_device(), static_cast<std::int64_t>(compute_type(math)), epilogue_bias ? 1 : 0, 1, 0,
-                    O, N, I, I, I, O, 1, 0, 0, 0, align_a, align_b, align_c};
+  const GemmKey key{current_device(), static_cast<std::int64_t>(compute) * 1000 + static_cast<std::int64_t>(type),
+                    epilogue_bias ? 1 : 0, 1, 0, O, N, I, I, I, O, 1, 0, 0, 0, align_a, align_b, align_c};
   cublasLtMatmulAlgo_t algo;
   if (!cached_algo(ctx, d, key, op, algo)) return false;
 
@@ -227,7 +243,7 @@ void check_linear_params(const char* op, const W& weight, const B& bias, const c
 template <class T>
 void linear(TensorView<T, Device> out, TensorView<const T, Device> in, TensorView<const T, Device> weight,
             TensorView<const T, Device> bias, Accumulate acc) {
-  require_float<T>();
+  require_forward_element<T>();
   const char* op = "linear";
   check_linear_params(op, weight, bias, "bias");
   const index_t O = weight.dim(0), I = weight.dim(1);
@@ -243,16 +259,18 @@ void linear(TensorView<T, Device> out, TensorView<const T, Device> in, TensorVie
   if (N == 0) return;
   const bool accumulate = acc == Accumulate::Yes;
   const DeviceMath math = device_math();
-  if (has_bias && matmul(out.data(), in.data(), weight.data(), bias.data(), N, O, I, accumulate, true, math)) return;
-  if (!matmul(out.data(), in.data(), weight.data(), nullptr, N, O, I, accumulate, false, math)) {
-    fail<BackendError>("linear: cuBLASLt has no ", to_string(math), " algorithm for (", N, ", ", I, ") x (", O, ", ", I,
+  constexpr cudaDataType_t type = blas_data_type<T>();
+  if (has_bias && matmul(out.data(), in.data(), weight.data(), bias.data(), N, O, I, accumulate, true, math, type)) return;
+  if (!matmul(out.data(), in.data(), weight.data(), nullptr, N, O, I, accumulate, false, math, type)) {
+    fail<BackendError>("linear: cuBLASLt has no ", type == CUDA_R_32F ? to_string(math) : "bf16",
+                       " algorithm for (", N, ", ", I, ") x (", O, ", ", I,
                        ")^T with these pointer alignments (", pointer_alignment(in.data()), ", ",
                        pointer_alignment(weight.data()), ", ", pointer_alignment(out.data()), " bytes)");
   }
   if (has_bias) {
     const index_t n_el = N * O;
     const dim3 block(256), grid(grid_for(n_el, 256));
-    add_bias_kernel<T><<<grid, block, 0, stream()>>>(out.data(), bias.data(), N, O);
+    add_bias_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(bias.data()), N, O);
     check_launch(op, "the bias kernel for ", N, " rows of ", O, " features (", launch_str(grid, block), ")");
   }
 }
