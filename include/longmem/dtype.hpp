@@ -161,7 +161,8 @@ template <> struct dtype_of<std::int64_t> { static constexpr DType value = DType
 template <class T>
 inline constexpr DType dtype_of_v = dtype_of<std::remove_cv_t<T>>::value;
 
-/// Element types a model computes in (activations, weights after loading).
+/// Element types the host computes in (activations, weights after loading); a device model may also
+/// hold bfloat16 (ModelValueType in tensor.hpp).
 template <class T>
 concept ComputeType = std::is_same_v<T, float> || std::is_same_v<T, double>;
 

@@ -18,6 +18,14 @@
 //                                   longmem::FusedChunkRetriever>;   // <longmem/cuda/...>, nvcc
 //   DevModel model{Gpt2Backbone<float>::load(b).to_device(), SideNet<float>::load(s).to_device(), config};
 //
+// and in bf16 (weights, activations, logits and memory; fp32 sums inside every op):
+//
+//   using Bf16Model = longmem::Model<longmem::Gpt2Backbone<longmem::bfloat16, longmem::Device>,
+//                                    longmem::DeviceMemoryBank<__nv_bfloat16>,
+//                                    longmem::FusedChunkRetriever>;
+//   Bf16Model model{Gpt2Backbone<float>::load(b).to<Device, bfloat16>(),
+//                   SideNet<float>::load(s).to<Device, bfloat16>(), config};
+//
 // Two ways to run the streams of one call, with the same results (up to float summation order):
 //   per stream  one stream after another: backbone, SideNet, append (the host default)
 //   batched     one backbone pass and one SideNet pass over N = sum T_b rows, so every GEMM sees
@@ -89,6 +97,10 @@ class Model {
                 "ExactChunkRetriever with host banks, a device retriever with device banks");
   static_assert(ChunkRetrieverFor<R, M>,
                 "longmem::Model: this ChunkRetriever has no retrieve() for this MemoryBank type");
+  static_assert(requires(R& r, const M& bank, TensorView<const value_type, location> q, int k,
+                         Retrieved<value_type, location>& out) { r.retrieve(bank, q, k, out); },
+                "longmem::Model: this ChunkRetriever has no retrieve() for queries and results of the model's element "
+                "type (FusedChunkRetriever takes float and bfloat16)");
   static_assert(std::is_constructible_v<M, MemoryGeometry>,
                 "longmem::Model: the MemoryBank must be constructible from a longmem::MemoryGeometry");
 

@@ -154,7 +154,10 @@ void check_fixture(const std::string& name, const std::string& expected_name, bo
   if (bf16_model) math = DeviceMath::bf16;  // for the bound and the label; bf16 buffers ignore the mode
   const auto dir = fixture_dir() / name;
   const std::string what = name + " '" + expected_name + "' (" + fusion_name<F>() + ", memory " + (memory_on ? "on" : "off") +
-                           (bf16_model ? ", bf16 model" : math == DeviceMath::fp32 ? "" : std::string(", ") + to_string(math)) + ")";
+                           (bf16_model                 ? ", bf16 model"
+                            : math == DeviceMath::fp32 ? ""
+                                                       : std::string(", ") + to_string(math)) +
+                           ")";
   const DeviceMathScope scope(bf16_model ? DeviceMath::fp32 : math);
   const double bound = fixture_tolerance(math);
   if (!std::filesystem::exists(dir / "expected.safetensors")) {
@@ -532,13 +535,15 @@ int main() {
       {"fixture longmem_gpt2star off bf16",
        [] { check_fixture<GatedFusion>("longmem_gpt2star", "logits_no_memory", false, DeviceMath::bf16); }},
       {"fixture longmem_gpt2 gated bf16", [] { check_fixture<GatedFusion>("longmem_gpt2", "logits", true, DeviceMath::bf16); }},
-      {"fixture longmem_gpt2star gated bf16 model", [] { check_fixture<GatedFusion, bfloat16>("longmem_gpt2star", "logits", true); }},
+      {"fixture longmem_gpt2star gated bf16 model",
+       [] { check_fixture<GatedFusion, bfloat16>("longmem_gpt2star", "logits", true); }},
       {"fixture longmem_gpt2star joint bf16 model",
        [] { check_fixture<JointFusion, bfloat16>("longmem_gpt2star", "logits_joint", true); }},
       {"fixture longmem_gpt2star off bf16 model",
        [] { check_fixture<GatedFusion, bfloat16>("longmem_gpt2star", "logits_no_memory", false); }},
       {"fixture longmem_gpt2 gated bf16 model", [] { check_fixture<GatedFusion, bfloat16>("longmem_gpt2", "logits", true); }},
-      {"fixture longmem_gpt2 joint bf16 model", [] { check_fixture<JointFusion, bfloat16>("longmem_gpt2", "logits_joint", true); }},
+      {"fixture longmem_gpt2 joint bf16 model",
+       [] { check_fixture<JointFusion, bfloat16>("longmem_gpt2", "logits_joint", true); }},
       {"device vs host gpt2-star gated", [] { device_vs_host<GatedFusion>("gpt2-star", true); }},
       {"device vs host gpt2-star joint", [] { device_vs_host<JointFusion>("gpt2-star", true); }},
       {"device vs host gpt2-star off", [] { device_vs_host<GatedFusion>("gpt2-star", false); }},

@@ -187,19 +187,22 @@ class DeviceMemoryBank {
     const dim3 heads(static_cast<unsigned>(geom_.n_head));
     if (plan.complete_count > 0) {
       detail::bank_append_pending_kernel<S><<<heads, threads, 0, stream_>>>(
-          detail::device_ptr(keys.data()), detail::device_ptr(values.data()), 0, static_cast<int>(plan.complete_count), static_cast<int>(pending_), false,
+          detail::device_ptr(keys.data()), detail::device_ptr(values.data()), 0, static_cast<int>(plan.complete_count),
+          static_cast<int>(pending_), false,
           plan.complete_commit_slot, a);
       check_launch("completing the pending chunk");
     }
     if (plan.whole_count > 0) {
       const dim3 grid(static_cast<unsigned>(plan.whole_count), static_cast<unsigned>(geom_.n_head));
-      detail::bank_append_chunks_kernel<S><<<grid, threads, 0, stream_>>>(detail::device_ptr(keys.data()), detail::device_ptr(values.data()), plan.whole_t0,
+      detail::bank_append_chunks_kernel<S><<<grid, threads, 0, stream_>>>(
+          detail::device_ptr(keys.data()), detail::device_ptr(values.data()), plan.whole_t0,
                                                                            plan.whole_first_sequence, a);
       check_launch("writing whole chunks");
     }
     if (plan.tail_count > 0) {
       detail::bank_append_pending_kernel<S><<<heads, threads, 0, stream_>>>(
-          detail::device_ptr(keys.data()), detail::device_ptr(values.data()), plan.tail_t0, static_cast<int>(plan.tail_count), 0, true, index_t{-1}, a);
+          detail::device_ptr(keys.data()), detail::device_ptr(values.data()), plan.tail_t0,
+          static_cast<int>(plan.tail_count), 0, true, index_t{-1}, a);
       check_launch("starting the pending chunk");
     }
     chunks_appended_ = plan.chunks_after;

@@ -93,6 +93,129 @@ __device__ inline float4 load4(const __nv_bfloat16* p) {
   return make_float4(lo.x, lo.y, hi.x, hi.y);
 }
 
+/// The block's sequence (rows row0 .. row0 + T - 1 of the batch) and its first query q0: with
+/// a.n_seg sequences, block x = r n_seg + s is the r-th query block from the end of sequence s;
+/// otherwise one sequence, the longest rows first. False: the block has no rows (a shorter
+/// sequence), and leaves before any barrier.
+template <class E>
+__device__ inline bool mma_block_rows(const AttentionArgsT<E>& a, index_t& row0, index_t& T, index_t& q0) {
+  row0 = 0, T = a.n_tok, q0 = 0;
+  if (a.n_seg > 0) {
+    const int s = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.n_seg));
+    const index_t r = blockIdx.x / static_cast<unsigned>(a.n_seg);
+    row0 = a.seg[s];
+    T = a.seg[s + 1] - row0;
+    const index_t blocks = (T + mma_br - 1) / mma_br;
+    if (r >= blocks) return false;
+    q0 = (blocks - 1 - r) * mma_br;
+  } else {
+    q0 = index_t(gridDim.x - 1 - blockIdx.x) * mma_br;
+  }
+  return true;
+}
+
+/// Joint fusion: the memory branch's (max, sum, e Vr) of this thread's two rows open the local
+/// online softmax (the sum counted once per quad). mem_o rows have `pitch` floats.
+template <int NTile>
+__device__ inline void mma_joint_open(float (&o)[NTile][4], float (&m)[2], float (&l)[2], const index_t (&row)[2],
+                                      index_t T, int warp, int g, int tig, int dh, const float* mem_o,
+                                      const float* mem_ml, int pitch) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (row[j] >= T) continue;
+    const int r = 16 * warp + g + 8 * j;
+    m[j] = mem_ml[2 * r];
+    l[j] = tig == 0 ? mem_ml[2 * r + 1] : 0.0f;
+#pragma unroll
+    for (int s = 0; s < NTile; ++s) {
+      const int c = 8 * s + 2 * tig;
+      if (c < dh) o[s][2 * j] = mem_o[r * pitch + c];
+      if (c + 1 < dh) o[s][2 * j + 1] = mem_o[r * pitch + c + 1];
+    }
+  }
+}
+
+/// One key tile's online-softmax step on S's accumulator fragments sc (rows row[0], row[1]; keys
+/// k0 + 8 j + 2 tig (+1)): scale, ALiBi (as the host's ramp: slope * (key - t) in double, rounded
+/// once), the causal mask, the running maxima m (quads share rows), sc := exp(sc - m_new), the
+/// partial row sums l; returns the factors alpha the output rows must be rescaled by.
+template <int NSlice, class E>
+__device__ inline void mma_softmax_tile(float (&sc)[NSlice][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                        const index_t (&row)[2], index_t k0, index_t T, int tig,
+                                        const AttentionArgsT<E>& a, double slope) {
+  constexpr float neg_inf = -INFINITY;
+  float mx[2] = {m[0], m[1]};
+#pragma unroll
+  for (int j = 0; j < NSlice; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const index_t t = row[e / 2], key = k0 + 8 * j + 2 * tig + (e % 2);
+      float val = sc[j][e] * a.scale;
+      if (a.alibi) val += static_cast<float>(slope * static_cast<double>(key - t));
+      sc[j][e] = t < T && key <= t ? val : neg_inf;
+      mx[e / 2] = fmaxf(mx[e / 2], sc[j][e]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    alpha[r] = mx[r] == neg_inf ? 1.0f : expf(m[r] - mx[r]);  // no key yet (rows past T): stay at zero
+  }
+  l[0] *= alpha[0];
+  l[1] *= alpha[1];
+#pragma unroll
+  for (int j = 0; j < NSlice; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e / 2;
+      sc[j][e] = mx[r] == neg_inf ? 0.0f : expf(sc[j][e] - mx[r]);
+      l[r] += sc[j][e];
+    }
+  }
+  m[0] = mx[0];
+  m[1] = mx[1];
+}
+
+/// The end of a tile loop: the row sums' four parts added over the quad, then each of this
+/// thread's rows normalised, fused with the memory branch (gated: mem_o rows of `pitch` floats)
+/// and written to a.out.
+template <AttentionMode Mode, int NTile, class E>
+__device__ inline void mma_write_rows(const AttentionArgsT<E>& a, float (&o)[NTile][4], float (&l)[2],
+                                      const index_t (&row)[2], index_t row0, index_t T, index_t q0, int h, int tig,
+                                      const float* mem_o, int pitch) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  const int dh = a.head_dim;
+  const index_t ld = index_t(a.n_head) * dh;
+  float w_local = 1.0f, w_mem = 0.0f;
+  if constexpr (Mode == AttentionMode::Gated) gate_weights(device_load(a.gate[h]), w_local, w_mem);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const index_t t = row[r];
+    if (t >= T) continue;
+    const float inv = 1.0f / l[r];
+    E* out = a.out + (row0 + t) * ld + index_t(h) * dh;
+    const float* mo = mem_o + (t - q0) * pitch;
+#pragma unroll
+    for (int s = 0; s < NTile; ++s) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int c = 8 * s + 2 * tig + e;
+        if (c >= dh) continue;
+        if constexpr (Mode == AttentionMode::Gated) {
+          out[c] = device_store<E>((w_local * inv) * o[s][2 * r + e] + w_mem * mo[c]);
+        } else {
+          out[c] = device_store<E>(o[s][2 * r + e] * inv);
+        }
+      }
+    }
+  }
+}
+
 template <AttentionMode Mode, int DhMax, bool Split, class E>
 __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArgsT<E> a) {
   static_assert(DhMax % 8 == 0 && DhMax <= 64, "the tensor-core kernel holds dh <= 64 in registers");
@@ -104,18 +227,8 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
   const int dh = a.head_dim, H = a.n_head, h = blockIdx.y;
   constexpr int pitch = DhMax + 4;
   const index_t ld = index_t(H) * dh;
-  index_t row0 = 0, T = a.n_tok, q0 = 0;  // the block's sequence: rows row0 .. row0 + T - 1; its first query
-  if (a.n_seg > 0) {
-    const int s = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.n_seg));
-    const index_t r = blockIdx.x / static_cast<unsigned>(a.n_seg);
-    row0 = a.seg[s];
-    T = a.seg[s + 1] - row0;
-    const index_t blocks = (T + mma_br - 1) / mma_br;
-    if (r >= blocks) return;  // a shorter sequence: the whole block leaves before any barrier
-    q0 = (blocks - 1 - r) * mma_br;
-  } else {
-    q0 = index_t(gridDim.x - 1 - blockIdx.x) * mma_br;  // the longest rows first
-  }
+  index_t row0, T, q0;  // the block's sequence: rows row0 .. row0 + T - 1; its first query
+  if (!mma_block_rows(a, row0, T, q0)) return;
   float* ks = smem;                       // (Bc, pitch) keys of the tile
   float* vs = ks + mma_bc * pitch;        // (Bc, pitch) values of the tile
   float* mem_o = vs + mma_bc * pitch;     // (Br, pitch) memory modes: M (gated) or e Vr (joint)
@@ -160,19 +273,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
     }
     __syncwarp();
     if constexpr (Mode == AttentionMode::Joint) {  // the memory scores open the local online softmax
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        if (row[j] >= T) continue;
-        const int r = 16 * warp + g + 8 * j;
-        m[j] = mem_ml[2 * r];
-        l[j] = tig == 0 ? mem_ml[2 * r + 1] : 0.0f;  // counted once per quad
-#pragma unroll
-        for (int s = 0; s < n_slice; ++s) {
-          const int c = 8 * s + 2 * tig;
-          if (c < dh) o[s][2 * j] = mem_o[r * pitch + c];
-          if (c + 1 < dh) o[s][2 * j + 1] = mem_o[r * pitch + c + 1];
-        }
-      }
+      mma_joint_open(o, m, l, row, T, warp, g, tig, dh, mem_o, mem_ml, pitch);
     }
   }
 
@@ -217,40 +318,9 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
       for (int s = 0; s < n_slice; ++s) mma_f32<Split>(sc[j], q_big[s], q_small[s], krow[8 * s], krow[8 * s + 4]);
     }
 
-    // Scale, ALiBi, causal mask; running maxima per row (quads share rows).
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int j = 0; j < n_kslice; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const index_t t = row[e / 2], key = k0 + 8 * j + 2 * tig + (e % 2);
-        float val = sc[j][e] * a.scale;
-        // As the host's ramp: slope * (key - t) in double, rounded once.
-        if (a.alibi) val += static_cast<float>(slope * static_cast<double>(key - t));
-        sc[j][e] = t < T && key <= t ? val : neg_inf;
-        mx[e / 2] = fmaxf(mx[e / 2], sc[j][e]);
-      }
-    }
+    // Scale, ALiBi, causal mask; running maxima per row (quads share rows); probabilities.
     float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      alpha[r] = mx[r] == neg_inf ? 1.0f : expf(m[r] - mx[r]);  // no key yet (rows past T): stay at zero
-    }
-    l[0] *= alpha[0];
-    l[1] *= alpha[1];
-#pragma unroll
-    for (int j = 0; j < n_kslice; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2;
-        sc[j][e] = mx[r] == neg_inf ? 0.0f : expf(sc[j][e] - mx[r]);
-        l[r] += sc[j][e];
-      }
-    }
-    m[0] = mx[0];
-    m[1] = mx[1];
+    mma_softmax_tile(sc, m, l, alpha, row, k0, T, tig, a, slope);
 #pragma unroll
     for (int s = 0; s < n_slice; ++s) {
 #pragma unroll
@@ -271,34 +341,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
   }
 
   // The row sums' four parts; then normalise, fuse, write.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-  float w_local = 1.0f, w_mem = 0.0f;
-  if constexpr (Mode == AttentionMode::Gated) gate_weights(device_load(a.gate[h]), w_local, w_mem);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const index_t t = row[r];
-    if (t >= T) continue;
-    const float inv = 1.0f / l[r];
-    E* out = a.out + (row0 + t) * ld + index_t(h) * dh;
-    const float* mo = mem_o + (t - q0) * pitch;
-#pragma unroll
-    for (int s = 0; s < n_slice; ++s) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = 8 * s + 2 * tig + e;
-        if (c >= dh) continue;
-        if constexpr (Mode == AttentionMode::Gated) {
-          out[c] = device_store<E>((w_local * inv) * o[s][2 * r + e] + w_mem * mo[c]);
-        } else {
-          out[c] = device_store<E>(o[s][2 * r + e] * inv);
-        }
-      }
-    }
-  }
+  mma_write_rows<Mode>(a, o, l, row, row0, T, q0, h, tig, mem_o, pitch);
 }
 #endif
 

@@ -83,21 +83,12 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   const int dh = a.head_dim, H = a.n_head, h = blockIdx.y;
   const index_t ld = index_t(H) * dh;
-  index_t row0 = 0, T = a.n_tok, q0 = 0;  // as attention_mma_kernel
-  if (a.n_seg > 0) {
-    const int s = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.n_seg));
-    const index_t r = blockIdx.x / static_cast<unsigned>(a.n_seg);
-    row0 = a.seg[s];
-    T = a.seg[s + 1] - row0;
-    const index_t blocks = (T + mma_br - 1) / mma_br;
-    if (r >= blocks) return;
-    q0 = (blocks - 1 - r) * mma_br;
-  } else {
-    q0 = index_t(gridDim.x - 1 - blockIdx.x) * mma_br;
-  }
+  index_t row0, T, q0;  // as attention_mma_kernel
+  if (!mma_block_rows(a, row0, T, q0)) return;
   bf16* ks = reinterpret_cast<bf16*>(smem_bytes);  // (Bc, kp) keys of the tile
   bf16* vt = ks + mma_bc * kp;                     // (DhMax, vp) values of the tile, transposed
-  const std::size_t tiles_bytes = (static_cast<std::size_t>(mma_bc) * kp * 2 + static_cast<std::size_t>(DhMax) * vp * 2 + 15) / 16 * 16;
+  const std::size_t tiles_bytes =
+      (static_cast<std::size_t>(mma_bc) * kp * 2 + static_cast<std::size_t>(DhMax) * vp * 2 + 15) / 16 * 16;
   float* mem_o = reinterpret_cast<float*>(smem_bytes + tiles_bytes);  // (Br, fpitch) memory modes
   float* mem_ml = mem_o + mma_br * fpitch;                            // (Br, 2) memory modes
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
@@ -107,8 +98,9 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
   const bf16* kh = a.k + row0 * ld + index_t(h) * dh;
   const bf16* vh = a.v + row0 * ld + index_t(h) * dh;
   const bf16 zero = __float2bfloat16_rn(0.0f);
-  // 16-byte staging of k needs rows of whole groups of 8 at 16-byte addresses
-  const bool vec8 = dh % 8 == 0 && (reinterpret_cast<std::uintptr_t>(kh) % 16) == 0;
+  // 16-byte staging needs rows of whole groups of 8 at 16-byte addresses, in k and in v
+  const bool vec8 =
+      dh % 8 == 0 && ((reinterpret_cast<std::uintptr_t>(kh) | reinterpret_cast<std::uintptr_t>(vh)) % 16) == 0;
 
   // Q's A fragments for every 16-wide step of dh.
   std::uint32_t qa[n_kstep][4];
@@ -136,23 +128,14 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
   if constexpr (Mode != AttentionMode::Causal) {
     for (int i = 0; i < 16; ++i) {  // the warp's own rows
       const index_t t = w0 + i;
-      if (t < T) memory_branch_row<Mode, DhMax>(a, row0 + t, h, qh + t * ld, mem_o + (16 * warp + i) * fpitch, mem_ml + 2 * (16 * warp + i));
+      if (t < T) {
+        memory_branch_row<Mode, DhMax>(a, row0 + t, h, qh + t * ld, mem_o + (16 * warp + i) * fpitch,
+                                       mem_ml + 2 * (16 * warp + i));
+      }
     }
     __syncwarp();
-    if constexpr (Mode == AttentionMode::Joint) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        if (row[j] >= T) continue;
-        const int r = 16 * warp + g + 8 * j;
-        m[j] = mem_ml[2 * r];
-        l[j] = tig == 0 ? mem_ml[2 * r + 1] : 0.0f;
-#pragma unroll
-        for (int s = 0; s < n_otile; ++s) {
-          const int c = 8 * s + 2 * tig;
-          if (c < dh) o[s][2 * j] = mem_o[r * fpitch + c];
-          if (c + 1 < dh) o[s][2 * j + 1] = mem_o[r * fpitch + c + 1];
-        }
-      }
+    if constexpr (Mode == AttentionMode::Joint) {  // the memory scores open the local online softmax
+      mma_joint_open(o, m, l, row, T, warp, g, tig, dh, mem_o, mem_ml, fpitch);
     }
   }
 
@@ -202,38 +185,8 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
       }
     }
 
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int j = 0; j < n_kslice; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const index_t t = row[e / 2], key = k0 + 8 * j + 2 * tig + (e % 2);
-        float val = sc[j][e] * a.scale;
-        if (a.alibi) val += static_cast<float>(slope * static_cast<double>(key - t));
-        sc[j][e] = t < T && key <= t ? val : neg_inf;
-        mx[e / 2] = fmaxf(mx[e / 2], sc[j][e]);
-      }
-    }
     float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      alpha[r] = mx[r] == neg_inf ? 1.0f : expf(m[r] - mx[r]);
-    }
-    l[0] *= alpha[0];
-    l[1] *= alpha[1];
-#pragma unroll
-    for (int j = 0; j < n_kslice; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2;
-        sc[j][e] = mx[r] == neg_inf ? 0.0f : expf(sc[j][e] - mx[r]);
-        l[r] += sc[j][e];
-      }
-    }
-    m[0] = mx[0];
-    m[1] = mx[1];
+    mma_softmax_tile(sc, m, l, alpha, row, k0, T, tig, a, slope);
 #pragma unroll
     for (int s = 0; s < n_otile; ++s) {
 #pragma unroll
@@ -255,34 +208,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
     }
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-  float w_local = 1.0f, w_mem = 0.0f;
-  if constexpr (Mode == AttentionMode::Gated) gate_weights(device_load(a.gate[h]), w_local, w_mem);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const index_t t = row[r];
-    if (t >= T) continue;
-    const float inv = 1.0f / l[r];
-    bf16* out = a.out + (row0 + t) * ld + index_t(h) * dh;
-    const float* mo = mem_o + (t - q0) * fpitch;
-#pragma unroll
-    for (int s = 0; s < n_otile; ++s) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int c = 8 * s + 2 * tig + e;
-        if (c >= dh) continue;
-        if constexpr (Mode == AttentionMode::Gated) {
-          out[c] = __float2bfloat16_rn((w_local * inv) * o[s][2 * r + e] + w_mem * mo[c]);
-        } else {
-          out[c] = __float2bfloat16_rn(o[s][2 * r + e] * inv);
-        }
-      }
-    }
-  }
+  mma_write_rows<Mode>(a, o, l, row, row0, T, q0, h, tig, mem_o, fpitch);
 }
 #endif
 

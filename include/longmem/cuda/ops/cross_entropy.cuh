@@ -3,8 +3,9 @@
 //   cross_entropy_backward   d_logits = scale (softmax(logits) - onehot(y))   (0 where y = -1)
 //   cross_entropy   loss_t = logsumexp(logits_t) - logits_t[y_t]     (targets of -1 ignored: loss 0)
 // One block per row: the maximum in float (exact), exp(x - max) in float summed in double, the log
-// and the loss in double. cross_entropy also reads bfloat16 logits (the bf16 model's). Per-row losses come back to the host in double and are summed there in
+// and the loss in double. Per-row losses come back to the host in double and are summed there in
 // row order, as the host backend sums them; the returned pair makes this op synchronise.
+// cross_entropy also reads bfloat16 logits (the bf16 model's), exactly as float.
 #include <cstdint>
 #include <span>
 #include <utility>
