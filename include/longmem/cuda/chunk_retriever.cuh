@@ -29,7 +29,9 @@
 //
 // Limits, refused with ConfigError: k' <= 128 chunks, and the tiles must fit the device's shared
 // memory (on an H100/H200, 227 KiB a block: k' = 128 up to head_dim 128; k' = 16 up to head_dim 280).
-// The retriever keeps its workspace between calls: one retriever serves one caller at a time.
+// The retriever keeps its workspace (and a bf16 model's widened queries) between calls: one
+// retriever serves one caller at a time, and calls for banks on different streams must be ordered
+// by the caller.
 // Outputs are resized (cudaMalloc when they grow, which synchronises); kernels are queued and the
 // call returns without waiting for them.
 #include <cuda_runtime.h>
