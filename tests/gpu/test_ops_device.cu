@@ -424,7 +424,10 @@ std::vector<OpCase> op_table() {
   }
 
   {  // linear: bit 0 bias, bit 1 accumulate into a non-zero out from an (N, 1, I) view, bit 2 views
-     // that start one element into their buffers (4-byte alignment only for float, 2 for bf16)
+     // that start one element into their buffers (4-byte alignment only for float, 2 for bf16).
+     // O 1, 33, 129 and 65,537 have rows of no whole 16-byte units: the device computes them in
+     // padded row blocks (linear_padded); (600, 8, 65537) takes several blocks (128 rows in float,
+     // 384 in bf16), as the tied head at V 50,257 does.
     OpCase c;
     c.name = "linear";
     const std::pair<index_t, index_t> io[] = {{1, 1}, {16, 33}, {67, 129}, {256, 768}};
@@ -435,6 +438,11 @@ std::vector<OpCase> op_table() {
           p.N = N, p.I = I, p.O = O, p.variant = variant;
           c.sizes.push_back(p);
         }
+    for (int variant = 0; variant < 8; ++variant) {
+      Params p;
+      p.N = 600, p.I = 8, p.O = 65537, p.variant = variant;
+      c.sizes.push_back(p);
+    }
     c.make = [](const Params& p, std::mt19937_64& rng) {
       Inputs in;
       in.x.push_back(random_tensor(Shape{p.N, p.I}, rng));

@@ -282,14 +282,17 @@ void launch_attention_mma(const char* op, const AttentionArgsT<E>& a) {
   constexpr bool bf16 = std::is_same_v<E, __nv_bfloat16>;
   const std::size_t smem = bf16 ? attention_mma_bf16_smem_bytes(DhMax, Mode != AttentionMode::Causal)
                                 : attention_mma_smem_floats(DhMax, Mode != AttentionMode::Causal) * sizeof(float);
-  index_t blocks = (a.n_tok + mma_br - 1) / mma_br;
+  index_t longest = a.n_tok, blocks = (a.n_tok + mma_br - 1) / mma_br;
   if (a.n_seg > 0) {
-    index_t longest = 0;
+    longest = 0;
     for (int s = 0; s < a.n_seg; ++s) longest = std::max(longest, a.seg[s + 1] - a.seg[s]);
     blocks = (longest + mma_br - 1) / mma_br * a.n_seg;
   }
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(a.n_head));
   if constexpr (bf16) {
+    if (longest > (index_t{1} << 24)) {  // the kernel's ALiBi distances key - t are exact floats below 2^24
+      fail<InputError>(op, ": a sequence of ", longest, " rows; the bf16 attention kernel takes at most 2^24");
+    }
     launch_attention_kernel(op, attention_mma_bf16_kernel<Mode, DhMax>, a, grid, dim3(mma_threads), smem);
   } else if (device_math() == DeviceMath::fp32) {
     launch_attention_kernel(op, attention_mma_kernel<Mode, DhMax, true, E>, a, grid, dim3(mma_threads), smem);

@@ -8,20 +8,26 @@
 // Block: 4 warps x 16 query rows (Br = 64); key tiles of Bc = 64. Per warp and tile:
 //   S (16 x 64) = Q (16 x dh) K^T      Q's A fragments held in registers (bf16 pairs), K's B
 //                                      fragments read as 32-bit pairs from the (key, feature) tile
-//   online softmax on S's fp32 accumulators (rows g and g + 8 of each thread, quads reduce)
+//   online softmax on S's fp32 accumulators (rows g and g + 8 of each thread, quads reduce), in
+//                                      float throughout (softmax_tile_bf16 below)
 //   O (16 x dh) += P (16 x 64) V       P's accumulators packed to bf16 pairs as A fragments (the
 //                                      accumulator of 8-key slice 2j is A's columns 0-7 of 16-key
-//                                      step j, slice 2j + 1 its columns 8-15); V's B fragments read
-//                                      as pairs from a transposed (feature, key) tile
+//                                      step j, slice 2j + 1 its columns 8-15); V's B fragments by
+//                                      ldmatrix.trans from the (key, feature) tile as it was loaded
 // Precision: q, k, v are bf16 already; the products are exact in fp32 and sums are fp32. The
 // probabilities are rounded to bf16 (relative 2^-9) before P V, as flash attention does in bf16;
-// the row sums use the unrounded fp32 probabilities.
+// the row sums use the unrounded fp32 probabilities. Against the TF32 kernel's softmax step (exact
+// to a float rounding, for the fp32 fixtures) this one takes the ALiBi term as a float product,
+// exp as __expf and masks only the tiles that cross the diagonal or T: each changes a probability
+// by far less than its bf16 rounding (an ALiBi term of 700 is off by at most 6e-5; __expf by
+// about 1e-5 relative over the range a softmax uses), and together they made the kernel
+// compute-bound on double conversions no longer.
 // Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): lane = 4 g + tig;
 //   A (16 x 16): a0 (g, 2 tig..+1) a1 (g + 8, 2 tig..+1) a2 (g, 2 tig + 8..+9) a3 (g + 8, 2 tig + 8..+9)
 //   B (16 x 8):  b0 (k 2 tig..+1, n g) b1 (k 2 tig + 8..+9, n g)
 //   C (16 x 8):  c0 (g, 2 tig) c1 (g, 2 tig + 1) c2 (g + 8, 2 tig) c3 (g + 8, 2 tig + 1)
-// Shared pitches (in bf16): k tile DhMax + 8, transposed v tile Bc + 8, so that a quad's 32-bit
-// fragment reads fall in 32 distinct banks.
+// Shared pitch (in bf16) of both tiles: DhMax + 8, so that a quad's 32-bit fragment reads and the
+// eight row addresses of an ldmatrix fall in distinct banks.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -33,15 +39,12 @@
 
 namespace longmem::detail::cuda {
 
-inline constexpr int mma16_k_pitch_extra = 8;  // bf16 elements added to a k-tile row
-inline constexpr int mma16_v_pitch = mma_bc + 8;  // bf16 elements of a transposed v-tile row
+inline constexpr int mma16_pitch_extra = 8;  // bf16 elements added to a k- or v-tile row
 
-/// Shared-memory bytes of one block: the k tile (Bc, DhMax + 8) and the transposed v tile
-/// (DhMax, Bc + 8) in bf16, and (memory modes) the memory branch's output rows (Br, DhMax + 4) and
-/// (max, sum) per query row in float.
+/// Shared-memory bytes of one block: the k and v tiles (Bc, DhMax + 8) in bf16, and (memory modes)
+/// the memory branch's output rows (Br, DhMax + 4) and (max, sum) per query row in float.
 inline std::size_t attention_mma_bf16_smem_bytes(int dh_max, bool memory) {
-  std::size_t n = static_cast<std::size_t>(mma_bc) * (dh_max + mma16_k_pitch_extra) * 2 +
-                  static_cast<std::size_t>(dh_max) * mma16_v_pitch * 2;
+  std::size_t n = 2 * static_cast<std::size_t>(mma_bc) * (dh_max + mma16_pitch_extra) * 2;
   n = (n + 15) / 16 * 16;
   if (memory) n += (static_cast<std::size_t>(mma_br) * (dh_max + 4) + 2 * mma_br) * sizeof(float);
   return n;
@@ -69,6 +72,65 @@ __device__ inline std::uint32_t pack_bf16(float lo, float hi) {
   return r;
 }
 
+/// B fragments of two 8-feature column tiles for a 16-key step, from a (key, feature) tile in shared
+/// memory: `row` is this lane's row address, key (lane % 8) + 8 ((lane / 8) % 2) of the step,
+/// features 8 (lane / 16) on from the first tile's. b[0], b[1] feed the first tile, b[2], b[3] the
+/// second (.trans hands lane (g, tig) keys 2 tig, 2 tig + 1 of feature g: the B layout).
+__device__ inline void ldmatrix_x4_trans(std::uint32_t (&b)[4], const __nv_bfloat16* row) {
+  const auto addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(addr));
+}
+
+/// The online-softmax step of one key tile for the bf16 kernel (see the header for how it differs
+/// from mma_softmax_tile): scores scaled, ALiBi added as slope x (key - t) in float from exact
+/// float distances, the causal and length mask only where `masked`; then the row maxima over the
+/// quad, alpha = exp(m_old - m_new), and sc = exp(score - m_new) summed into l.
+template <int NSlice>
+__device__ inline void softmax_tile_bf16(float (&sc)[NSlice][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                         const index_t (&row)[2], index_t k0, index_t T, int tig, float scale,
+                                         bool alibi, float slope, bool masked) {
+  constexpr float neg_inf = -INFINITY;
+  float dist[4];  // key - t of slice 0, exact in float (|key - t| < T <= 2^24 is checked on the host)
+#pragma unroll
+  for (int e = 0; e < 4; ++e) dist[e] = static_cast<float>(k0 + 2 * tig + (e % 2) - row[e / 2]);
+  float mx[2] = {m[0], m[1]};
+#pragma unroll
+  for (int j = 0; j < NSlice; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float val = sc[j][e] * scale;
+      if (alibi) val = fmaf(slope, dist[e] + 8.0f * j, val);
+      if (masked) {
+        const index_t t = row[e / 2], key = k0 + 8 * j + 2 * tig + (e % 2);
+        val = t < T && key <= t ? val : neg_inf;
+      }
+      sc[j][e] = val;
+      mx[e / 2] = fmaxf(mx[e / 2], val);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    alpha[r] = mx[r] == neg_inf ? 1.0f : __expf(m[r] - mx[r]);  // no key yet (rows past T): stay at zero
+  }
+  l[0] *= alpha[0];
+  l[1] *= alpha[1];
+#pragma unroll
+  for (int j = 0; j < NSlice; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e / 2;
+      sc[j][e] = mx[r] == neg_inf ? 0.0f : __expf(sc[j][e] - mx[r]);
+      l[r] += sc[j][e];
+    }
+  }
+  m[0] = mx[0];
+  m[1] = mx[1];
+}
+
 template <AttentionMode Mode, int DhMax>
 __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(AttentionArgsT<__nv_bfloat16> a) {
   static_assert(DhMax % 16 == 0 && DhMax <= 64, "the bf16 tensor-core kernel holds dh <= 64 in 16-wide steps");
@@ -76,7 +138,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
   constexpr int n_kstep = DhMax / 16;   // 16-wide steps of dh: S's reduction steps
   constexpr int n_otile = DhMax / 8;    // 8-wide column tiles of O
   constexpr int n_kslice = mma_bc / 8;  // 8-key slices of a tile (S's column tiles)
-  constexpr int kp = DhMax + mma16_k_pitch_extra, vp = mma16_v_pitch;
+  constexpr int kp = DhMax + mma16_pitch_extra;  // both tiles' row pitch
   constexpr int fpitch = DhMax + 4;     // float rows of the memory branch's output
   constexpr float neg_inf = -INFINITY;
 
@@ -86,9 +148,8 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
   index_t row0, T, q0;  // as attention_mma_kernel
   if (!mma_block_rows(a, row0, T, q0)) return;
   bf16* ks = reinterpret_cast<bf16*>(smem_bytes);  // (Bc, kp) keys of the tile
-  bf16* vt = ks + mma_bc * kp;                     // (DhMax, vp) values of the tile, transposed
-  const std::size_t tiles_bytes =
-      (static_cast<std::size_t>(mma_bc) * kp * 2 + static_cast<std::size_t>(DhMax) * vp * 2 + 15) / 16 * 16;
+  bf16* vs = ks + mma_bc * kp;                     // (Bc, kp) values of the tile
+  const std::size_t tiles_bytes = (2 * static_cast<std::size_t>(mma_bc) * kp * 2 + 15) / 16 * 16;
   float* mem_o = reinterpret_cast<float*>(smem_bytes + tiles_bytes);  // (Br, fpitch) memory modes
   float* mem_ml = mem_o + mma_br * fpitch;                            // (Br, 2) memory modes
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
@@ -139,11 +200,11 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
     }
   }
 
-  const double slope = a.alibi ? alibi_slope(h, H) : 0.0;
+  const float slope = a.alibi ? static_cast<float>(alibi_slope(h, H)) : 0.0f;
   const index_t k_end = T < q0 + mma_br ? T : q0 + mma_br;
   for (index_t k0 = 0; k0 < k_end; k0 += mma_bc) {
     __syncthreads();  // the previous tile is no longer read
-    // Keys as they are (zeros past T and past dh); values transposed.
+    // Keys and values as they are (zeros past T and past dh).
     if (vec8) {
       constexpr int per_row = DhMax / 8;
       for (int e = tid; e < mma_bc * per_row; e += mma_threads) {
@@ -155,10 +216,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
           vx = *reinterpret_cast<const uint4*>(vh + key * ld + c);
         }
         *reinterpret_cast<uint4*>(ks + r * kp + c) = kx;
-        bf16 vv[8];
-        memcpy(vv, &vx, 16);
-#pragma unroll
-        for (int u = 0; u < 8; ++u) vt[(c + u) * vp + r] = vv[u];
+        *reinterpret_cast<uint4*>(vs + r * kp + c) = vx;
       }
     } else {
       for (int e = tid; e < mma_bc * DhMax; e += mma_threads) {
@@ -166,7 +224,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
         const index_t key = k0 + r;
         const bool ok = key < T && c < dh;
         ks[r * kp + c] = ok ? kh[key * ld + c] : zero;
-        vt[c * vp + r] = ok ? vh[key * ld + c] : zero;
+        vs[r * kp + c] = ok ? vh[key * ld + c] : zero;
       }
     }
     __syncthreads();
@@ -186,7 +244,8 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
     }
 
     float alpha[2];
-    mma_softmax_tile(sc, m, l, alpha, row, k0, T, tig, a, slope);
+    const bool masked = k0 + mma_bc - 1 > w0 || w_last >= T;  // else every key <= every row < T
+    softmax_tile_bf16(sc, m, l, alpha, row, k0, T, tig, a.scale, a.alibi, slope, masked);
 #pragma unroll
     for (int s = 0; s < n_otile; ++s) {
 #pragma unroll
@@ -198,12 +257,13 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
       const std::uint32_t pa[4] = {pack_bf16(sc[2 * j][0], sc[2 * j][1]), pack_bf16(sc[2 * j][2], sc[2 * j][3]),
                                    pack_bf16(sc[2 * j + 1][0], sc[2 * j + 1][1]),
                                    pack_bf16(sc[2 * j + 1][2], sc[2 * j + 1][3])};
+      const bf16* vrow = vs + (16 * j + lane % 8 + 8 * ((lane / 8) % 2)) * kp + 8 * (lane / 16);
 #pragma unroll
-      for (int s = 0; s < n_otile; ++s) {
-        const bf16* vrow = vt + (8 * s + g) * vp + 16 * j + 2 * tig;  // feature 8 s + g, keys 16 j + 2 tig (+8)
-        const std::uint32_t b0 = *reinterpret_cast<const std::uint32_t*>(vrow);
-        const std::uint32_t b1 = *reinterpret_cast<const std::uint32_t*>(vrow + 8);
-        mma_bf16(o[s], pa, b0, b1);
+      for (int s = 0; s < n_otile; s += 2) {  // feature tiles s and s + 1
+        std::uint32_t b[4];
+        ldmatrix_x4_trans(b, vrow + 8 * s);
+        mma_bf16(o[s], pa, b[0], b[1]);
+        mma_bf16(o[s + 1], pa, b[2], b[3]);
       }
     }
   }

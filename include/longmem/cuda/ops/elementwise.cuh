@@ -8,6 +8,10 @@
 // CUDA's tanhf and erff (a few ulp) stand in for the host's Eigen tanh and vectorised erf.
 // The forward ops take float or bfloat16 buffers (bf16: computed in float, rounded once on write);
 // gelu_backward is float only.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
 #include "longmem/cuda/ops/common.cuh"
 #include "longmem/model_config.hpp"
 
@@ -26,29 +30,107 @@ __device__ inline float gelu_value(float v, bool tanh_form) {
   return 0.5f * v * (1.0f + erff(v * 0.7071067812f));
 }
 
+/// Elementwise kernels read and write 16 bytes per access (8 bf16 or 4 floats) when every pointer
+/// is 16-byte aligned (`vec`): one-element accesses left the bf16 GELU at 40% of the copy bandwidth
+/// (106 us for 2 x 64 MB on an H100). The first n / V x V elements go by vectors, the rest one by
+/// one; each element is computed as in the one-element form, so results do not change.
+template <class E>
+inline constexpr index_t vec_elements = 16 / static_cast<index_t>(sizeof(E));
+
+inline bool vec_aligned(const void* a, const void* b = nullptr, const void* c = nullptr) {
+  const auto bits = reinterpret_cast<std::uintptr_t>(a) | reinterpret_cast<std::uintptr_t>(b) |
+                    reinterpret_cast<std::uintptr_t>(c);
+  return bits % 16 == 0;
+}
+
+/// Grid for n elements, with 16-byte accesses (vec) or without.
+template <class E>
+dim3 elementwise_grid(index_t n, bool vec) {
+  return dim3(grid_for(vec ? std::max<index_t>(1, n / vec_elements<E>) : n, elementwise_block));
+}
+
+/// fn.operator()<V>(i) for the groups of V elements starting at i that cover [0, n): V =
+/// vec_elements when vec (up to the last whole group), then V = 1 for the rest.
+template <class E, class Fn>
+__device__ inline void for_each_element(index_t n, bool vec, Fn&& fn) {
+  constexpr index_t V = vec_elements<E>;
+  const index_t start = blockIdx.x * index_t{blockDim.x} + threadIdx.x, step = index_t{gridDim.x} * blockDim.x;
+  const index_t nv = vec ? n / V : 0;
+  for (index_t i = start; i < nv; i += step) fn.template operator()<V>(i * V);
+  for (index_t i = nv * V + start; i < n; i += step) fn.template operator()<1>(i);
+}
+
+/// V elements at p (16 bytes when V > 1) as floats, and back (rounded once).
+template <index_t V, class E>
+__device__ inline void load_elements(const E* p, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = device_load(p[0]);
+  } else {
+    static_assert(V * sizeof(E) == 16);
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    E e[V];
+    memcpy(e, &raw, 16);
+#pragma unroll
+    for (index_t x = 0; x < V; ++x) out[x] = device_load(e[x]);
+  }
+}
+template <index_t V, class E>
+__device__ inline void store_elements(E* p, const float (&in)[V]) {
+  if constexpr (V == 1) {
+    p[0] = device_store<E>(in[0]);
+  } else {
+    E e[V];
+#pragma unroll
+    for (index_t x = 0; x < V; ++x) e[x] = device_store<E>(in[x]);
+    uint4 raw;
+    memcpy(&raw, e, 16);
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
 /// y = gelu(x); y may be x (each element is read and written by one thread). E: float or
 /// __nv_bfloat16 (computed in float, rounded once).
 template <class E>
-__global__ void gelu_kernel(E* y, const E* x, index_t n, bool tanh_form) {
-  for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
-    y[i] = device_store<E>(gelu_value(device_load(x[i]), tanh_form));
-  }
+__global__ void gelu_kernel(E* y, const E* x, index_t n, bool tanh_form, bool vec) {
+  for_each_element<E>(n, vec, [&]<index_t V>(index_t i) {
+    float v[V];
+    load_elements<V>(x + i, v);
+#pragma unroll
+    for (index_t j = 0; j < V; ++j) v[j] = gelu_value(v[j], tanh_form);
+    store_elements<V>(y + i, v);
+  });
 }
 
 /// y += a (- b when b is not null); a - b first, in float, then the sum, rounded once.
 template <class E>
-__global__ void add_kernel(E* y, const E* a, const E* b, index_t n) {
-  for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
-    const float r = b ? device_load(a[i]) - device_load(b[i]) : device_load(a[i]);
-    y[i] = device_store<E>(device_load(y[i]) + r);
-  }
+__global__ void add_kernel(E* y, const E* a, const E* b, index_t n, bool vec) {
+  for_each_element<E>(n, vec, [&]<index_t V>(index_t i) {
+    float yv[V], av[V], bv[V];
+    load_elements<V>(y + i, yv);
+    load_elements<V>(a + i, av);
+    if (b) load_elements<V>(b + i, bv);
+#pragma unroll
+    for (index_t j = 0; j < V; ++j) yv[j] += b ? av[j] - bv[j] : av[j];
+    store_elements<V>(y + i, yv);
+  });
 }
 
 template <class T>
 void launch_gelu(T* y, const T* x, index_t n, Activation kind) {
-  const dim3 block(elementwise_block), grid(grid_for(n, elementwise_block));
-  gelu_kernel<<<grid, block, 0, stream()>>>(device_ptr(y), device_ptr(x), n, kind == Activation::GeluTanh);
+  using E = device_element_t<T>;
+  const bool vec = vec_aligned(y, x);
+  const dim3 block(elementwise_block), grid(elementwise_grid<E>(n, vec));
+  gelu_kernel<<<grid, block, 0, stream()>>>(device_ptr(y), device_ptr(x), n, kind == Activation::GeluTanh, vec);
   check_launch("gelu", "the kernel for ", n, " elements (", launch_str(grid, block), ")");
+}
+
+template <class T>
+void launch_add(const char* op, T* y, const T* a, const T* b, index_t n) {
+  using E = device_element_t<T>;
+  const bool vec = vec_aligned(y, a, b);
+  const dim3 block(elementwise_block), grid(elementwise_grid<E>(n, vec));
+  add_kernel<<<grid, block, 0, stream()>>>(device_ptr(y), device_ptr(a), device_ptr(b), n, vec);
+  check_launch(op, "the kernel for ", n, " elements (", launch_str(grid, block), ")");
 }
 
 /// x = gelu(x) in place.
@@ -77,11 +159,7 @@ void add(TensorView<T, Device> out, TensorView<const T, Device> in) {
   require_forward_element<T>();
   expect_same_elements(out, in, "add", "in");
   if (absent(out)) return;
-  const index_t n = out.numel();
-  const dim3 block(elementwise_block), grid(grid_for(n, elementwise_block));
-  add_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(in.data()),
-                                           static_cast<const device_element_t<T>*>(nullptr), n);
-  check_launch("add", "the kernel for ", n, " elements (", launch_str(grid, block), ")");
+  launch_add("add", out.data(), in.data(), static_cast<const T*>(nullptr), out.numel());
 }
 
 /// out += a - b.
@@ -91,10 +169,7 @@ void add_difference(TensorView<T, Device> out, TensorView<const T, Device> a, Te
   expect_same_elements(out, a, "add_difference", "a");
   expect_same_elements(out, b, "add_difference", "b");
   if (absent(out)) return;
-  const index_t n = out.numel();
-  const dim3 block(elementwise_block), grid(grid_for(n, elementwise_block));
-  add_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(a.data()), device_ptr(b.data()), n);
-  check_launch("add_difference", "the kernel for ", n, " elements (", launch_str(grid, block), ")");
+  launch_add("add_difference", out.data(), a.data(), b.data(), out.numel());
 }
 
 /// gelu'(x): tanh form  0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2),  t = tanh(c (x + a x^3));

@@ -7,6 +7,8 @@
 //   layer_norm_backward   d_in [+]= d x;  d_weight += sum_n d_out xhat;  d_bias += sum_n d_out
 // (statistics recomputed per row in double; the column sums deterministic, without atomics).
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "longmem/cuda/ops/common.cuh"
@@ -57,6 +59,76 @@ __global__ void __launch_bounds__(layer_norm_block)
   }
 }
 
+/// The vector form of layer_norm_kernel for rows of C = chunks x 32 x V elements (V = 16 bytes of E,
+/// chunks <= max_chunks, every pointer 16-byte aligned): the warp reads its row once, 16 bytes per
+/// lane and access, and keeps it in registers for the three passes. The same double arithmetic
+/// (each lane sums its own elements first): one-element reads had the bf16 LayerNorm at 40% of the
+/// copy bandwidth (29 us for (8192, 1024) on an H100).
+inline constexpr int layer_norm_max_chunks = 8;
+
+template <class E>
+__global__ void __launch_bounds__(layer_norm_block)
+    layer_norm_vec_kernel(E* out /*(N,C)*/, const E* in /*(N,C)*/, const E* __restrict__ weight /*(C)*/,
+                          const E* __restrict__ bias /*(C) or null*/, index_t N, index_t C, double eps) {
+  constexpr int V = 16 / static_cast<int>(sizeof(E));
+  const index_t warps = blockDim.x / 32;
+  const int lane = threadIdx.x % 32, chunks = static_cast<int>(C / (32 * V));
+  for (index_t n = blockIdx.x * warps + threadIdx.x / 32; n < N; n += gridDim.x * warps) {
+    const E* x = in + n * C;
+    E* y = out + n * C;
+    float xv[layer_norm_max_chunks][V];
+    double s = 0;
+#pragma unroll
+    for (int ch = 0; ch < layer_norm_max_chunks; ++ch) {
+      if (ch < chunks) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(x + (ch * 32 + lane) * V);
+        E e[V];
+        memcpy(e, &raw, 16);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          xv[ch][j] = device_load(e[j]);
+          s += static_cast<double>(xv[ch][j]);
+        }
+      }
+    }
+    const double mean = warp_sum_lane0(s) / static_cast<double>(C);
+    double q = 0;
+#pragma unroll
+    for (int ch = 0; ch < layer_norm_max_chunks; ++ch) {
+      if (ch < chunks) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const double dx = static_cast<double>(xv[ch][j]) - mean;
+          q += dx * dx;
+        }
+      }
+    }
+    const double inv = 1.0 / sqrt(warp_sum_lane0(q) / static_cast<double>(C) + eps);
+#pragma unroll
+    for (int ch = 0; ch < layer_norm_max_chunks; ++ch) {
+      if (ch < chunks) {
+        const index_t c0 = (ch * 32 + lane) * V;
+        E w[V], b[V], o[V];
+        const uint4 wr = *reinterpret_cast<const uint4*>(weight + c0);
+        memcpy(w, &wr, 16);
+        if (bias) {
+          const uint4 br = *reinterpret_cast<const uint4*>(bias + c0);
+          memcpy(b, &br, 16);
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const double bj = bias ? static_cast<double>(device_load(b[j])) : 0.0;
+          const double v = (static_cast<double>(xv[ch][j]) - mean) * inv * static_cast<double>(device_load(w[j])) + bj;
+          o[j] = device_store<E>(static_cast<float>(v));
+        }
+        uint4 raw;
+        memcpy(&raw, o, 16);
+        *reinterpret_cast<uint4*>(y + c0) = raw;
+      }
+    }
+  }
+}
+
 template <class T>
 void layer_norm(TensorView<T, Device> out, TensorView<const T, Device> in, TensorView<const T, Device> weight,
                 TensorView<const T, Device> bias, double eps) {
@@ -71,8 +143,18 @@ void layer_norm(TensorView<T, Device> out, TensorView<const T, Device> in, Tenso
   if (in.data() != out.data()) expect_separate(out, in, op, "in (only exact in-place use is allowed)");
   if (N == 0) return;
   const dim3 block(layer_norm_block), grid(grid_for(N, layer_norm_block / 32));
-  layer_norm_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(in.data()), device_ptr(weight.data()),
-                                                  absent(bias) ? nullptr : device_ptr(bias.data()), N, C, eps);
+  constexpr index_t row_unit = 32 * 16 / static_cast<index_t>(sizeof(T));  // a warp's 16-byte reads
+  const auto addr = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p); };
+  const bool vec = C % row_unit == 0 && C / row_unit <= layer_norm_max_chunks &&
+                   ((addr(out.data()) | addr(in.data()) | addr(weight.data()) | (absent(bias) ? 0 : addr(bias.data()))) % 16) == 0;
+  if (vec) {
+    layer_norm_vec_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(in.data()),
+                                                        device_ptr(weight.data()),
+                                                        absent(bias) ? nullptr : device_ptr(bias.data()), N, C, eps);
+  } else {
+    layer_norm_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(in.data()), device_ptr(weight.data()),
+                                                    absent(bias) ? nullptr : device_ptr(bias.data()), N, C, eps);
+  }
   check_launch(op, "the kernel for ", N, " rows of ", C, " features (", launch_str(grid, block), ")");
 }
 
