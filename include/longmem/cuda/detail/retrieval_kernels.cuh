@@ -480,26 +480,6 @@ __global__ void __launch_bounds__(256)
   if ((threadIdx.x & 31) == 0 && m != 0) atomicMax(key_max + b * L.n_head + h, m);
 }
 
-/// 16 bytes global -> shared without registers; `valid` false writes zeros and reads nothing.
-__device__ __forceinline__ void retrieval_cp_async16(float* dst, const float* src, bool valid) {
-#if defined(__CUDA_ARCH__)
-  const auto s = static_cast<std::uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0));
-#else
-  (void)dst, (void)src, (void)valid;
-#endif
-}
-__device__ __forceinline__ void retrieval_cp_async_commit() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-__device__ __forceinline__ void retrieval_cp_async_wait_all() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
-
 /// A row's cut (see above) from its threshold and error bound.
 __device__ __forceinline__ float retrieval_tc_cut(float thr, float err) {
   return thr - (err + 0x1p-20f * (fabsf(thr) + err));
@@ -588,10 +568,10 @@ __global__ void __launch_bounds__(RetrievalTile::threads, 2)
     if (4 * part < dh) {
       for (int c = 2 * warp + (lane >> 4); c < Tl::chunks; c += 2 * Tl::merge_warps) {
         const bool valid = c0 + c < c_end;
-        retrieval_cp_async16(dst + c * P + 4 * part, valid ? ck + (c0 + c) * dh + 4 * part : ck, valid);
+        cuda::cp_async16(dst + c * P + 4 * part, valid ? ck + (c0 + c) * dh + 4 * part : ck, valid);
       }
     }
-    retrieval_cp_async_commit();
+    cuda::cp_async_commit();
   };
 
   for (int e = tid; e < Tl::queries * kk; e += Tl::threads) lists[e] = 0;
@@ -651,7 +631,7 @@ __global__ void __launch_bounds__(RetrievalTile::threads, 2)
     for (int i = 0; i < samples; ++i) {
       const index_t s0 = sample_c0(i);
       const int nc = static_cast<int>(min(static_cast<index_t>(Tl::chunks), c_end - s0));
-      retrieval_cp_async_wait_all();
+      cuda::cp_async_wait<0>();
       __syncthreads();  // sample i is in; every warp is done with sample i - 1, whose buffer comes next
       if (i + 1 < samples) issue(sample_c0(i + 1), (i + 1) & 1);
       float acc[8][4];
@@ -690,7 +670,7 @@ __global__ void __launch_bounds__(RetrievalTile::threads, 2)
   int it = 0;
   for (index_t c0 = c_begin; c0 < c_end; c0 += Tl::chunks, ++it) {
     const int nc = static_cast<int>(min(static_cast<index_t>(Tl::chunks), c_end - c0));
-    retrieval_cp_async_wait_all();
+    cuda::cp_async_wait<0>();
     __syncthreads();  // tile `it` is in; every warp is done with tile it - 1, whose buffer comes next
     if (c0 + Tl::chunks < c_end) issue(c0 + Tl::chunks, (it + 1) & 1);
     const float* kt = k_s + (it & 1) * Tl::chunks * P;

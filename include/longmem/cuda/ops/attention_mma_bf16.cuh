@@ -5,7 +5,8 @@
 // the shared memory. The memory branch, the gate/joint fusion, ALiBi, the masks and the block and
 // sequence layout are the TF32 kernel's.
 //
-// Block: 4 warps x 16 query rows (Br = 64); key tiles of Bc = 64. Per warp and tile:
+// Block: 4 warps x 16 query rows (Br = 64); key tiles of Bc = 64 in two stages of shared memory: the
+// next tile's keys and values come by cp.async while this one is computed. Per warp and tile:
 //   S (16 x 64) = Q (16 x dh) K^T      Q's A fragments held in registers (bf16 pairs), K's B
 //                                      fragments read as 32-bit pairs from the (key, feature) tile
 //   online softmax on S's fp32 accumulators (rows g and g + 8 of each thread, quads reduce), in
@@ -41,10 +42,10 @@ namespace longmem::detail::cuda {
 
 inline constexpr int mma16_pitch_extra = 8;  // bf16 elements added to a k- or v-tile row
 
-/// Shared-memory bytes of one block: the k and v tiles (Bc, DhMax + 8) in bf16, and (memory modes)
-/// the memory branch's output rows (Br, DhMax + 4) and (max, sum) per query row in float.
+/// Shared-memory bytes of one block: two stages of the k and v tiles (Bc, DhMax + 8) in bf16, and
+/// (memory modes) the memory branch's output rows (Br, DhMax + 4) and (max, sum) per query row in float.
 inline std::size_t attention_mma_bf16_smem_bytes(int dh_max, bool memory) {
-  std::size_t n = 2 * static_cast<std::size_t>(mma_bc) * (dh_max + mma16_pitch_extra) * 2;
+  std::size_t n = 4 * static_cast<std::size_t>(mma_bc) * (dh_max + mma16_pitch_extra) * 2;
   n = (n + 15) / 16 * 16;
   if (memory) n += (static_cast<std::size_t>(mma_br) * (dh_max + 4) + 2 * mma_br) * sizeof(float);
   return n;
@@ -147,9 +148,9 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
   const index_t ld = index_t(H) * dh;
   index_t row0, T, q0;  // as attention_mma_kernel
   if (!mma_block_rows(a, row0, T, q0)) return;
-  bf16* ks = reinterpret_cast<bf16*>(smem_bytes);  // (Bc, kp) keys of the tile
-  bf16* vs = ks + mma_bc * kp;                     // (Bc, kp) values of the tile
-  const std::size_t tiles_bytes = (2 * static_cast<std::size_t>(mma_bc) * kp * 2 + 15) / 16 * 16;
+  // Stage s: keys (Bc, kp) at tiles + 2 s Bc kp, then values (Bc, kp).
+  bf16* tiles = reinterpret_cast<bf16*>(smem_bytes);
+  const std::size_t tiles_bytes = (4 * static_cast<std::size_t>(mma_bc) * kp * 2 + 15) / 16 * 16;
   float* mem_o = reinterpret_cast<float*>(smem_bytes + tiles_bytes);  // (Br, fpitch) memory modes
   float* mem_ml = mem_o + mma_br * fpitch;                            // (Br, 2) memory modes
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, tig = lane % 4;
@@ -202,21 +203,21 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
 
   const float slope = a.alibi ? static_cast<float>(alibi_slope(h, H)) : 0.0f;
   const index_t k_end = T < q0 + mma_br ? T : q0 + mma_br;
-  for (index_t k0 = 0; k0 < k_end; k0 += mma_bc) {
-    __syncthreads();  // the previous tile is no longer read
-    // Keys and values as they are (zeros past T and past dh).
+  const index_t n_tiles = (k_end + mma_bc - 1) / mma_bc;
+  // A tile's keys and values as they are (zeros past T and past dh) into stage s: 16-byte cp.async
+  // when vec8 (the copy runs on while the previous tile is computed), else element by element.
+  auto stage_tile = [&](index_t k0, int s) {
+    bf16* ks = tiles + 2 * s * mma_bc * kp;
+    bf16* vs = ks + mma_bc * kp;
     if (vec8) {
       constexpr int per_row = DhMax / 8;
       for (int e = tid; e < mma_bc * per_row; e += mma_threads) {
         const int r = e / per_row, c = 8 * (e % per_row);
         const index_t key = k0 + r;
-        uint4 kx = make_uint4(0, 0, 0, 0), vx = kx;
-        if (key < T && c < dh) {
-          kx = *reinterpret_cast<const uint4*>(kh + key * ld + c);
-          vx = *reinterpret_cast<const uint4*>(vh + key * ld + c);
-        }
-        *reinterpret_cast<uint4*>(ks + r * kp + c) = kx;
-        *reinterpret_cast<uint4*>(vs + r * kp + c) = vx;
+        const bool ok = key < T && c < dh;
+        const index_t at = ok ? key * ld + c : 0;
+        cp_async16(ks + r * kp + c, kh + at, ok);
+        cp_async16(vs + r * kp + c, vh + at, ok);
       }
     } else {
       for (int e = tid; e < mma_bc * DhMax; e += mma_threads) {
@@ -227,8 +228,22 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_bf16_kernel(Attenti
         vs[r * kp + c] = ok ? vh[key * ld + c] : zero;
       }
     }
-    __syncthreads();
+    cp_async_commit();
+  };
+  if (n_tiles > 0) stage_tile(0, 0);
+  for (index_t i = 0; i < n_tiles; ++i) {
+    const index_t k0 = i * mma_bc;
+    __syncthreads();  // tile i - 1 is no longer read: its stage may be refilled
+    if (i + 1 < n_tiles) {
+      stage_tile(k0 + mma_bc, static_cast<int>((i + 1) % 2));
+      cp_async_wait<1>();  // tile i has landed (for this thread's copies)
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // ... and every thread's
     if (k0 > w_last || w0 >= T) continue;
+    const bf16* ks = tiles + 2 * static_cast<int>(i % 2) * mma_bc * kp;
+    const bf16* vs = ks + mma_bc * kp;
     float sc[n_kslice][4];
 #pragma unroll
     for (int j = 0; j < n_kslice; ++j) {
