@@ -9,6 +9,8 @@
 #               PyTorch peers on the GPU
 #   bench-model-gpu  the whole LongMem forward at the paper's shape on the GPU (bench_longmem_gpu:
 #               fp32/tf32/bf16 device math) and the PyTorch fp16 port (eager, then torch.compile)
+#   profile-model-gpu  one forward of the bf16 model at the paper's shape (8 streams, memory on, then
+#               off) under Nsight Compute, kernel times summed by name (bench/profile_kernels.py)
 #   bench-cpu   the CPU benchmarks beside their PyTorch peers on this machine's cores (training
 #               step, backbone forward, memory-augmented attention)
 #   fixtures    regenerate the fixtures with this machine's torch/transformers, compare them with
@@ -106,6 +108,18 @@ stage_bench_model_gpu() {
     tee "$out/longmem_torch_gpu_compile.jsonl" | grep '^{' | tail -4
 }
 
+stage_profile_model_gpu() {
+  local ncu m
+  ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  for m in 1 0; do
+    LONGMEM_BENCH_PROFILE=1 timeout 200 "$ncu" --profile-from-start off --clock-control none \
+      --metrics gpu__time_duration.sum --print-kernel-base function --csv $build/bench/longmem_bench_longmem_gpu \
+      --benchmark_filter="streams:8/memory:$m/math:0/stacked:1/dtype:1" >"$out/ncu-model-memory$m.csv" 2>"$out/ncu-model-memory$m.err"
+    echo "ncu memory $m rc=$?"
+    python3 bench/profile_kernels.py "$out/ncu-model-memory$m.csv" 25
+  done
+}
+
 stage_bench_cpu() {
   LONGMEM_BENCH_THREADS=$cores PYTHON=python3 timeout 240 bash bench/run_train_vs_torch.sh $build 2>&1 | tee "$out/train_vs_torch.txt" | grep -vE '^-|^Benchmark'
   OMP_NUM_THREADS=$cores timeout 150 $build/bench/longmem_bench_backbone --benchmark_min_time=1 \
@@ -135,9 +149,10 @@ for s in "${stages[@]}"; do
     sanitize) stage_sanitize ;;
     bench-gpu) stage_bench_gpu ;;
     bench-model-gpu) stage_bench_model_gpu ;;
+    profile-model-gpu) stage_profile_model_gpu ;;
     bench-cpu) stage_bench_cpu ;;
     fixtures) stage_fixtures ;;
-    *) echo "unknown stage $s (build test sanitize bench-gpu bench-model-gpu bench-cpu fixtures)"; exit 64 ;;
+    *) echo "unknown stage $s (build test sanitize bench-gpu bench-model-gpu profile-model-gpu bench-cpu fixtures)"; exit 64 ;;
   esac
 done
 step "done"

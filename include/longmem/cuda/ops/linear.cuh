@@ -35,6 +35,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "longmem/cuda/math_mode.hpp"
 #include "longmem/cuda/ops/common.cuh"
