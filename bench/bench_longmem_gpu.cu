@@ -20,14 +20,14 @@
 // query retrieves 16 chunks (checked).
 //
 //   Forward/streams:<B>/memory:<0|1>/math:<0|1|2>/stacked:<0|1>/dtype:0
-//   Forward/streams:<B>/memory:<0|1>/math:0/stacked:1/dtype:1
+//   Forward/streams:<B>/memory:<0|1>/math:0/stacked:1/dtype:<1|2>
 // one model.forward of one fixed random 1024-token segment per stream (logits (1024, 50257) per
 // stream, fp32) for B 1 and 8, memory on and off (off: every SideNet layer plain causal attention,
 // no retrieval), under DeviceMath fp32 (0: float accuracy, the fixtures' mode), tf32 (1) and bf16 (2)
 // (cuda/math_mode.hpp: what is rounded, and what is not: retrieval stays exact fp32 in every mode).
 // dtype:1 is the bf16 model (Bf16Model below: Gpt2Backbone<bfloat16, Device> from the same host
 // weights by to<Device, bfloat16>(), bf16 bank, bf16 logits); its retrieval scores bf16 queries
-// against float chunk keys, exactly.
+// against float chunk keys, exactly. dtype:2 is the same in fp16 (F16Model: half, __half bank).
 //
 // Timing: CUDA events around each forward on the ops' stream (the legacy default stream), so the
 // figure is device time of the whole call, host gaps included; UseManualTime(), one warm-up call.
@@ -61,8 +61,9 @@ namespace {
 
 using namespace longmem;
 using DevModel = Model<Gpt2Backbone<float, Device>, DeviceMemoryBank<float>, FusedChunkRetriever>;
-// bf16 buffers throughout (weights, activations, logits) and a bf16 bank.
+// bf16 (fp16) buffers throughout (weights, activations, logits) and a bf16 (fp16) bank.
 using Bf16Model = Model<Gpt2Backbone<bfloat16, Device>, DeviceMemoryBank<__nv_bfloat16>, FusedChunkRetriever>;
+using F16Model = Model<Gpt2Backbone<longmem::half, Device>, DeviceMemoryBank<__half>, FusedChunkRetriever>;
 
 constexpr int kLayers = 24, kD = 1024, kHeads = 16, kVocab = 50257, kT = 1024;
 constexpr int kMemoryLayer = 17, kReduction = 2;
@@ -117,7 +118,8 @@ const HostWeights& host_weights() {
 // 4.3 GB of banks, the bf16 one 2.1 GB); a new stream count replaces the model of that type.
 template <class E>
 auto& setup(int streams) {
-  using M = std::conditional_t<std::is_same_v<E, float>, DevModel, Bf16Model>;
+  using M = std::conditional_t<std::is_same_v<E, float>, DevModel,
+                               std::conditional_t<std::is_same_v<E, bfloat16>, Bf16Model, F16Model>>;
   static int built = -1;
   static Setup<M> s;
   if (built == streams) return s;
@@ -201,7 +203,7 @@ void run_forward(benchmark::State& state) {
   state.counters["TFLOP/s"] =
       benchmark::Counter(forward_flops(streams, memory) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
   state.SetLabel(std::string(memory ? "memory 64Ki" : "memory off") + ", " +
-                 (std::is_same_v<E, float> ? to_string(math) : "bf16 model") +
+                 (std::is_same_v<E, float> ? to_string(math) : std::is_same_v<E, bfloat16> ? "bf16 model" : "fp16 model") +
                  (memory && streams > 1 ? (stacked ? ", stacked retrieval" : ", retrieval per stream") : ""));
 }
 
@@ -212,20 +214,23 @@ void BM_Forward(benchmark::State& state) {
   }
   if (state.range(4) == 0) {
     run_forward<float>(state);
-  } else {
+  } else if (state.range(4) == 1) {
     run_forward<bfloat16>(state);
+  } else {
+    run_forward<longmem::half>(state);
   }
 }
 
 // streams, memory, math, stacked (every stream's retrieval and memory attention in one call: the
 // default; 0 = stream by stream, for comparison), dtype (0: float buffers under `math`; 1: the bf16
-// model, where math does not apply). The peer prints streams 1 and 8, memory on and off, in fp16.
+// model, 2: the fp16 model, where math does not apply). The peer prints streams 1 and 8, memory on
+// and off, in fp16.
 BENCHMARK(BM_Forward)
     ->ArgNames({"streams", "memory", "math", "stacked", "dtype"})
     ->ArgsProduct({{1, kMaxStreams}, {1, 0}, {0, 1, 2}, {1}, {0}})
     ->Args({kMaxStreams, 1, 1, 0, 0})
     ->Args({kMaxStreams, 1, 0, 0, 0})
-    ->ArgsProduct({{1, kMaxStreams}, {1, 0}, {0}, {1}, {1}})
+    ->ArgsProduct({{1, kMaxStreams}, {1, 0}, {0}, {1}, {1, 2}})
     ->Args({kMaxStreams, 1, 0, 0, 1})
     ->Unit(benchmark::kMillisecond)
     ->UseManualTime()

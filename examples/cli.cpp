@@ -7,8 +7,8 @@
 // Token files: text ids (whitespace or one per line) or raw little-endian int32
 // (--format int32, the default for *.i32 and *.bin files).
 //
-// --device cuda runs the same computation on the GPU (--dtype f32, or bf16: weights, activations and
-// memory in bf16). The device ops are CUDA
+// --device cuda runs the same computation on the GPU (--dtype f32, or bf16 / f16: weights, activations
+// and memory in bf16 / fp16). The device ops are CUDA
 // kernels, which g++ cannot compile, so that path lives in cli_device.cu, compiled by nvcc and
 // added to this tool by examples/CMakeLists.txt only when the CUDA backend is built
 // (LONGMEM_CUDA); CMake then defines LONGMEM_RUN_CUDA here. What both paths run is in
@@ -65,8 +65,9 @@ Options parse(int argc, char** argv) {
                  "split the tokens into segments of N (default: the whole file for a backbone, n_positions for LongMem)")
       ->check(CLI::Range(1, 1 << 30));
   app.add_flag("--hidden-states", o.hidden_states, "also write 'hidden_states' (L+1, N, d) (backbone only)");
-  app.add_option("--dtype", o.dtype, "compute precision: f32, f64 (cpu), bf16 (cuda: weights, activations and memory in bf16)")
-      ->check(CLI::IsMember({"f32", "f64", "bf16"}))
+  app.add_option("--dtype", o.dtype,
+                 "compute precision: f32, f64 (cpu), bf16 or f16 (cuda: weights, activations and memory in bf16 or fp16)")
+      ->check(CLI::IsMember({"f32", "f64", "bf16", "f16"}))
       ->capture_default_str();
   app.add_option("--sidenet", o.sidenet, "run LongMem: backbone + this SideNet with memory");
   app.add_option("--memory-tokens", o.memory_tokens, "memory capacity in tokens per stream (default: the SideNet file's, else 65536)")
@@ -81,7 +82,7 @@ Options parse(int argc, char** argv) {
   app.add_flag("--allow-other-backbone", o.allow_other, "accept a SideNet made for another backbone");
   app.add_flag("--quiet", o.quiet, "print nothing but errors");
   app.add_option("--device", o.device,
-                 built_with_cuda ? "where the model runs: cpu, or cuda (the GPU: --dtype f32 or bf16)"
+                 built_with_cuda ? "where the model runs: cpu, or cuda (the GPU: --dtype f32, bf16 or f16)"
                                  : "where the model runs: cpu (this build has no CUDA support; cuda is refused)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
@@ -98,17 +99,20 @@ Options parse(int argc, char** argv) {
     longmem::cli::usage_error(app, "longmem-run", "--hidden-states is for backbone runs (without --sidenet)");
   }
   if (o.device == "cuda" && o.dtype == "f64") {
-    longmem::cli::usage_error(app, "longmem-run", "--device cuda computes in f32 or bf16: use --dtype f32 (the default) or bf16");
+    longmem::cli::usage_error(app, "longmem-run",
+                              "--device cuda computes in f32, bf16 or f16: use --dtype f32 (the default), bf16 or f16");
   }
-  if (o.device != "cuda" && o.dtype == "bf16") {
-    longmem::cli::usage_error(app, "longmem-run", "--dtype bf16 is for --device cuda (the CPU computes in f32 or f64)");
+  const bool half_width = o.dtype == "bf16" || o.dtype == "f16";
+  if (o.device != "cuda" && half_width) {
+    longmem::cli::usage_error(app, "longmem-run",
+                              "--dtype " + o.dtype + " is for --device cuda (the CPU computes in f32 or f64)");
   }
   if (o.device != "cuda" && o.device_math != "fp32") {
     longmem::cli::usage_error(app, "longmem-run", "--device-math is for --device cuda (the CPU computes in --dtype)");
   }
-  if (o.dtype == "bf16" && o.device_math != "fp32") {
-    longmem::cli::usage_error(app, "longmem-run",
-                              "--device-math rounds the inputs of float buffers; a --dtype bf16 model computes in bf16 already");
+  if (half_width && o.device_math != "fp32") {
+    longmem::cli::usage_error(app, "longmem-run", "--device-math rounds the inputs of float buffers; a --dtype " + o.dtype +
+                                                      " model computes in " + o.dtype + " already");
   }
   if (o.device == "cuda" && !built_with_cuda) {
     // A capability this binary lacks, not a malformed command line: exit 2 (refused), no help text.

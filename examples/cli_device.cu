@@ -22,17 +22,20 @@ struct DevicePlacement {
   using Retriever = FusedChunkRetriever;
 };
 
-/// The bf16 model: weights, activations and memory in bf16 on the device (--dtype bf16).
-struct DeviceBf16Placement {
+/// A 16-bit model: weights, activations and memory in bf16 (--dtype bf16) or fp16 (--dtype f16) on
+/// the device; S is the bank's CUDA storage type.
+template <class S>
+struct Device16Placement {
   using location = Device;
-  using Bank = DeviceMemoryBank<__nv_bfloat16>;
+  using Bank = DeviceMemoryBank<S>;
   using Retriever = FusedChunkRetriever;
 };
 
 int run_on_cuda(const RunOptions& o, const std::vector<std::int32_t>& ids) {
   // A BackendError naming what was asked when the machine has no usable GPU (the caller turns it into exit 2).
   detail::require_cuda_device("--device cuda");
-  if (o.dtype == "bf16") return run<DeviceBf16Placement, bfloat16>(o, ids);
+  if (o.dtype == "bf16") return run<Device16Placement<__nv_bfloat16>, bfloat16>(o, ids);
+  if (o.dtype == "f16") return run<Device16Placement<__half>, half>(o, ids);
   const DeviceMathScope math(parse_device_math(o.device_math));
   return run<DevicePlacement, float>(o, ids);
 }

@@ -41,7 +41,7 @@ struct HostPlacement {
 };
 
 /// What checkpoints load as on the host for a model computing in T: T itself, or float for a bf16
-/// model (converted once, when it is copied to the device).
+/// or fp16 model (converted once, when it is copied to the device).
 template <class T>
 using LoadType = std::conditional_t<ComputeType<T>, T, float>;
 

@@ -242,8 +242,8 @@ Tensor<T, Host> segment(TensorView<const T, Host> v, index_t b, index_t n) {
 
 }  // namespace detail
 
-/// A frozen GPT-2 / GPT-2* backbone computing in T on location L (float or double; bfloat16 on
-/// the device: make a float host backbone, then `to<Device, bfloat16>()`).
+/// A frozen GPT-2 / GPT-2* backbone computing in T on location L (float or double; bfloat16 or half
+/// on the device: make a float host backbone, then `to<Device, bfloat16>()` or `to<Device, half>()`).
 /// forward() reuses internal scratch buffers: one instance serves one thread at a time.
 template <class T, class L = Host>
   requires ModelValueType<T, L>
@@ -491,7 +491,8 @@ class Gpt2Backbone {
   TensorView<const T, L> ln_f_bias() const { return params_.ln_f_bias.view(); }
   /// The same backbone with every weight copied to location L2 (and converted to T2): load (or
   /// make) a host backbone, then `to<Device>()` (or to_device()) for the GPU, or
-  /// `to<Device, bfloat16>()` for a bf16 one (weights rounded to nearest even once, on the host).
+  /// `to<Device, bfloat16>()` / `to<Device, half>()` for a bf16 / fp16 one (weights rounded to nearest
+  /// even once, on the host; a weight beyond fp16's range is an InputError).
   /// The fingerprint is carried over (a converted backbone keeps its source's), so a device model
   /// checks its SideNet without reading wte back. Throws BackendError when L2 is Device and the
   /// CUDA runtime sees no usable device.

@@ -18,7 +18,8 @@
 //                                   longmem::FusedChunkRetriever>;   // <longmem/cuda/...>, nvcc
 //   DevModel model{Gpt2Backbone<float>::load(b).to_device(), SideNet<float>::load(s).to_device(), config};
 //
-// and in bf16 (weights, activations, logits and memory; fp32 sums inside every op):
+// and in bf16 (weights, activations, logits and memory; fp32 sums inside every op; fp16 likewise with
+// half and __half):
 //
 //   using Bf16Model = longmem::Model<longmem::Gpt2Backbone<longmem::bfloat16, longmem::Device>,
 //                                    longmem::DeviceMemoryBank<__nv_bfloat16>,
@@ -100,7 +101,7 @@ class Model {
   static_assert(requires(R& r, const M& bank, TensorView<const value_type, location> q, int k,
                          Retrieved<value_type, location>& out) { r.retrieve(bank, q, k, out); },
                 "longmem::Model: this ChunkRetriever has no retrieve() for queries and results of the model's element "
-                "type (FusedChunkRetriever takes float and bfloat16)");
+                "type (FusedChunkRetriever takes float, bfloat16 and half)");
   static_assert(std::is_constructible_v<M, MemoryGeometry>,
                 "longmem::Model: the MemoryBank must be constructible from a longmem::MemoryGeometry");
 

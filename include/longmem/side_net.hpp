@@ -207,8 +207,8 @@ inline std::optional<MemoryConfig> memory_config_from_metadata(const MetadataRea
   return m;
 }
 
-/// The SideNet computing in T on location L (float or double; bfloat16 on the device, from a
-/// float host SideNet by `to<Device, bfloat16>()`). forward() reuses scratch buffers: one
+/// The SideNet computing in T on location L (float or double; bfloat16 or half on the device, from
+/// a float host SideNet by `to<Device, bfloat16>()` or `to<Device, half>()`). forward() reuses scratch buffers: one
 /// instance serves one thread at a time.
 template <class T, class L = Host>
   requires ModelValueType<T, L>
@@ -360,8 +360,8 @@ class SideNet {
   const SideNetLayerWeights<T, L>& layer(int i) const { return params_.layers.at(static_cast<std::size_t>(i)); }
   SideNetLayerWeights<T, L>& layer(int i) { return params_.layers.at(static_cast<std::size_t>(i)); }
   /// The same SideNet with every weight copied to location L2 (and converted to T2): load a host
-  /// SideNet, then `to<Device>()` (or to_device()) for the GPU, or `to<Device, bfloat16>()` for a
-  /// bf16 one (rounded to nearest even once, on the host). Throws BackendError when L2 is Device
+  /// SideNet, then `to<Device>()` (or to_device()) for the GPU, or `to<Device, bfloat16>()` /
+  /// `to<Device, half>()` for a bf16 / fp16 one (rounded to nearest even once, on the host). Throws BackendError when L2 is Device
   /// and the CUDA runtime sees no usable device.
   template <class L2, class T2 = T>
     requires ModelValueType<T2, L2>

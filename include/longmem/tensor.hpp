@@ -11,6 +11,7 @@
 // signatures; element access through operator() exists only for Host views.
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -43,11 +44,13 @@ template <class L>
 concept Location = std::is_same_v<L, Host> || std::is_same_v<L, Device>;
 
 /// Element types a model (backbone, SideNet, Model) holds its weights and activations in at
-/// location L: float or double anywhere; bfloat16 on the device only, where every op reads and
-/// writes bf16 but computes in fp32 (GEMMs accumulate in fp32, LayerNorm and softmax statistics
-/// in fp32 or double), as PyTorch's bf16 modules do.
+/// location L: float or double anywhere; bfloat16 or half on the device only, where every op reads
+/// and writes 16-bit values but computes in fp32 (GEMMs accumulate in fp32, LayerNorm and softmax
+/// statistics in fp32 or double), as PyTorch's bf16 and fp16 modules do.
+template <class T>
+concept HalfWidthType = std::is_same_v<T, bfloat16> || std::is_same_v<T, half>;
 template <class T, class L>
-concept ModelValueType = Location<L> && (ComputeType<T> || (std::is_same_v<T, bfloat16> && std::is_same_v<L, Device>));
+concept ModelValueType = Location<L> && (ComputeType<T> || (HalfWidthType<T> && std::is_same_v<L, Device>));
 
 /// Extents of a row-major tensor, rank 0..max_rank.
 class Shape {
@@ -349,6 +352,7 @@ Tensor<T, Host> to_host(const Tensor<T, L>& t) {
 
 /// A host copy of a host view with every element converted to U (through float for the 16-bit
 /// types, round to nearest even; double -> float rounds once).
+/// A finite value beyond half's range (65,504) is an InputError, not a silent infinity.
 template <class U, class T>
 Tensor<U, Host> converted(TensorView<const T, Host> v) {
   Tensor<U, Host> out(v.shape());
@@ -360,7 +364,14 @@ Tensor<U, Host> converted(TensorView<const T, Host> v) {
     } else if constexpr (std::is_same_v<U, double> && std::is_same_v<T, float>) {
       dst[i] = src[i];
     } else {
-      dst[i] = from_float<U>(to_float(src[i]));
+      const float x = to_float(src[i]);
+      dst[i] = from_float<U>(x);
+      if constexpr (std::is_same_v<U, half>) {
+        if (std::isfinite(x) && !std::isfinite(to_float(dst[i]))) {
+          detail::fail<InputError>("converting to fp16: element ", i, " of a ", v.shape().str(), " tensor is ", x,
+                                   ", beyond fp16's largest finite value 65504");
+        }
+      }
     }
   }
   return out;

@@ -11,6 +11,7 @@
 #include <iterator>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <longmem/safetensors.hpp>
@@ -213,20 +214,22 @@ int main(int argc, char** argv) {
           check(eb <= 20.0 / 256 && eb > 1.0 / (1 << 18), "--device-math bf16: within 20 u of the reference, and not fp32's result");
           check(SafetensorsFile::open(out_bf16).metadata().at("device_math") == "bf16", "the output records device_math bf16");
         }
-        // The bf16 model (--dtype bf16: bf16 weights, activations and memory), memory off: the same
-        // bound. (With memory, bf16 rounding may turn near-ties of chunk scores; the device model
-        // test checks that case row by row.)
-        const fs::path out_b16 = scratch / "lm_cuda_dtype_bf16.safetensors";
-        const int rcb =
-            run(quote(tool) + lm_args + " --out " + quote(out_b16) + " --device cuda --dtype bf16 --no-memory --quiet");
-        check(rcb == 0, "--device cuda --dtype bf16 runs");
-        if (rcb == 0) {
+        // The 16-bit models (--dtype bf16 / f16: weights, activations and memory in bf16 / fp16),
+        // memory off: within 20 u of the reference (u = 2^-8 for bf16, 2^-11 for fp16), and not
+        // fp32's result. (With memory, 16-bit rounding may turn near-ties of chunk scores; the
+        // device model test checks that case row by row.)
+        for (const auto& [dtype, u] : {std::pair<std::string, double>{"bf16", 1.0 / 256}, {"f16", 1.0 / 2048}}) {
+          const fs::path out_16 = scratch / ("lm_cuda_dtype_" + dtype + ".safetensors");
+          const int rc_16 =
+              run(quote(tool) + lm_args + " --out " + quote(out_16) + " --device cuda --dtype " + dtype + " --no-memory --quiet");
+          check(rc_16 == 0, "--device cuda --dtype " + dtype + " runs");
+          if (rc_16 != 0) continue;
           auto off = lexp.read<float>("logits_no_memory");  // (B, S*T, V)
-          auto bgot = SafetensorsFile::open(out_b16).read<float>("logits", Shape{off.dim(1), off.dim(2)});
-          const double eb = relative_error(bgot.data(), off.data(), bgot.numel());
-          std::cout << "--device cuda --dtype bf16 --no-memory logits: max |err| / max |ref| = " << eb << "\n";
-          check(eb <= 20.0 / 256 && eb > 1.0 / (1 << 18), "--dtype bf16: within 20 u of the reference, and not fp32's result");
-          check(SafetensorsFile::open(out_b16).metadata().at("dtype") == "bf16", "the output records dtype bf16");
+          auto got = SafetensorsFile::open(out_16).read<float>("logits", Shape{off.dim(1), off.dim(2)});
+          const double e16 = relative_error(got.data(), off.data(), got.numel());
+          std::cout << "--device cuda --dtype " << dtype << " --no-memory logits: max |err| / max |ref| = " << e16 << "\n";
+          check(e16 <= 20 * u && e16 > 1.0 / (1 << 21), "--dtype " + dtype + ": within 20 u of the reference, and not fp32's result");
+          check(SafetensorsFile::open(out_16).metadata().at("dtype") == dtype, "the output records dtype " + dtype);
         }
       } else {
         check(rc == 2 && no_unexpected && text.find("needs a CUDA device") != std::string::npos,
@@ -234,10 +237,12 @@ int main(int argc, char** argv) {
       }
       check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device cuda --dtype f64") == 64,
             "--device cuda with --dtype f64 is a usage error (64)");
-      check(run(quote(tool) + lm_args + " --out " + quote(out) + " --dtype bf16") == 64,
-            "--dtype bf16 without --device cuda is a usage error (64)");
-      check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device cuda --dtype bf16 --device-math tf32") == 64,
-            "--dtype bf16 with --device-math is a usage error (64)");
+      for (const char* dtype : {"bf16", "f16"}) {
+        check(run(quote(tool) + lm_args + " --out " + quote(out) + " --dtype " + dtype) == 64,
+              std::string("--dtype ") + dtype + " without --device cuda is a usage error (64)");
+        check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device cuda --dtype " + dtype + " --device-math tf32") == 64,
+              std::string("--dtype ") + dtype + " with --device-math is a usage error (64)");
+      }
       check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device gpu") == 64,
             "an unknown --device is a usage error (64)");
       check(run(quote(tool) + lm_args + " --out " + quote(out) + " --device-math bf16") == 64,

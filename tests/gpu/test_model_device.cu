@@ -17,11 +17,12 @@
 //
 // Tolerances: max |dev - ref| <= 1e-4 * max |ref| per (segment, stream) (fp32 throughout: cuBLASLt
 // computes in CUBLAS_COMPUTE_32F, so only the summation order differs from the host).
-// The fixtures again with a bf16 model (Gpt2Backbone<bfloat16, Device>, bf16 bank): every op's
-// output rounded to bf16, the bf16 mode's bound below. With memory, an fp32 device model runs the
-// same segments beside it: where bf16 rounding of the queries turns a near-tie of two chunks'
-// scores the other way, the bf16 model retrieves other memory from that row on; the rows before the
-// first such row in each (segment, stream) are held to the bound, the rest are counted and reported.
+// The fixtures again with a bf16 model (Gpt2Backbone<bfloat16, Device>, bf16 bank) and an fp16 one
+// (half, __half bank): every op's output rounded to the type, 20u of max |ref| as below (bf16 7.8e-2,
+// fp16 u = 2^-11: 9.8e-3). With memory, an fp32 device model runs the same segments beside it:
+// where 16-bit rounding of the queries turns a near-tie of two chunks' scores the other way, the
+// 16-bit model retrieves other memory from that row on; the rows before the first such row in each
+// (segment, stream) are held to the bound, the rest are counted and reported.
 // The fixtures again under the reduced-precision device modes (longmem::DeviceMath): each of the
 // chained tensor-core products (the fixtures' backbone and SideNet: ~20 GEMMs and attention
 // products from token to logit) adds about u of relative error to what it passes on, so the bound
@@ -77,9 +78,11 @@ constexpr double tolerance = 1e-4;  // of max |ref|
 
 template <class F>
 using DevModel = Model<Gpt2Backbone<float, Device>, DeviceMemoryBank<float>, FusedChunkRetriever, F>;
-// The bf16 model: weights and activations in bf16 buffers, bf16 bank storage.
+// The 16-bit models: weights and activations in bf16 (fp16) buffers, bf16 (fp16) bank storage.
 template <class F>
 using Bf16Model = Model<Gpt2Backbone<bfloat16, Device>, DeviceMemoryBank<__nv_bfloat16>, FusedChunkRetriever, F>;
+template <class F>
+using F16Model = Model<Gpt2Backbone<longmem::half, Device>, DeviceMemoryBank<__half>, FusedChunkRetriever, F>;
 template <class F>
 using HostModel = Model<Gpt2Backbone<float>, HostMemoryBank<float>, ExactChunkRetriever, F>;
 
@@ -173,16 +176,18 @@ int first_row_with_other_chunks(const Retrieved<A, Device>& x, const Retrieved<B
 template <class F, class E = float>
 void check_fixture(const std::string& name, const std::string& expected_name, bool memory_on,
                    DeviceMath math = DeviceMath::fp32) {
-  constexpr bool bf16_model = std::is_same_v<E, bfloat16>;
-  if (bf16_model) math = DeviceMath::bf16;  // for the bound and the label; bf16 buffers ignore the mode
+  constexpr bool half_width_model = HalfWidthType<E>;  // 16-bit buffers ignore the device math mode
+  constexpr bool f16_model = std::is_same_v<E, longmem::half>;
   const auto dir = fixture_dir() / name;
   const std::string what = name + " '" + expected_name + "' (" + fusion_name<F>() + ", memory " + (memory_on ? "on" : "off") +
-                           (bf16_model                 ? ", bf16 model"
+                           (f16_model                  ? ", fp16 model"
+                            : half_width_model         ? ", bf16 model"
                             : math == DeviceMath::fp32 ? ""
                                                        : std::string(", ") + to_string(math)) +
                            ")";
-  const DeviceMathScope scope(bf16_model ? DeviceMath::fp32 : math);
-  const double bound = fixture_tolerance(math);
+  const DeviceMathScope scope(half_width_model ? DeviceMath::fp32 : math);
+  const double bound = f16_model ? 20 * std::ldexp(1.0, -11) : fixture_tolerance(half_width_model ? DeviceMath::bf16 : math);
+  const bool reduced = half_width_model || math != DeviceMath::fp32;
   if (!std::filesystem::exists(dir / "expected.safetensors")) {
     EXPECT(false, "%s: %s is missing (set LONGMEM_FIXTURE_DIR)", what.c_str(), (dir / "expected.safetensors").c_str());
     return;
@@ -199,15 +204,15 @@ void check_fixture(const std::string& name, const std::string& expected_name, bo
   const auto backbone = Gpt2Backbone<float>::load(dir / "backbone.safetensors");
   const auto side_net = SideNet<float>::load(dir / "sidenet.safetensors");
   const int V = backbone.config().vocab_size;
-  using M = std::conditional_t<bf16_model, Bf16Model<F>, DevModel<F>>;
+  using M = std::conditional_t<f16_model, F16Model<F>, std::conditional_t<half_width_model, Bf16Model<F>, DevModel<F>>>;
   M model(backbone.template to<Device, E>(), side_net.template to<Device, E>(), mem, B);
-  // The bf16 model with memory: its queries carry bf16 rounding, so where two chunks' scores nearly
+  // A 16-bit model with memory: its queries carry 16-bit rounding, so where two chunks' scores nearly
   // tie it may retrieve another chunk than the fp32 model, and from that row on (the SideNet's
   // causal layers carry a row's memory output to the later rows) its logits follow other memory.
   // The fp32 twin runs in lockstep; rows before the first one whose chunks differ (as sets per
   // head) are held to the bound; the rest are counted and reported.
   std::optional<DevModel<F>> twin;
-  if (bf16_model && memory_on) twin.emplace(backbone.to_device(), side_net.to_device(), mem, B);
+  if (half_width_model && memory_on) twin.emplace(backbone.to_device(), side_net.to_device(), mem, B);
   auto tokens = expected.read<std::int32_t>("tokens", {B, S * T});
   auto want = expected.read<float>(expected_name, {B, S * T, V});
   bool memory_was_used = false;
@@ -244,7 +249,7 @@ void check_fixture(const std::string& name, const std::string& expected_name, bo
   if (twin) {
     EXPECT(rows_with_memory_checked > 0, "%s: no row with memory kept the fp32 model's chunks: nothing was checked", what.c_str());
     std::printf("  %s: %d rows with memory checked; %d rows at or after a row whose chunks differ from the fp32 model's "
-                "(near-ties under bf16 rounding): max |err| %.3g there, not bounded\n",
+                "(near-ties under 16-bit rounding): max |err| %.3g there, not bounded\n",
                 what.c_str(), rows_with_memory_checked, rows_after_flip, after_flip.max_abs_err);
   }
   EXPECT(memory_was_used == memory_on, "%s: memory %s used", what.c_str(), memory_was_used ? "was" : "was not");
@@ -255,7 +260,7 @@ void check_fixture(const std::string& name, const std::string& expected_name, bo
   }
   std::printf("fixture %-36s %d streams x %d segments of %d, V %d: max |err| %.3g, max |ref| %.3g (%.3g of max |ref|, bound %.2g)\n",
               what.c_str(), B, S, T, V, worst.max_abs_err, worst.max_abs_ref, worst.relative(), bound);
-  if (math != DeviceMath::fp32) {
+  if (reduced) {
     EXPECT(worst.relative() > std::ldexp(1.0, -18), "%s: the logits are as exact as fp32's (%.3g of max |ref|): the mode was not applied",
            what.c_str(), worst.relative());
   }
@@ -591,6 +596,14 @@ int main() {
       {"fixture longmem_gpt2 gated bf16 model", [] { check_fixture<GatedFusion, bfloat16>("longmem_gpt2", "logits", true); }},
       {"fixture longmem_gpt2 joint bf16 model",
        [] { check_fixture<JointFusion, bfloat16>("longmem_gpt2", "logits_joint", true); }},
+      {"fixture longmem_gpt2star gated fp16 model",
+       [] { check_fixture<GatedFusion, longmem::half>("longmem_gpt2star", "logits", true); }},
+      {"fixture longmem_gpt2star joint fp16 model",
+       [] { check_fixture<JointFusion, longmem::half>("longmem_gpt2star", "logits_joint", true); }},
+      {"fixture longmem_gpt2star off fp16 model",
+       [] { check_fixture<GatedFusion, longmem::half>("longmem_gpt2star", "logits_no_memory", false); }},
+      {"fixture longmem_gpt2 gated fp16 model",
+       [] { check_fixture<GatedFusion, longmem::half>("longmem_gpt2", "logits", true); }},
       {"device vs host gpt2-star gated", [] { device_vs_host<GatedFusion>("gpt2-star", true); }},
       {"device vs host gpt2-star joint", [] { device_vs_host<JointFusion>("gpt2-star", true); }},
       {"device vs host gpt2-star off", [] { device_vs_host<GatedFusion>("gpt2-star", false); }},

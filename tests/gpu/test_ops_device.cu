@@ -47,12 +47,13 @@
 // and each mode must visibly take effect: its worst error relative to max |ref| over the sizes
 // must exceed 2^-18 (the fp32 mode stays near 2^-24 x a few), else the mode was ignored.
 //
-// Then every forward case on the device with bfloat16 buffers (the bf16 model's ops), inputs
-// rounded to bf16 first so that only the op is compared, against the float64 reference of those
-// inputs: the float tolerance plus u_bf16 = 2^-8 of max |ref| for the output's rounding to bf16
-// (<= 2^-9 of |out|); linear 2 u_bf16 (cuBLASLt may round between product, accumulation and bias);
-// attention also 4 u_bf16 (its probabilities go to the tensor cores as bf16);
-// cross_entropy reads bf16 exactly and writes float, so its float tolerance.
+// Then every forward case on the device with bfloat16 buffers (the bf16 model's ops), and again
+// with half buffers (the fp16 model's), inputs rounded to that type first so that only the op is
+// compared, against the float64 reference of those inputs: the float tolerance plus u = 2^-8 (bf16)
+// or 2^-11 (fp16) of max |ref| for the output's rounding (<= u / 2 of |out|); linear 2u (cuBLASLt
+// may round between product, accumulation and bias); attention also 4u (its probabilities go to
+// the tensor cores in the 16-bit type); cross_entropy reads 16-bit logits exactly and writes float,
+// so its float tolerance.
 //
 // Exit status: 0 all passed, 1 something failed, 77 no CUDA device (ctest: skipped; the table
 // then runs on the host backend alone, so the cases themselves are still checked).
@@ -94,9 +95,18 @@ bool device_present = false;
 
 // ---------------------------------------------------------------- backends
 
-// DeviceBf16: the device backend on bfloat16 buffers (forward cases only; run_table's bf16 pass).
-enum class Backend { Host, Device, DeviceBf16 };
-const char* name(Backend b) { return b == Backend::Host ? "host" : b == Backend::Device ? "device" : "device bf16"; }
+// DeviceBf16 / DeviceF16: the device backend on bfloat16 / half buffers (forward cases only;
+// run_table's 16-bit passes).
+enum class Backend { Host, Device, DeviceBf16, DeviceF16 };
+const char* name(Backend b) {
+  switch (b) {
+    case Backend::Host: return "host";
+    case Backend::Device: return "device";
+    case Backend::DeviceBf16: return "device bf16";
+    case Backend::DeviceF16: return "device fp16";
+  }
+  return "?";
+}
 constexpr Backend backends[] = {Backend::Host, Backend::Device};
 
 /// LONGMEM_TEST_STRIDE=<n> runs every n-th size of each op case (quick runs, sanitizers).
@@ -111,7 +121,7 @@ std::uint64_t base_seed() {
   return 20230612;
 }
 
-/// A tensor of E (float, or bfloat16 on the device) at L holding x (absent stays absent).
+/// A tensor of E (float, or bfloat16 / half on the device) at L holding x (absent stays absent).
 template <class L, class E = float>
 Tensor<E, L> to(const HostD& x) {
   if (x.data() == nullptr) return {};
@@ -274,12 +284,13 @@ struct OpCase {
 };
 
 /// Turns one generic lambda f(location, element, params, inputs) into a run for every backend:
-/// float on the host and the device, and bfloat16 buffers on the device (the bf16 model's).
+/// float on the host and the device, and bfloat16 or half buffers on the device (16-bit models').
 template <class F>
 RunFn on_every_backend(F f) {
   return [f](Backend b, const Params& p, const Inputs& in) -> Outputs {
     if (b == Backend::Host) return f(Host{}, float{}, p, in);
     if (b == Backend::DeviceBf16) return f(Device{}, bfloat16{}, p, in);
+    if (b == Backend::DeviceF16) return f(Device{}, longmem::half{}, p, in);
     return f(Device{}, float{}, p, in);
   };
 }
@@ -1171,41 +1182,52 @@ std::optional<Tolerance> reduced_tolerance(const std::string& op, DeviceMath mat
   return std::nullopt;
 }
 
-/// The tolerance of a forward op on bfloat16 buffers (see the header), output o: the inputs are
-/// rounded to bf16 first, so what remains is the op's own arithmetic (fp32, as on float buffers:
-/// the float tolerance) plus the rounding of its output to bf16 (<= 2^-9 of |out|, so u_bf16 of
-/// max |ref| leaves a factor 2); linear 2 u_bf16: cuBLASLt may round to bf16 between the product,
-/// the accumulation into out and the bias epilogue (measured on an H100: up to 1.5 u_bf16 of max
-/// |ref| with bias or accumulation, within u_bf16 without), three roundings of 2^-9; attention adds 4 u_bf16 for its probabilities, rounded to bf16
-/// (<= 2^-9 relative) before P V on the tensor cores: <= 2^-9 max |v| per output, and max |ref| is
-/// about max |v| (row 0 is v_0). cross_entropy reads bf16 logits exactly and writes float: the float
-/// tolerance. nullopt: no bf16 form (the backward ops).
-std::optional<Tolerance> bf16_tolerance(const OpCase& op, std::size_t o) {
+/// The buffers a table pass runs on: float, or a 16-bit type on the device.
+enum class Buffers { Float, Bf16, F16 };
+
+/// u of a 16-bit type: 2^-8 for bf16 (8 significant bits), 2^-11 for fp16 (11).
+double unit_roundoff(Buffers b) { return std::ldexp(1.0, b == Buffers::Bf16 ? -8 : -11); }
+
+/// The tolerance of a forward op on 16-bit buffers (see the header), output o: the inputs are
+/// rounded to the type first, so what remains is the op's own arithmetic (fp32, as on float buffers:
+/// the float tolerance) plus the rounding of its output (<= u / 2 of |out|, so u of max |ref| leaves
+/// a factor 2); linear 2u: cuBLASLt may round between the product, the accumulation into out and the
+/// bias epilogue (measured on an H100 in bf16: up to 1.5u of max |ref| with bias or accumulation,
+/// within u without), three roundings of u / 2; attention adds 4u for its probabilities, rounded to
+/// the type (<= u / 2 relative) before P V on the tensor cores: <= u / 2 max |v| per output, and max
+/// |ref| is about max |v| (row 0 is v_0). cross_entropy reads 16-bit logits exactly and writes
+/// float: the float tolerance. nullopt: no 16-bit form (the backward ops).
+std::optional<Tolerance> half_width_tolerance(const OpCase& op, std::size_t o, Buffers b) {
   if (op.name.starts_with("backward")) return std::nullopt;
-  const double u_bf16 = std::ldexp(1.0, -8);
+  const double u = unit_roundoff(b);
   Tolerance t = op.tolerance[o];
   if (op.name == "cross_entropy") return t;
-  t.rtol += op.name == "linear" ? 2 * u_bf16 : u_bf16;
-  if (op.name.find("attention") != std::string::npos) t.rtol += 4 * u_bf16;
+  t.rtol += op.name == "linear" ? 2 * u : u;
+  if (op.name.find("attention") != std::string::npos) t.rtol += 4 * u;
   return t;
 }
 
-/// Every input of a case rounded to bf16 (absent inputs stay absent).
-Inputs rounded_to_bf16(Inputs in) {
+/// Every input of a case rounded to bf16 or fp16 (absent inputs stay absent).
+Inputs rounded_to(Inputs in, Buffers b) {
   for (HostD& x : in.x) {
-    for (index_t i = 0; i < x.numel(); ++i) x.data()[i] = to_float(to_bfloat16(static_cast<float>(x.data()[i])));
+    for (index_t i = 0; i < x.numel(); ++i) {
+      const float f = static_cast<float>(x.data()[i]);
+      x.data()[i] = b == Buffers::Bf16 ? to_float(from_float<bfloat16>(f)) : to_float(from_float<longmem::half>(f));
+    }
   }
   return in;
 }
 
 /// Runs every size of every case on every backend; prints one summary line per (case, backend).
 /// Under a reduced-precision `math` mode: only the ops it touches, on the device, with
-/// reduced_tolerance, plus the check that the mode took effect. With `bf16_buffers`: every forward
-/// case on the device with bfloat16 buffers (Backend::DeviceBf16), inputs rounded to bf16, against
-/// the float64 reference of the rounded inputs within bf16_tolerance.
-void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32, bool bf16_buffers = false) {
+/// reduced_tolerance, plus the check that the mode took effect. With 16-bit `buffers`: every forward
+/// case on the device with bfloat16 or half buffers (Backend::DeviceBf16 / DeviceF16), inputs
+/// rounded to the type, against the float64 reference of the rounded inputs within
+/// half_width_tolerance.
+void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32, Buffers buffers = Buffers::Float) {
   const auto table = op_table();
-  const bool reduced = math != DeviceMath::fp32 || bf16_buffers;
+  const bool half_width = buffers != Buffers::Float;
+  const bool reduced = math != DeviceMath::fp32 || half_width;
   if (reduced && !device_present) return;
   const DeviceMathScope scope(math);
   const std::size_t n_backends = device_present ? 2 : 1;
@@ -1213,7 +1235,7 @@ void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32, bo
     const OpCase& op = table[which];
     if (!filter.empty() && op.name.find(filter) == std::string::npos) continue;
     const std::optional<Tolerance> reduced_tol =
-        bf16_buffers ? bf16_tolerance(op, 0) : reduced ? reduced_tolerance(op.name, math) : std::nullopt;
+        half_width ? half_width_tolerance(op, 0, buffers) : reduced ? reduced_tolerance(op.name, math) : std::nullopt;
     if (reduced && !reduced_tol) continue;
     double worst[2] = {0, 0};  // max over sizes and outputs of max_err / bound
     double worst_rel = 0;      // reduced modes: max over sizes and outputs of max_err / max_ref
@@ -1225,11 +1247,11 @@ void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32, bo
       ++run;
       const std::uint64_t seed = base_seed() + 1000003 * which + i;
       std::mt19937_64 rng(seed);
-      const Inputs in = bf16_buffers ? rounded_to_bf16(op.make(p, rng)) : op.make(p, rng);
+      const Inputs in = half_width ? rounded_to(op.make(p, rng), buffers) : op.make(p, rng);
       const Outputs ref = op.reference(p, in);
       Outputs got[2];
       for (std::size_t bi = reduced ? 1 : 0; bi < n_backends; ++bi) {
-        const Backend b = bf16_buffers ? Backend::DeviceBf16 : backends[bi];
+        const Backend b = !half_width ? backends[bi] : buffers == Buffers::Bf16 ? Backend::DeviceBf16 : Backend::DeviceF16;
         std::string error;
         try {
           got[bi] = op.run(b, p, in);
@@ -1254,7 +1276,8 @@ void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32, bo
         }
         for (std::size_t o = 0; o < ref.size(); ++o) {
           const Comparison cmp =
-              compare(got[bi][o], ref[o], bf16_buffers ? *bf16_tolerance(op, o) : reduced ? *reduced_tol : op.tolerance[o]);
+              compare(got[bi][o], ref[o],
+                      half_width ? *half_width_tolerance(op, o, buffers) : reduced ? *reduced_tol : op.tolerance[o]);
           if (cmp.bound > 0) worst[bi] = std::max(worst[bi], cmp.max_err / cmp.bound);
           if (cmp.max_ref > 0) worst_rel = std::max(worst_rel, cmp.max_err / cmp.max_ref);
           if (!cmp.ok) {
@@ -1271,9 +1294,10 @@ void run_table(const std::string& filter, DeviceMath math = DeviceMath::fp32, bo
         }
       }
     }
-    if (bf16_buffers) {  // the element type is fixed at compile time: nothing to prove applied
-      std::printf("%-22s device bf16 buffers %4zu sizes: %s, worst error %.3g of the bound (rtol %.3g), %.3g of max|ref|\n",
-                  op.name.c_str(), run, failed[1] ? "FAILED" : "ok", worst[1], reduced_tol->rtol, worst_rel);
+    if (half_width) {  // the element type is fixed at compile time: nothing to prove applied
+      std::printf("%-22s device %s buffers %4zu sizes: %s, worst error %.3g of the bound (rtol %.3g), %.3g of max|ref|\n",
+                  op.name.c_str(), buffers == Buffers::Bf16 ? "bf16" : "fp16", run, failed[1] ? "FAILED" : "ok",
+                  worst[1], reduced_tol->rtol, worst_rel);
       std::fflush(stdout);
       continue;
     }
@@ -1582,7 +1606,8 @@ int main(int argc, char** argv) {
     run_table(filter);
     run_table(filter, DeviceMath::tf32);
     run_table(filter, DeviceMath::bf16);
-    run_table(filter, DeviceMath::fp32, /*bf16_buffers=*/true);
+    run_table(filter, DeviceMath::fp32, Buffers::Bf16);
+    run_table(filter, DeviceMath::fp32, Buffers::F16);
   });
   if (filter.empty() || filter == "behaviour") run_part("behaviour", [] { attention_behaviour(); });
   if (filter.empty() || filter == "refusals") run_part("refusals", [] { refusals(); });

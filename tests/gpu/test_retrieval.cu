@@ -17,11 +17,12 @@
 //        levels, plateaus; wrapped rings): exact against the float64 reference with the filter on
 //        and off; and the two paths bit for bit on random data.
 //     4. The batched entry point equals one retrieval per bank, bit for bit.
-//     4b. bf16 queries (a bf16 model's): the slots and scores of the same values as float queries, bit
-//        for bit, and the float gather's keys/values rounded to bf16 (retrieve and retrieve_stacked).
+//     4b. bf16 and fp16 queries (16-bit models'): the slots and scores of the same values as float
+//        queries, bit for bit, and the float gather's keys/values rounded to the queries' type
+//        (retrieve and retrieve_stacked).
 //     5. NaN queries, an empty bank, no queries, a bank on its own non-blocking stream.
 //     6. Bad inputs give the library's exceptions.
-// LONGMEM_TEST_ONLY=name,name runs only those parts (banks, random, ties, threshold, paths, batched, bf16,
+// LONGMEM_TEST_ONLY=name,name runs only those parts (banks, random, ties, threshold, paths, batched, bf16, fp16,
 // stacked, edges, refusals): compute-sanitizer's racecheck is too slow for the whole file.
 //
 // Tolerances. Scores: the GPU sums dh fp32 FMAs in order, the CPU in Eigen's order; both are within
@@ -844,12 +845,14 @@ void test_stacked() {
 
 // ---------------------------------------------------------------- 5. edge cases
 
-/// A bf16 model's retrieval (bf16 queries and results, FusedChunkRetriever's bf16 overloads) on
-/// bf16 and float banks: the same queries as float (bf16 values, so widening is exact) must give the
-/// same slots and scores bit for bit, and the gathered keys/values must be the float gather's values
-/// (bf16 banks: exactly; float banks: rounded to bf16), for retrieve and retrieve_stacked.
-template <class S>
-void test_bf16_queries() {
+/// A 16-bit model's retrieval (Q = bfloat16 or half queries and results, FusedChunkRetriever's
+/// 16-bit overloads) on banks of storage S: the same queries as float (Q values, so widening is
+/// exact) must give the same slots and scores bit for bit, and the gathered keys/values must be the
+/// float gather's values rounded to Q (exactly the stored ones when S is Q's twin), for retrieve and
+/// retrieve_stacked.
+template <class Q, class S>
+void test_half_width_queries() {
+  const char* qname = std::is_same_v<Q, bfloat16> ? "bf16" : "fp16";
   const std::uint64_t seed = 5151;
   std::mt19937_64 rng(seed);
   const MemoryGeometry g{3, 64, 4, 200};
@@ -863,57 +866,57 @@ void test_bf16_queries() {
   }
   const index_t N = offsets.back();
   Tensor<float, Host> qf = random_tensor(rng, {N, g.n_head, g.head_dim});
-  Tensor<bfloat16, Host> qb(qf.shape());
+  Tensor<Q, Host> qh(qf.shape());
   for (index_t i = 0; i < qf.numel(); ++i) {
-    qb.data()[i] = to_bfloat16(qf.data()[i]);
-    qf.data()[i] = to_float(qb.data()[i]);
+    qh.data()[i] = from_float<Q>(qf.data()[i]);
+    qf.data()[i] = to_float(qh.data()[i]);
   }
   const Tensor<float, Device> qf_dev = to_device(qf);
-  Tensor<bfloat16, Device> qb_dev(qb.shape());
-  copy(cview(qb), qb_dev.view());
-  auto same = [&](const Retrieved<float, Device>& f, const Retrieved<bfloat16, Device>& b16, const std::string& ctx) {
-    CHECK(f.chunks == b16.chunks, "%s: %d chunks with float queries, %d with bf16", ctx.c_str(), f.chunks, b16.chunks);
-    if (!(f.slots.shape() == b16.slots.shape()) || !(f.keys.shape() == b16.keys.shape())) {
+  Tensor<Q, Device> qh_dev(qh.shape());
+  copy(cview(qh), qh_dev.view());
+  auto same = [&](const Retrieved<float, Device>& f, const Retrieved<Q, Device>& r16, const std::string& ctx) {
+    CHECK(f.chunks == r16.chunks, "%s: %d chunks with float queries, %d with %s", ctx.c_str(), f.chunks, r16.chunks, qname);
+    if (!(f.slots.shape() == r16.slots.shape()) || !(f.keys.shape() == r16.keys.shape())) {
       CHECK(false, "%s: shapes differ", ctx.c_str());
       return;
     }
-    const Tensor<std::int32_t, Host> fs = to_host(cview(f.slots)), bs = to_host(cview(b16.slots));
-    const Tensor<float, Host> fsc = to_host(cview(f.scores)), bsc = to_host(cview(b16.scores));
+    const Tensor<std::int32_t, Host> fs = to_host(cview(f.slots)), bs = to_host(cview(r16.slots));
+    const Tensor<float, Host> fsc = to_host(cview(f.scores)), bsc = to_host(cview(r16.scores));
     CHECK(std::memcmp(fs.data(), bs.data(), fs.bytes()) == 0 && std::memcmp(fsc.data(), bsc.data(), fsc.bytes()) == 0,
-          "%s: slots or scores differ between float and bf16 queries", ctx.c_str());
+          "%s: slots or scores differ between float and %s queries", ctx.c_str(), qname);
     const Tensor<float, Host> fk = to_host(cview(f.keys)), fv = to_host(cview(f.values));
-    const Tensor<bfloat16, Host> bk = to_host(cview(b16.keys)), bv = to_host(cview(b16.values));
+    const Tensor<Q, Host> bk = to_host(cview(r16.keys)), bv = to_host(cview(r16.values));
     index_t bad = 0;
     for (index_t i = 0; i < fk.numel(); ++i) {
-      bad += to_bfloat16(fk.data()[i]).bits != bk.data()[i].bits;
-      bad += to_bfloat16(fv.data()[i]).bits != bv.data()[i].bits;
+      bad += from_float<Q>(fk.data()[i]).bits != bk.data()[i].bits;
+      bad += from_float<Q>(fv.data()[i]).bits != bv.data()[i].bits;
     }
-    CHECK(bad == 0, "%s: %lld gathered bf16 elements are not the float gather's rounded to bf16", ctx.c_str(),
-          static_cast<long long>(bad));
+    CHECK(bad == 0, "%s: %lld gathered %s elements are not the float gather's rounded to %s", ctx.c_str(),
+          static_cast<long long>(bad), qname, qname);
   };
   FusedChunkRetriever retriever;
   for (int k : {1, 16}) {
     for (std::size_t b = 0; b < banks.size(); ++b) {
-      const std::string ctx = detail::concat("bf16 queries (", HostTwin<S>::name, " bank ", b, ", k=", k, ")");
+      const std::string ctx = detail::concat(qname, " queries (", HostTwin<S>::name, " bank ", b, ", k=", k, ")");
       Retrieved<float, Device> f;
-      Retrieved<bfloat16, Device> b16;
+      Retrieved<Q, Device> r16;
       retriever.retrieve(*banks[b].dev, cview(qf_dev).slice(offsets[b], offsets[b + 1]), k, f);
-      retriever.retrieve(*banks[b].dev, cview(qb_dev).slice(offsets[b], offsets[b + 1]), k, b16);
+      retriever.retrieve(*banks[b].dev, cview(qh_dev).slice(offsets[b], offsets[b + 1]), k, r16);
       if (!device_ok(ctx)) continue;
-      same(f, b16, ctx);
+      same(f, r16, ctx);
     }
     std::vector<const DeviceMemoryBank<S>*> ptrs;
     for (auto& b : banks) ptrs.push_back(b.dev.get());
     const std::span<const DeviceMemoryBank<S>* const> bank_span(ptrs);
-    const std::string ctx = detail::concat("bf16 queries stacked (", HostTwin<S>::name, ", k=", k, ")");
+    const std::string ctx = detail::concat(qname, " queries stacked (", HostTwin<S>::name, ", k=", k, ")");
     Retrieved<float, Device> f;
-    Retrieved<bfloat16, Device> b16;
+    Retrieved<Q, Device> r16;
     retriever.retrieve_stacked(bank_span, cview(qf_dev), std::span<const index_t>(offsets), k, f);
-    retriever.retrieve_stacked(bank_span, cview(qb_dev), std::span<const index_t>(offsets), k, b16);
+    retriever.retrieve_stacked(bank_span, cview(qh_dev), std::span<const index_t>(offsets), k, r16);
     if (!device_ok(ctx)) continue;
-    same(f, b16, ctx);
+    same(f, r16, ctx);
   }
-  std::printf("bf16 queries (%s banks): the float queries' slots, scores and gathered values\n", HostTwin<S>::name);
+  std::printf("%s queries (%s banks): the float queries' slots, scores and gathered values\n", qname, HostTwin<S>::name);
 }
 
 void test_edges() {
@@ -1145,8 +1148,12 @@ int main() {
     part("batched", [] { test_batched(); });
     part("stacked", [] { test_stacked(); });
     part("bf16", [] {
-      test_bf16_queries<__nv_bfloat16>();
-      test_bf16_queries<float>();
+      test_half_width_queries<bfloat16, __nv_bfloat16>();
+      test_half_width_queries<bfloat16, float>();
+    });
+    part("fp16", [] {
+      test_half_width_queries<longmem::half, __half>();
+      test_half_width_queries<longmem::half, float>();
     });
     part("edges", [] { test_edges(); });
     part("refusals", [] { test_refusals_with_device(); });

@@ -287,3 +287,27 @@ TEST_CASE("tensor: integer element types and rank-5 tensors", "[tensor]") {
   CHECK(t.rank() == 5);
   CHECK(t.dim(2) == 3);
 }
+
+TEST_CASE("tensor: converted rounds to 16-bit types and refuses finite values beyond fp16's range", "[tensor][errors]") {
+  using longmem::bfloat16, longmem::converted, longmem::cview, longmem::half, longmem::Host, longmem::InputError,
+      longmem::to_float;
+  std::mt19937_64 rng(77);
+  std::uniform_real_distribution<float> u(-8.0f, 8.0f);
+  Tensor<float, Host> x(Shape{3, 5});
+  for (index_t i = 0; i < x.numel(); ++i) x.data()[i] = u(rng);
+  const auto h = converted<half>(cview(x));
+  const auto b = converted<bfloat16>(cview(x));
+  for (index_t i = 0; i < x.numel(); ++i) {
+    // Round to nearest: within half a unit in the last place (2^-11 / 2^-8 relative).
+    CHECK(std::abs(to_float(h.data()[i]) - x.data()[i]) <= std::ldexp(std::abs(x.data()[i]), -11));
+    CHECK(std::abs(to_float(b.data()[i]) - x.data()[i]) <= std::ldexp(std::abs(x.data()[i]), -8));
+  }
+  x.data()[7] = 65504.0f;  // fp16's largest finite value stays finite
+  CHECK(to_float(converted<half>(cview(x)).data()[7]) == 65504.0f);
+  x.data()[7] = 7.0e4f;  // rounds to infinity in fp16: refused, naming the element
+  CHECK_THROWS_AS(converted<half>(cview(x)), InputError);
+  CHECK_THROWS_WITH(converted<half>(cview(x)), Catch::Contains("element 7") && Catch::Contains("65504"));
+  CHECK(std::isfinite(to_float(converted<bfloat16>(cview(x)).data()[7])));  // bf16 has float's range
+  x.data()[7] = std::numeric_limits<float>::infinity();  // not finite to begin with: carried over
+  CHECK(std::isinf(to_float(converted<half>(cview(x)).data()[7])));
+}

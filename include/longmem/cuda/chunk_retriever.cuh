@@ -102,31 +102,21 @@ class FusedChunkRetriever {
   const FusedRetrieverTuning& tuning() const { return tuning_; }
 
   /// out.slots, out.scores (T, H, k'), out.keys, out.values (T, H, k' * csz, dh), k' = min(k, n).
-  template <DeviceStorageType S>
-  void retrieve(const DeviceMemoryBank<S>& bank, TensorView<const float, Device> queries, int k,
-                Retrieved<float, Device>& out) {
+  /// E = bfloat16 or half (a 16-bit model's queries): widened to float on the device, exactly, so
+  /// the selection is the float path's; the chosen chunks' keys and values are gathered as E.
+  template <DeviceStorageType S, class E>
+    requires(std::is_same_v<E, float> || HalfWidthType<E>)
+  void retrieve(const DeviceMemoryBank<S>& bank, TensorView<const E, Device> queries, int k, Retrieved<E, Device>& out) {
     const DeviceMemoryBank<S>* banks[1] = {&bank};
-    const TensorView<const float, Device> qs[1] = {queries};
-    Retrieved<float, Device>* outs[1] = {&out};
+    const TensorView<const float, Device> qs[1] = {as_float(queries, bank.stream())};
+    Retrieved<E, Device>* outs[1] = {&out};
     run<true>(std::span<const DeviceMemoryBank<S>* const>(banks), std::span<const TensorView<const float, Device>>(qs),
-              k, std::span<Retrieved<float, Device>* const>(outs), bank.stream(), "FusedChunkRetriever::retrieve");
+              k, std::span<Retrieved<E, Device>* const>(outs), bank.stream(), "FusedChunkRetriever::retrieve");
   }
 
-  /// The same for a bf16 model: bf16 queries (widened to float on the device, exactly, so the
-  /// selection is the float path's), the chosen chunks' keys and values gathered as bf16.
-  template <DeviceStorageType S>
-  void retrieve(const DeviceMemoryBank<S>& bank, TensorView<const bfloat16, Device> queries, int k,
-                Retrieved<bfloat16, Device>& out) {
-    const DeviceMemoryBank<S>* banks[1] = {&bank};
-    const TensorView<const float, Device> qs[1] = {widened(queries, bank.stream())};
-    Retrieved<bfloat16, Device>* outs[1] = {&out};
-    run<true>(std::span<const DeviceMemoryBank<S>* const>(banks), std::span<const TensorView<const float, Device>>(qs),
-              k, std::span<Retrieved<bfloat16, Device>* const>(outs), bank.stream(), "FusedChunkRetriever::retrieve");
-  }
-
-  /// Convenience: queries from an owning device tensor or a mutable view.
+  /// Convenience: float queries from an owning device tensor or a mutable view.
   template <DeviceStorageType S, class Q>
-    requires requires(const Q& q) {
+    requires(!std::is_same_v<Q, TensorView<const float, Device>>) && requires(const Q& q) {
       { cview(q) } -> std::convertible_to<TensorView<const float, Device>>;
     }
   void retrieve(const DeviceMemoryBank<S>& bank, const Q& queries, int k, Retrieved<float, Device>& out) {
@@ -187,19 +177,15 @@ class FusedChunkRetriever {
   /// the same rows of one output: out.slots, out.scores (N, H, k'), out.keys, out.values
   /// (N, H, k' csz, dh) (what memory_attention with offsets reads). Every bank must give the same
   /// k' = min(k, stored chunks) (full banks do): a ConfigError says which does not.
-  /// bfloat16 queries (a bf16 model's) are widened to float on the device first (exactly), and the
-  /// keys and values are gathered as bf16.
+  /// bfloat16 or half queries (a 16-bit model's) are widened to float on the device first
+  /// (exactly), and the keys and values are gathered as the queries' type.
   template <DeviceStorageType S, class E>
-    requires(std::is_same_v<E, float> || std::is_same_v<E, bfloat16>)
+    requires(std::is_same_v<E, float> || HalfWidthType<E>)
   void retrieve_stacked(std::span<const DeviceMemoryBank<S>* const> banks, TensorView<const E, Device> queries_in,
                         std::span<const index_t> offsets, int k, Retrieved<E, Device>& out) {
     const char* who = "FusedChunkRetriever::retrieve_stacked";
-    TensorView<const float, Device> queries;
-    if constexpr (std::is_same_v<E, float>) {
-      queries = queries_in;
-    } else {
-      queries = widened(queries_in, banks.empty() ? cudaStream_t{} : banks.front()->stream());
-    }
+    const TensorView<const float, Device> queries =
+        as_float(queries_in, banks.empty() ? cudaStream_t{} : banks.front()->stream());
     const index_t N = queries.rank() > 0 ? queries.dim(0) : 0;
     if (offsets.size() != banks.size() + 1 || offsets.front() != 0 || offsets.back() != N ||
         !std::is_sorted(offsets.begin(), offsets.end())) {
@@ -275,8 +261,18 @@ class FusedChunkRetriever {
     void* values = nullptr;
   };
 
-  /// A float copy of bf16 queries (T, H, dh) in the retriever's own buffer, on `stream`.
-  TensorView<const float, Device> widened(TensorView<const bfloat16, Device> q, cudaStream_t stream) {
+  /// The queries as float: float ones as they are; 16-bit ones (T, H, dh) copied into the
+  /// retriever's own buffer, on `stream`, exactly.
+  template <class E>
+  TensorView<const float, Device> as_float(TensorView<const E, Device> q, cudaStream_t stream) {
+    if constexpr (std::is_same_v<E, float>) {
+      return q;
+    } else {
+      return widened(q, stream);
+    }
+  }
+  template <class E>
+  TensorView<const float, Device> widened(TensorView<const E, Device> q, cudaStream_t stream) {
     widened_.resize(q.shape());
     const index_t n = q.numel();
     if (n > 0 && q.data() != nullptr) {
@@ -318,7 +314,7 @@ class FusedChunkRetriever {
     launches<Gather, detail::device_element_t<E>>(banks, queries, k, dst, stream, who);
   }
 
-  /// O: the gathered keys' and values' element type (float or __nv_bfloat16).
+  /// O: the gathered keys' and values' element type (float, __nv_bfloat16 or __half).
   template <bool Gather, class O, class S>
   void launches(std::span<const DeviceMemoryBank<S>* const> banks, std::span<const TensorView<const float, Device>> queries,
                 int k, std::span<const OutputRows> dst, cudaStream_t stream, const char* who) {

@@ -159,13 +159,13 @@ class DeviceMemoryBank {
   TensorView<const S, Device> keys() const { return keys_.view(); }                  // (H, C, csz, dh)
   TensorView<const S, Device> values() const { return values_.view(); }              // (H, C, csz, dh)
 
-  /// Appends T tokens of keys and values, both (T, H, dh) float or bfloat16 (a bf16 model's) on the
-  /// device; semantics of HostMemoryBank::append (pending chunk first, only the newest C chunks of
-  /// one call written). Chunk keys are the float means of the keys as given.
+  /// Appends T tokens of keys and values, both (T, H, dh) float, bfloat16 or half (a 16-bit model's)
+  /// on the device; semantics of HostMemoryBank::append (pending chunk first, only the newest C
+  /// chunks of one call written). Chunk keys are the float means of the keys as given.
   template <class T>
   void append(TensorView<const T, Device> keys, TensorView<const T, Device> values) {
-    static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16>,
-                  "DeviceMemoryBank::append takes float or bfloat16 keys and values");
+    static_assert(std::is_same_v<T, float> || HalfWidthType<T>,
+                  "DeviceMemoryBank::append takes float, bfloat16 or half keys and values");
     const Shape expected{keys.rank() == 3 ? keys.dim(0) : 0, geom_.n_head, geom_.head_dim};
     if (keys.rank() != 3 || !(keys.shape() == expected)) {
       detail::fail<ShapeError>("DeviceMemoryBank::append: keys must be (T, H, dh) = (T, ", geom_.n_head, ", ",

@@ -1,6 +1,6 @@
 #pragma once
-// How the device backend rounds the inputs of its tensor-core products on float buffers (a bf16
-// model, Tensor<bfloat16, Device>, computes in bf16 whatever the mode). Buffers stay float
+// How the device backend rounds the inputs of its tensor-core products on float buffers (a bf16 or
+// fp16 model, Tensor<bfloat16 | half, Device>, computes in its own type whatever the mode). Buffers stay float
 // (Tensor<float, Device>) in every mode and every product accumulates in fp32; what changes is
 // how many mantissa bits of each input reach the tensor cores, which trades accuracy for speed
 // the way PyTorch's torch.set_float32_matmul_precision("highest" | "high" | "medium") does:

@@ -1,15 +1,15 @@
 #pragma once
 // OpsBackend<Device>: the op table (longmem/ops.hpp) for buffers in GPU memory, T = float; the
-// forward ops also take T = bfloat16 (a bf16 model: bf16 read and written, fp32 inside). Compile
-// with nvcc. Each op family lives in cuda/ops/, mirroring cpu/ops/, its backward beside it:
+// forward ops also take T = bfloat16 or half (a bf16 or fp16 model: 16 bits read and written, fp32
+// inside). Compile with nvcc. Each op family lives in cuda/ops/, mirroring cpu/ops/, its backward beside it:
 //
 //   cuda/ops/embedding.cuh           embedding, embedding_backward   (ids checked on the host, then copied)
 //   cuda/ops/layer_norm.cuh          layer_norm, layer_norm_backward (one block per row, statistics in double)
 //   cuda/ops/linear.cuh              linear, linear_backward         (cuBLASLt, fp32 accumulation, bias in the epilogue)
 //   cuda/ops/elementwise.cuh         gelu (in place, out of place), gelu_backward, add, add_difference
 //   cuda/ops/attention.cuh           causal_attention, memory_attention<F>   (one flash-style kernel;
-//                                    attention_mma.cuh on float tensor cores, attention_mma_bf16.cuh
-//                                    on bf16 ones)
+//                                    attention_mma.cuh on float tensor cores, attention_mma16.cuh
+//                                    on bf16 and fp16 ones)
 //   cuda/ops/attention_backward.cuh  causal_attention_backward, memory_attention_backward<F>
 //                                    (cuBLASLt batched over heads; one warp per row for memory)
 //   cuda/ops/cross_entropy.cuh       cross_entropy (synchronises), cross_entropy_backward
@@ -23,7 +23,7 @@
 // their sums.
 // On float buffers longmem::set_device_math (cuda/math_mode.hpp) picks how the inputs of the
 // tensor-core products (linear, the local attention branch) are rounded: fp32 (default), tf32, bf16.
-// bf16 buffers ignore it (their products are bf16 already).
+// 16-bit buffers ignore it (their products are bf16 or fp16 already).
 // Backward ops: everything that training needs, from scratch (BackbonePretraining) and by
 // memory-augmented adaptation (SideNetAdaptation), on the device.
 #include <cstdint>

@@ -79,8 +79,8 @@ struct DeviceBankArrays {
   int n_head, head_dim, chunk_size;
 };
 
-/// Keys and values arrive as E (float, or __nv_bfloat16 from a bf16 model: exact in float, so a
-/// bf16 bank stores them unchanged).
+/// Keys and values arrive as E (float, or __nv_bfloat16 / __half from a 16-bit model: exact in
+/// float, so a bank of the same type stores them unchanged).
 /// Tokens [t0, t0 + count) of keys/values (T, H, dh) go to pending positions
 /// [pending_before, pending_before + count). The key sum continues from the stored one, or starts
 /// at 0 when `fresh`. When commit_slot >= 0 the pending chunk is then complete: it is copied to

@@ -792,33 +792,33 @@ __device__ __forceinline__ void retrieval_load8(const S* src, float (&dst)[8]) {
   }
 }
 
-/// Eight floats to eight O (float: two 16-byte stores; __nv_bfloat16: one, rounded to nearest even).
+/// Eight floats to eight O (float: two 16-byte stores; __nv_bfloat16 or __half: one, rounded to
+/// nearest even).
 template <class O>
 __device__ __forceinline__ void retrieval_store8(O* dst, const float (&f)[8]) {
   if constexpr (std::is_same_v<O, float>) {
     reinterpret_cast<float4*>(dst)[0] = make_float4(f[0], f[1], f[2], f[3]);
     reinterpret_cast<float4*>(dst)[1] = make_float4(f[4], f[5], f[6], f[7]);
   } else {
-    static_assert(std::is_same_v<O, __nv_bfloat16>, "the gather writes float or bf16");
-    uint4 raw;
-    std::uint32_t* w = &raw.x;
+    static_assert(std::is_same_v<O, __nv_bfloat16> || std::is_same_v<O, __half>, "the gather writes float, bf16 or fp16");
+    O e[8];
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const __nv_bfloat162 pair = __floats2bfloat162_rn(f[2 * p], f[2 * p + 1]);
-      memcpy(w + p, &pair, 4);
-    }
+    for (int p = 0; p < 8; ++p) e[p] = device_store<O>(f[p]);
+    uint4 raw;
+    memcpy(&raw, e, 16);
     *reinterpret_cast<uint4*>(dst) = raw;
   }
 }
 
-/// n elements bf16 -> float (the retriever's queries from a bf16 model; exact).
-__global__ inline void retrieval_widen_kernel(const __nv_bfloat16* __restrict__ in, float* __restrict__ out, index_t n) {
+/// n 16-bit elements E -> float (the retriever's queries from a bf16 or fp16 model; exact).
+template <class E>
+__global__ void retrieval_widen_kernel(const E* __restrict__ in, float* __restrict__ out, index_t n) {
   for (index_t i = blockIdx.x * index_t{blockDim.x} + threadIdx.x; i < n; i += index_t{gridDim.x} * blockDim.x) {
-    out[i] = __bfloat162float(in[i]);
+    out[i] = device_load(in[i]);
   }
 }
 
-/// O: the gathered keys' and values' element type (float, or __nv_bfloat16 for a bf16 model).
+/// O: the gathered keys' and values' element type (float, or __nv_bfloat16 / __half for a 16-bit model).
 template <class S, class O = float>
 __global__ void __launch_bounds__(256) retrieval_merge_kernel(const __grid_constant__ RetrievalLaunch<S> L) {
   const int H = L.n_head, dh = L.head_dim, csz = L.chunk_size, splits = L.splits;

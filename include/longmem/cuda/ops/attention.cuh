@@ -6,8 +6,8 @@
 // anywhere and ALiBi slopes come from detail::alibi_slope inside the kernel:
 //   dh <= 64     attention_mma_kernel (attention_mma.cuh): the local branch on tensor cores
 //                (mma.sync; 3xTF32, float accuracy, under DeviceMath::fp32; 1xTF32 under tf32
-//                and bf16: cuda/math_mode.hpp), 64 queries per block; on bf16 buffers
-//                attention_mma_bf16_kernel (attention_mma_bf16.cuh): bf16 m16n8k16 mma
+//                and bf16: cuda/math_mode.hpp), 64 queries per block; on bf16 or fp16 buffers
+//                attention_mma16_kernel (attention_mma16.cuh): bf16 or fp16 m16n8k16 mma
 //   dh <= 256    attention_kernel (below): FMAs from shared memory, 32 queries per block
 // Modes (AttentionMode):
 //   causal_attention                        Causal: the local softmax only
@@ -31,7 +31,7 @@
 
 #include "longmem/cuda/math_mode.hpp"
 #include "longmem/cuda/ops/attention_mma.cuh"
-#include "longmem/cuda/ops/attention_mma_bf16.cuh"
+#include "longmem/cuda/ops/attention_mma16.cuh"
 #include "longmem/cuda/ops/attention_parts.cuh"
 #include "longmem/cuda/ops/common.cuh"
 #include "longmem/detail/alibi.hpp"
@@ -275,12 +275,12 @@ void launch_attention(const char* op, const AttentionArgsT<E>& a) {
 }
 
 /// The tensor-core kernel (dh up to 64): on float buffers 3xTF32 under DeviceMath::fp32, 1xTF32
-/// otherwise; on bf16 buffers bf16 mma.m16n8k16 (attention_mma_bf16.cuh). With a.n_seg sequences,
+/// otherwise; on bf16 / fp16 buffers bf16 / fp16 mma.m16n8k16 (attention_mma16.cuh). With a.n_seg sequences,
 /// one block per (query block of the longest sequence, sequence) and head.
 template <AttentionMode Mode, int DhMax, class E>
 void launch_attention_mma(const char* op, const AttentionArgsT<E>& a) {
-  constexpr bool bf16 = std::is_same_v<E, __nv_bfloat16>;
-  const std::size_t smem = bf16 ? attention_mma_bf16_smem_bytes(DhMax, Mode != AttentionMode::Causal)
+  constexpr bool half_width = std::is_same_v<E, __nv_bfloat16> || std::is_same_v<E, __half>;
+  const std::size_t smem = half_width ? attention_mma16_smem_bytes(DhMax, Mode != AttentionMode::Causal)
                                 : attention_mma_smem_floats(DhMax, Mode != AttentionMode::Causal) * sizeof(float);
   index_t longest = a.n_tok, blocks = (a.n_tok + mma_br - 1) / mma_br;
   if (a.n_seg > 0) {
@@ -289,11 +289,11 @@ void launch_attention_mma(const char* op, const AttentionArgsT<E>& a) {
     blocks = (longest + mma_br - 1) / mma_br * a.n_seg;
   }
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(a.n_head));
-  if constexpr (bf16) {
+  if constexpr (half_width) {
     if (longest > (index_t{1} << 24)) {  // the kernel's ALiBi distances key - t are exact floats below 2^24
-      fail<InputError>(op, ": a sequence of ", longest, " rows; the bf16 attention kernel takes at most 2^24");
+      fail<InputError>(op, ": a sequence of ", longest, " rows; the 16-bit attention kernel takes at most 2^24");
     }
-    launch_attention_kernel(op, attention_mma_bf16_kernel<Mode, DhMax>, a, grid, dim3(mma_threads), smem);
+    launch_attention_kernel(op, attention_mma16_kernel<Mode, DhMax, E>, a, grid, dim3(mma_threads), smem);
   } else if (device_math() == DeviceMath::fp32) {
     launch_attention_kernel(op, attention_mma_kernel<Mode, DhMax, true, E>, a, grid, dim3(mma_threads), smem);
   } else {

@@ -16,7 +16,7 @@
 // small_a small_b is <= 2^-22 |a b|), so scores and outputs keep float accuracy (the op tests' rtol
 // 1e-4 of the FMA kernel holds), at 3 tensor-core instructions per product instead of 1.
 // Split = false (DeviceMath::tf32 and bf16): one mma on the inputs rounded to TF32 (10 mantissa bits).
-// (bf16 buffers take attention_mma_bf16.cuh's kernel; this one is instantiated for float only.)
+// (bf16 and fp16 buffers take attention_mma16.cuh's kernel; this one is instantiated for float only.)
 // Fragment layouts: cuda/detail/mma.cuh.
 // Shared rows have a pitch of DhMax + 4 floats: both fragment reads (k: row g, column tig; v: rows
 // 2 tig and 2 tig + 1, column g) then fall in 32 distinct banks.

@@ -128,13 +128,13 @@ inline unsigned grid_for(index_t n, unsigned block, unsigned max_blocks = 65535u
   return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > index_t{max_blocks} ? index_t{max_blocks} : blocks));
 }
 
-/// The forward ops take float or bfloat16 buffers: bf16 is read and written as bf16, every sum
-/// and statistic inside is fp32 (or double), as in PyTorch's bf16 kernels.
+/// The forward ops take float, bfloat16 or half buffers: 16-bit values are read and written as
+/// such, every sum and statistic inside is fp32 (or double), as in PyTorch's bf16 and fp16 kernels.
 template <class T>
 constexpr void require_forward_element() {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16>,
-                "the CUDA backend's forward ops take Tensor<float, Device> or Tensor<bfloat16, Device> buffers; "
-                "use the host backend for double");
+  static_assert(std::is_same_v<T, float> || HalfWidthType<T>,
+                "the CUDA backend's forward ops take Tensor<float, Device>, Tensor<bfloat16, Device> or "
+                "Tensor<half, Device> buffers; use the host backend for double");
 }
 
 /// The backward and optimiser ops compute in float (cuBLASLt fp32 GEMMs, float kernels).

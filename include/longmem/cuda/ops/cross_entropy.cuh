@@ -5,7 +5,7 @@
 // One block per row: the maximum in float (exact), exp(x - max) in float summed in double, the log
 // and the loss in double. Per-row losses come back to the host in double and are summed there in
 // row order, as the host backend sums them; the returned pair makes this op synchronise.
-// cross_entropy also reads bfloat16 logits (the bf16 model's), exactly as float.
+// cross_entropy also reads bfloat16 and half logits (a 16-bit model's), exactly as float.
 #include <cstdint>
 #include <span>
 #include <utility>
@@ -36,7 +36,7 @@ index_t check_cross_entropy(const char* op, const V& logits, std::span<const std
 
 inline constexpr unsigned cross_entropy_block = 256;
 
-/// E float or __nv_bfloat16 (bf16 logits are read exactly as float).
+/// E float, __nv_bfloat16 or __half (16-bit logits are read exactly as float).
 template <class E>
 __global__ void __launch_bounds__(cross_entropy_block)
     cross_entropy_kernel(const E* __restrict__ logits /*(T,V)*/, const std::int32_t* __restrict__ targets /*(T)*/,

@@ -46,7 +46,7 @@ index_t check_embedding(const char* op, const Rows& rows, std::span<const std::i
 }
 
 /// One block per token row; threads stride over the d features. Same float sum as the host; E
-/// float or __nv_bfloat16 (the sum in float, rounded once).
+/// float, __nv_bfloat16 or __half (the sum in float, rounded once).
 template <class E>
 __global__ void embedding_kernel(E* __restrict__ out /*(T,d)*/, const std::int32_t* __restrict__ tokens /*(T)*/,
                                  const E* __restrict__ wte /*(V,d)*/, const E* __restrict__ wpe /*(P,d) or null*/,

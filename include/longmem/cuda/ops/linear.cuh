@@ -4,8 +4,8 @@
 // CUBLAS_COMPUTE_32F (fp32, the default: no rounding of the inputs), CUBLAS_COMPUTE_32F_FAST_TF32
 // (tf32) or CUBLAS_COMPUTE_32F_FAST_16BF (bf16: cuBLASLt may round the inputs to bf16; on an H200
 // it ran the tf32 kernels).
-// bfloat16 buffers (forward only): A, B, C, D and the bias in bf16, CUBLAS_COMPUTE_32F (bf16 tensor
-// cores, fp32 accumulation, the result rounded once to bf16); device_math() does not apply.
+// bfloat16 or half buffers (forward only): A, B, C, D and the bias in bf16 (fp16), CUBLAS_COMPUTE_32F
+// (bf16 or fp16 tensor cores, fp32 accumulation, the result rounded once); device_math() does not apply.
 //   linear            out (N, O) [+]= in (N, I) W (O, I)^T + b (O)
 //   linear_backward   d_in (N, I) [+]= d_out W;  d_W (O, I) += d_out^T in;  d_b (O) += sum_n d_out
 //   gemm              any row-major C = op(A) op(B) (+ C), strided-batched (linear_backward, the
@@ -140,7 +140,7 @@ inline bool cached_algo(const BlasLtContext& ctx, const MatmulDescriptors& d, co
   return chosen.has_value();
 }
 
-/// out (N, O) += bias (O) per row, for the path without the epilogue (E float or __nv_bfloat16).
+/// out (N, O) += bias (O) per row, for the path without the epilogue (E float, __nv_bfloat16 or __half).
 template <class E>
 __global__ void add_bias_kernel(E* out, const E* __restrict__ bias, index_t N, index_t O) {
   const index_t n_el = N * O;
@@ -164,16 +164,23 @@ template <class T>
 constexpr cudaDataType_t blas_data_type() {
   if constexpr (std::is_same_v<T, bfloat16>) {
     return CUDA_R_16BF;
+  } else if constexpr (std::is_same_v<T, half>) {
+    return CUDA_R_16F;
   } else {
-    static_assert(std::is_same_v<T, float>, "cuBLASLt GEMMs take float or bfloat16 buffers");
+    static_assert(std::is_same_v<T, float>, "cuBLASLt GEMMs take float, bfloat16 or half buffers");
     return CUDA_R_32F;
   }
+}
+
+/// What a failed GEMM's message calls its arithmetic.
+inline std::string arithmetic_name(cudaDataType_t type, DeviceMath math) {
+  return type == CUDA_R_16BF ? "bf16" : type == CUDA_R_16F ? "fp16" : to_string(math);
 }
 
 /// One cuBLASLt GEMM: out = W in (+ beta out) (+ bias through the epilogue when `epilogue_bias`).
 /// Returns false, having enqueued nothing, when no algorithm supports the request.
 /// out, in, weight, bias all of element type `type` (CUDA_R_32F: compute as `math` says;
-/// CUDA_R_16BF: CUBLAS_COMPUTE_32F, bf16 tensor cores).
+/// CUDA_R_16BF / CUDA_R_16F: CUBLAS_COMPUTE_32F, bf16 / fp16 tensor cores).
 /// `ld_out` is the stored length of out's rows (O, or more for a padded output).
 inline bool matmul(void* out, const void* in, const void* weight, const void* bias, index_t N, index_t O, index_t I,
                    bool accumulate, bool epilogue_bias, DeviceMath math, cudaDataType_t type = CUDA_R_32F,
@@ -184,7 +191,7 @@ inline bool matmul(void* out, const void* in, const void* weight, const void* bi
   MatmulDescriptors d;
   const cublasComputeType_t compute = type == CUDA_R_32F ? compute_type(math) : CUBLAS_COMPUTE_32F;
   check_cublas(cublasLtMatmulDescCreate(&d.op, compute, CUDA_R_32F), op, "cublasLtMatmulDescCreate (",
-               type == CUDA_R_32F ? to_string(math) : "bf16 data", ")");
+               arithmetic_name(type, math), ")");
   const cublasOperation_t trans_a = CUBLAS_OP_T, trans_b = CUBLAS_OP_N;
   check_cublas(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)), op,
                "setting TRANSA");
@@ -301,7 +308,7 @@ void linear_padded(T* out, const T* in, const T* weight, const T* bias, index_t 
     }
     const bool fused_bias = bias && matmul(scratch, in + n0 * I, weight, bias, nb, O, I, accumulate, true, math, type, O_pad);
     if (!fused_bias && !matmul(scratch, in + n0 * I, weight, nullptr, nb, O, I, accumulate, false, math, type, O_pad)) {
-      fail<BackendError>("linear: cuBLASLt has no ", type == CUDA_R_32F ? to_string(math) : "bf16", " algorithm for (", nb,
+      fail<BackendError>("linear: cuBLASLt has no ", arithmetic_name(type, math), " algorithm for (", nb,
                          ", ", I, ") x (", O, ", ", I, ")^T into rows padded to ", O_pad);
     }
     check(cudaMemcpy2DAsync(o, out_row_bytes, scratch, row_bytes, out_row_bytes, nb, cudaMemcpyDeviceToDevice, stream()),
@@ -341,7 +348,7 @@ void linear(TensorView<T, Device> out, TensorView<const T, Device> in, TensorVie
   }
   if (has_bias && matmul(out.data(), in.data(), weight.data(), bias.data(), N, O, I, accumulate, true, math, type)) return;
   if (!matmul(out.data(), in.data(), weight.data(), nullptr, N, O, I, accumulate, false, math, type)) {
-    fail<BackendError>("linear: cuBLASLt has no ", type == CUDA_R_32F ? to_string(math) : "bf16",
+    fail<BackendError>("linear: cuBLASLt has no ", arithmetic_name(type, math),
                        " algorithm for (", N, ", ", I, ") x (", O, ", ", I,
                        ")^T with these pointer alignments (", pointer_alignment(in.data()), ", ",
                        pointer_alignment(weight.data()), ", ", pointer_alignment(out.data()), " bytes)");
