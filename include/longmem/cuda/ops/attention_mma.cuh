@@ -135,6 +135,36 @@ __device__ inline void mma_joint_open(float (&o)[NTile][4], float (&m)[2], float
   }
 }
 
+/// The second half of a key tile's online-softmax step, shared by the TF32 and 16-bit kernels: given
+/// the scored and masked tile sc and this thread's row maxima mx over it (m included), the maxima
+/// over the quad, alpha = exp(m - m_new), sc := exp(sc - m_new) summed into l, m := m_new. FastExp:
+/// __expf (the 16-bit kernel, whose probabilities are rounded to 16 bits anyway) instead of expf.
+template <bool FastExp, int NSlice>
+__device__ inline void mma_softmax_rescale(float (&sc)[NSlice][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                           float (&mx)[2]) {
+  constexpr float neg_inf = -INFINITY;
+  const auto ex = [](float x) { return FastExp ? __expf(x) : expf(x); };
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    alpha[r] = mx[r] == neg_inf ? 1.0f : ex(m[r] - mx[r]);  // no key yet (rows past T): stay at zero
+  }
+  l[0] *= alpha[0];
+  l[1] *= alpha[1];
+#pragma unroll
+  for (int j = 0; j < NSlice; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e / 2;
+      sc[j][e] = mx[r] == neg_inf ? 0.0f : ex(sc[j][e] - mx[r]);
+      l[r] += sc[j][e];
+    }
+  }
+  m[0] = mx[0];
+  m[1] = mx[1];
+}
+
 /// One key tile's online-softmax step on S's accumulator fragments sc (rows row[0], row[1]; keys
 /// k0 + 8 j + 2 tig (+1)): scale, ALiBi (as the host's ramp: slope * (key - t) in double, rounded
 /// once), the causal mask, the running maxima m (quads share rows), sc := exp(sc - m_new), the
@@ -156,25 +186,7 @@ __device__ inline void mma_softmax_tile(float (&sc)[NSlice][4], float (&m)[2], f
       mx[e / 2] = fmaxf(mx[e / 2], sc[j][e]);
     }
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    alpha[r] = mx[r] == neg_inf ? 1.0f : expf(m[r] - mx[r]);  // no key yet (rows past T): stay at zero
-  }
-  l[0] *= alpha[0];
-  l[1] *= alpha[1];
-#pragma unroll
-  for (int j = 0; j < NSlice; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = e / 2;
-      sc[j][e] = mx[r] == neg_inf ? 0.0f : expf(sc[j][e] - mx[r]);
-      l[r] += sc[j][e];
-    }
-  }
-  m[0] = mx[0];
-  m[1] = mx[1];
+  mma_softmax_rescale<false>(sc, m, l, alpha, mx);
 }
 
 /// The end of a tile loop: the row sums' four parts added over the quad, then each of this

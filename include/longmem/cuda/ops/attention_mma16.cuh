@@ -98,12 +98,12 @@ __device__ inline void ldmatrix_x4_trans(std::uint32_t (&b)[4], const void* row)
 
 /// The online-softmax step of one key tile for the 16-bit kernel (see the header for how it differs
 /// from mma_softmax_tile): scores scaled, ALiBi added as slope x (key - t) in float from exact
-/// float distances, the causal and length mask only where `masked`; then the row maxima over the
-/// quad, alpha = exp(m_old - m_new), and sc = exp(score - m_new) summed into l.
+/// float distances, the causal and length mask only where `masked`; then mma_softmax_rescale with
+/// __expf.
 template <int NSlice>
 __device__ inline void softmax_tile_16(float (&sc)[NSlice][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                         const index_t (&row)[2], index_t k0, index_t T, int tig, float scale,
-                                         bool alibi, float slope, bool masked) {
+                                       const index_t (&row)[2], index_t k0, index_t T, int tig, float scale,
+                                       bool alibi, float slope, bool masked) {
   constexpr float neg_inf = -INFINITY;
   float dist[4];  // key - t of slice 0, exact in float (|key - t| < T <= 2^24 is checked on the host)
 #pragma unroll
@@ -123,25 +123,7 @@ __device__ inline void softmax_tile_16(float (&sc)[NSlice][4], float (&m)[2], fl
       mx[e / 2] = fmaxf(mx[e / 2], val);
     }
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    alpha[r] = mx[r] == neg_inf ? 1.0f : __expf(m[r] - mx[r]);  // no key yet (rows past T): stay at zero
-  }
-  l[0] *= alpha[0];
-  l[1] *= alpha[1];
-#pragma unroll
-  for (int j = 0; j < NSlice; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = e / 2;
-      sc[j][e] = mx[r] == neg_inf ? 0.0f : __expf(sc[j][e] - mx[r]);
-      l[r] += sc[j][e];
-    }
-  }
-  m[0] = mx[0];
-  m[1] = mx[1];
+  mma_softmax_rescale<true>(sc, m, l, alpha, mx);
 }
 
 template <AttentionMode Mode, int DhMax, class E>
