@@ -374,12 +374,7 @@ class SideNet {
     visit_side_net_tensors(config_, p, [&](const std::string&, Tensor<T2, L2>& t, const Shape&) { dst.push_back(&t); });
     std::size_t i = 0;
     visit_side_net_tensors(config_, params_, [&](const std::string&, const Tensor<T, L>& t, const Shape&) {
-      dst[i]->resize(t.shape());
-      if constexpr (std::is_same_v<T2, T>) {
-        copy(cview(t), dst[i++]->view());
-      } else {
-        copy(cview(converted<T2>(cview(t))), dst[i++]->view());
-      }
+      assign_converted(cview(t), *dst[i++]);
     });
     return SideNet<T2, L2>(config_, std::move(p), recommended_);
   }

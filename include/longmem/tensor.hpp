@@ -377,6 +377,20 @@ Tensor<U, Host> converted(TensorView<const T, Host> v) {
   return out;
 }
 
+/// dst := src's elements as U, resized to src's shape, at dst's location: a plain copy when the
+/// types agree, else converted on the host first (converted<U>: src must be a host view). What a
+/// backbone's or SideNet's to<L2, T2>() does for each of its tensors.
+template <class U, class LD, class T, class LS>
+void assign_converted(TensorView<const T, LS> src, Tensor<U, LD>& dst) {
+  dst.resize(src.shape());
+  if constexpr (std::is_same_v<U, T>) {
+    copy(src, dst.view());
+  } else {
+    const Tensor<U, Host> host = converted<U>(src);
+    copy(host.view(), dst.view());
+  }
+}
+
 /// Throws ShapeError unless v has exactly the expected shape; `what` names the tensor.
 template <class V>
 void expect_shape(const V& v, const Shape& expected, const char* what) {
