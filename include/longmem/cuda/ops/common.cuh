@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -157,6 +158,44 @@ using op_checks::rows_of;
 // Device building blocks
 
 #if defined(__CUDACC__)
+/// 16-byte accesses (8 bf16 / fp16 or 4 floats) for the elementwise, LayerNorm and similar kernels.
+template <class E>
+inline constexpr index_t vec_elements = 16 / static_cast<index_t>(sizeof(E));
+
+inline bool vec_aligned(const void* a, const void* b = nullptr, const void* c = nullptr) {
+  const auto bits = reinterpret_cast<std::uintptr_t>(a) | reinterpret_cast<std::uintptr_t>(b) |
+                    reinterpret_cast<std::uintptr_t>(c);
+  return bits % 16 == 0;
+}
+
+/// V elements at p (16 bytes when V > 1) as floats, and back (rounded once).
+template <index_t V, class E>
+__device__ inline void load_elements(const E* p, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = device_load(p[0]);
+  } else {
+    static_assert(V * sizeof(E) == 16);
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    E e[V];
+    memcpy(e, &raw, 16);
+#pragma unroll
+    for (index_t x = 0; x < V; ++x) out[x] = device_load(e[x]);
+  }
+}
+template <index_t V, class E>
+__device__ inline void store_elements(E* p, const float (&in)[V]) {
+  if constexpr (V == 1) {
+    p[0] = device_store<E>(in[0]);
+  } else {
+    E e[V];
+#pragma unroll
+    for (index_t x = 0; x < V; ++x) e[x] = device_store<E>(in[x]);
+    uint4 raw;
+    memcpy(&raw, e, 16);
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
 /// Sum over a warp; every lane gets the result.
 template <class T>
 __device__ inline T warp_sum(T v) {

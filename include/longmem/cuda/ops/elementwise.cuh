@@ -34,15 +34,6 @@ __device__ inline float gelu_value(float v, bool tanh_form) {
 /// is 16-byte aligned (`vec`): one-element accesses left the bf16 GELU at 40% of the copy bandwidth
 /// (106 us for 2 x 64 MB on an H100). The first n / V x V elements go by vectors, the rest one by
 /// one; each element is computed as in the one-element form, so results do not change.
-template <class E>
-inline constexpr index_t vec_elements = 16 / static_cast<index_t>(sizeof(E));
-
-inline bool vec_aligned(const void* a, const void* b = nullptr, const void* c = nullptr) {
-  const auto bits = reinterpret_cast<std::uintptr_t>(a) | reinterpret_cast<std::uintptr_t>(b) |
-                    reinterpret_cast<std::uintptr_t>(c);
-  return bits % 16 == 0;
-}
-
 /// Grid for n elements, with 16-byte accesses (vec) or without.
 template <class E>
 dim3 elementwise_grid(index_t n, bool vec) {
@@ -58,34 +49,6 @@ __device__ inline void for_each_element(index_t n, bool vec, Fn&& fn) {
   const index_t nv = vec ? n / V : 0;
   for (index_t i = start; i < nv; i += step) fn.template operator()<V>(i * V);
   for (index_t i = nv * V + start; i < n; i += step) fn.template operator()<1>(i);
-}
-
-/// V elements at p (16 bytes when V > 1) as floats, and back (rounded once).
-template <index_t V, class E>
-__device__ inline void load_elements(const E* p, float (&out)[V]) {
-  if constexpr (V == 1) {
-    out[0] = device_load(p[0]);
-  } else {
-    static_assert(V * sizeof(E) == 16);
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    E e[V];
-    memcpy(e, &raw, 16);
-#pragma unroll
-    for (index_t x = 0; x < V; ++x) out[x] = device_load(e[x]);
-  }
-}
-template <index_t V, class E>
-__device__ inline void store_elements(E* p, const float (&in)[V]) {
-  if constexpr (V == 1) {
-    p[0] = device_store<E>(in[0]);
-  } else {
-    E e[V];
-#pragma unroll
-    for (index_t x = 0; x < V; ++x) e[x] = device_store<E>(in[x]);
-    uint4 raw;
-    memcpy(&raw, e, 16);
-    *reinterpret_cast<uint4*>(p) = raw;
-  }
 }
 
 /// y = gelu(x); y may be x (each element is read and written by one thread). E: float or

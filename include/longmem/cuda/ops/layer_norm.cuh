@@ -81,14 +81,9 @@ __global__ void __launch_bounds__(layer_norm_block)
 #pragma unroll
     for (int ch = 0; ch < layer_norm_max_chunks; ++ch) {
       if (ch < chunks) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(x + (ch * 32 + lane) * V);
-        E e[V];
-        memcpy(e, &raw, 16);
+        load_elements<V>(x + (ch * 32 + lane) * V, xv[ch]);
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          xv[ch][j] = device_load(e[j]);
-          s += static_cast<double>(xv[ch][j]);
-        }
+        for (int j = 0; j < V; ++j) s += static_cast<double>(xv[ch][j]);
       }
     }
     const double mean = warp_sum_lane0(s) / static_cast<double>(C);
@@ -108,22 +103,15 @@ __global__ void __launch_bounds__(layer_norm_block)
     for (int ch = 0; ch < layer_norm_max_chunks; ++ch) {
       if (ch < chunks) {
         const index_t c0 = (ch * 32 + lane) * V;
-        E w[V], b[V], o[V];
-        const uint4 wr = *reinterpret_cast<const uint4*>(weight + c0);
-        memcpy(w, &wr, 16);
-        if (bias) {
-          const uint4 br = *reinterpret_cast<const uint4*>(bias + c0);
-          memcpy(b, &br, 16);
-        }
+        float w[V], b[V], o[V];
+        load_elements<V>(weight + c0, w);
+        if (bias) load_elements<V>(bias + c0, b);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const double bj = bias ? static_cast<double>(device_load(b[j])) : 0.0;
-          const double v = (static_cast<double>(xv[ch][j]) - mean) * inv * static_cast<double>(device_load(w[j])) + bj;
-          o[j] = device_store<E>(static_cast<float>(v));
+          const double bj = bias ? static_cast<double>(b[j]) : 0.0;
+          o[j] = static_cast<float>((static_cast<double>(xv[ch][j]) - mean) * inv * static_cast<double>(w[j]) + bj);
         }
-        uint4 raw;
-        memcpy(&raw, o, 16);
-        *reinterpret_cast<uint4*>(y + c0) = raw;
+        store_elements<V>(y + c0, o);
       }
     }
   }
@@ -143,10 +131,9 @@ void layer_norm(TensorView<T, Device> out, TensorView<const T, Device> in, Tenso
   if (in.data() != out.data()) expect_separate(out, in, op, "in (only exact in-place use is allowed)");
   if (N == 0) return;
   const dim3 block(layer_norm_block), grid(grid_for(N, layer_norm_block / 32));
-  constexpr index_t row_unit = 32 * 16 / static_cast<index_t>(sizeof(T));  // a warp's 16-byte reads
-  const auto addr = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p); };
+  constexpr index_t row_unit = 32 * vec_elements<T>;  // a warp's 16-byte reads
   const bool vec = C % row_unit == 0 && C / row_unit <= layer_norm_max_chunks &&
-                   ((addr(out.data()) | addr(in.data()) | addr(weight.data()) | (absent(bias) ? 0 : addr(bias.data()))) % 16) == 0;
+                   vec_aligned(out.data(), in.data(), weight.data()) && (absent(bias) || vec_aligned(bias.data()));
   if (vec) {
     layer_norm_vec_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(in.data()),
                                                         device_ptr(weight.data()),
