@@ -121,14 +121,16 @@ struct Gpt2BlockActivations {
   Tensor<T, L> fc;            // (N, n_inner) fc_in output, before GELU
   Tensor<T, L> act;           // (N, n_inner) gelu(fc)
 
-  void resize(const BackboneConfig& c, index_t N, bool keep_mid = true) {
+  /// for_backward = false: a forward's scratch, without mid and fc (the forward then writes act
+  /// by linear_gelu and keeps no pre-activation).
+  void resize(const BackboneConfig& c, index_t N, bool for_backward = true) {
     const index_t d = c.n_embd;
     for (Tensor<T, L>* t : {&ln_1, &q, &k, &v, &att}) t->resize({N, d});
     if (c.block_style == BlockStyle::Sequential) {
-      if (keep_mid) mid.resize({N, d});
+      if (for_backward) mid.resize({N, d});
       ln_2.resize({N, d});
     }
-    fc.resize({N, c.n_inner});
+    if (for_backward) fc.resize({N, c.n_inner});
     act.resize({N, c.n_inner});
   }
 };
@@ -594,7 +596,7 @@ class Gpt2Backbone {
     out.hidden.resize(req.hidden_states ? Shape{nL + 1, N, d} : Shape{1, N, d});
     stream_.resize({N, d});
     if (acts) acts->resize(config_, N);
-    scratch_.resize(config_, N, /*keep_mid=*/false);
+    scratch_.resize(config_, N, /*for_backward=*/false);
 
     TensorView<T, L> h = stream_.view();  // residual stream h_j (N, d)
     for (std::size_t b = 0; b < segments.size(); ++b) {
@@ -628,8 +630,12 @@ class Gpt2Backbone {
         ops::layer_norm(a.ln_2.view(), h, w.ln_2_weight, w.ln_2_bias, config_.layer_norm_epsilon);
         mlp_in = a.ln_2.view();
       }
-      ops::linear(a.fc.view(), mlp_in, w.fc_in_weight, w.fc_in_bias);
-      ops::gelu(a.act.view(), cview(a.fc), config_.activation);
+      if (acts) {  // the backward needs the pre-activation
+        ops::linear(a.fc.view(), mlp_in, w.fc_in_weight, w.fc_in_bias);
+        ops::gelu(a.act.view(), cview(a.fc), config_.activation);
+      } else {
+        ops::linear_gelu(a.act.view(), mlp_in, w.fc_in_weight, w.fc_in_bias, config_.activation);
+      }
       ops::linear(h, a.act, w.fc_out_weight, w.fc_out_bias, Accumulate::Yes);
       if (req.hidden_states && j + 1 < nL) copy(cview(stream_), out.hidden[j + 1]);
     }

@@ -76,6 +76,15 @@ void linear(TensorView<T, L> out, In<T, L> in, In<T, L> weight,
   OpsBackend<L>::linear(out, in, weight, bias, acc);
 }
 
+/// out (N, O) = gelu(in (N, I) @ weight (O, I)^T + bias (O)); bias may be empty. The MLP's first
+/// layer where the pre-activation is not kept (a forward without a backward): the backends fuse the
+/// bias and GELU into the GEMM's output pass (cuBLASLt's GELU epilogue for the tanh form).
+template <class T, class L>
+void linear_gelu(TensorView<T, L> out, In<T, L> in, In<T, L> weight, In<T, L> bias, Activation kind) {
+  detail::require_backend<L>();
+  OpsBackend<L>::linear_gelu(out, in, weight, bias, kind);
+}
+
 /// x (any shape) = gelu(x), in place, tanh or erf form.
 template <class T, class L>
 void gelu(TensorView<T, L> x, Activation kind) {

@@ -114,11 +114,13 @@ struct SideNetLayerActivations {
   Tensor<T, L> fc;       // (N, n_inner) fc1 output, before GELU
   Tensor<T, L> act;      // (N, n_inner) gelu(fc)
 
-  void resize(const SideNetConfig& c, index_t N, bool keep_input = true) {
+  /// for_backward = false: a forward's scratch, without x and fc (the forward then writes act by
+  /// linear_gelu and keeps no pre-activation).
+  void resize(const SideNetConfig& c, index_t N, bool for_backward = true) {
     const index_t d = c.n_embd;
-    if (keep_input) x.resize({N, d});
+    if (for_backward) x.resize({N, d});
     for (Tensor<T, L>* t : {&ln, &q, &k, &v, &att}) t->resize({N, d});
-    fc.resize({N, c.n_inner});
+    if (for_backward) fc.resize({N, c.n_inner});
     act.resize({N, c.n_inner});
   }
 };
@@ -446,7 +448,7 @@ class SideNet {
     expect_shape(logits, {N, wte.dim(0)}, "SideNet forward: logits");
     const std::size_t streams = offsets.size() - 1;
     stream_.resize({N, d});
-    scratch_.resize(config_, N, /*keep_input=*/false);
+    scratch_.resize(config_, N, /*for_backward=*/false);
     if (acts) {
       acts->resize(config_, N);
       acts->memory.assign(streams, nullptr);
@@ -498,8 +500,12 @@ class SideNet {
         }
       }
       ops::linear(x, a.att, w.out_weight, w.out_bias, Accumulate::Yes);
-      ops::linear(a.fc.view(), a.ln, w.fc1_weight, w.fc1_bias);
-      ops::gelu(a.act.view(), cview(a.fc), config_.activation);
+      if (acts) {  // the backward needs the pre-activation
+        ops::linear(a.fc.view(), a.ln, w.fc1_weight, w.fc1_bias);
+        ops::gelu(a.act.view(), cview(a.fc), config_.activation);
+      } else {
+        ops::linear_gelu(a.act.view(), a.ln, w.fc1_weight, w.fc1_bias, config_.activation);
+      }
       ops::linear(x, a.act, w.fc2_weight, w.fc2_bias, Accumulate::Yes);
     }
     TensorView<T, L> ln_f = acts ? acts->ln_f.view() : scratch_.ln.view();

@@ -15,6 +15,7 @@
 //   gelu                             rtol 1e-5   CUDA tanhf / erff are within a few ulp
 //   linear                           rtol 1e-4   fp32 sums of up to 256 terms in cuBLASLt's order (split-K
 //                                                or not): worst case ~I * 6e-8 of sum |x w|
+//   linear_gelu                      rtol 1e-4   linear's sums, then gelu (slope <= 1.13) in float
 //   attention                        rtol 1e-4   float scores and exps, online rescaling once per 32-key
 //                                                tile, up to 300 keys + 64 memory tokens per softmax
 //   cross_entropy                    losses 1e-6 abs + rel (exp in float, sums in double, stored as
@@ -485,6 +486,44 @@ std::vector<OpCase> op_table() {
       const bool bias = p.variant & 1, acc = p.variant & 2;
       return outputs(reference::linear(in.x[0], in.x[1], bias ? cview(in.x[2]) : reference::View{},
                                        acc ? cview(in.x[3]) : reference::View{}));
+    };
+    c.tolerance = {{1e-6, 1e-4}};
+    table.push_back(std::move(c));
+  }
+
+  {  // linear_gelu (the fused MLP input layer): bit 0 bias, bit 1 erf form; O 4096 is the paper's
+     // MLP width (16-bit buffers take cuBLASLt's GELU epilogue there), 33 and 65537 take linear + gelu
+    OpCase c;
+    c.name = "linear_gelu";
+    const std::pair<index_t, index_t> io[] = {{1, 1}, {16, 33}, {64, 4096}, {8, 65537}};
+    for (index_t N : {1, 67, 256})
+      for (auto [I, O] : io)
+        for (int variant = 0; variant < 4; ++variant) {
+          Params p;
+          p.N = N, p.I = I, p.O = O, p.variant = variant;
+          c.sizes.push_back(p);
+        }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor(Shape{p.N, p.I}, rng, -2, 2));  // pre-activations across GELU's bend
+      in.x.push_back(random_tensor(Shape{p.O, p.I}, rng));
+      in.x.push_back(random_tensor(Shape{p.O}, rng));
+      return in;
+    };
+    auto kind = [](const Params& p) { return p.variant & 2 ? Activation::GeluErf : Activation::GeluTanh; };
+    c.run = on_every_backend([kind](auto loc, auto elem, const Params& p, const Inputs& in) {
+      using L = decltype(loc);
+      using E = decltype(elem);
+      auto x = to<L, E>(in.x[0]);
+      auto w = to<L, E>(in.x[1]);
+      auto b = to<L, E>(in.x[2]);
+      auto out = poisoned<L, E>(Shape{p.N, p.O});
+      ops::linear_gelu(out.view(), cview(x), cview(w), p.variant & 1 ? cview(b) : TensorView<const E, L>{}, kind(p));
+      return outputs(back(out));
+    });
+    c.reference = [kind](const Params& p, const Inputs& in) {
+      const HostD pre = reference::linear(in.x[0], in.x[1], p.variant & 1 ? cview(in.x[2]) : reference::View{});
+      return outputs(reference::gelu(cview(pre), kind(p)));
     };
     c.tolerance = {{1e-6, 1e-4}};
     table.push_back(std::move(c));
@@ -1177,7 +1216,7 @@ std::vector<OpCase> op_table() {
 std::optional<Tolerance> reduced_tolerance(const std::string& op, DeviceMath math) {
   if (op.starts_with("backward")) return std::nullopt;  // training runs in the fp32 mode only (for now)
   const double u_tf32 = std::ldexp(1.0, -11), u_bf16 = std::ldexp(1.0, -8);
-  if (op == "linear") return Tolerance{1e-6, 8 * (math == DeviceMath::bf16 ? u_bf16 : u_tf32)};
+  if (op == "linear" || op == "linear_gelu") return Tolerance{1e-6, 8 * (math == DeviceMath::bf16 ? u_bf16 : u_tf32)};
   if (op.find("attention") != std::string::npos) return Tolerance{1e-6, 16 * u_tf32};
   return std::nullopt;
 }
@@ -1195,14 +1234,17 @@ double unit_roundoff(Buffers b) { return std::ldexp(1.0, b == Buffers::Bf16 ? -8
 /// bias epilogue (measured on an H100 in bf16: up to 1.5u of max |ref| with bias or accumulation,
 /// within u without), three roundings of u / 2; attention adds 4u for its probabilities, rounded to
 /// the type (<= u / 2 relative) before P V on the tensor cores: <= u / 2 max |v| per output, and max
-/// |ref| is about max |v| (row 0 is v_0). cross_entropy reads 16-bit logits exactly and writes
+/// |ref| is about max |v| (row 0 is v_0). linear_gelu 3u: linear's 2u, and u for cuBLASLt's GELU
+/// epilogue, whose arithmetic is not documented (were its tanh the hardware's approximate one,
+/// relative error 2^-11, the output would move by <= 2^-12 |pre-activation|: u / 2 in fp16, and
+/// max |pre-activation| is about max |ref|). cross_entropy reads 16-bit logits exactly and writes
 /// float: the float tolerance. nullopt: no 16-bit form (the backward ops).
 std::optional<Tolerance> half_width_tolerance(const OpCase& op, std::size_t o, Buffers b) {
   if (op.name.starts_with("backward")) return std::nullopt;
   const double u = unit_roundoff(b);
   Tolerance t = op.tolerance[o];
   if (op.name == "cross_entropy") return t;
-  t.rtol += op.name == "linear" ? 2 * u : u;
+  t.rtol += op.name == "linear" ? 2 * u : op.name == "linear_gelu" ? 3 * u : u;
   if (op.name.find("attention") != std::string::npos) t.rtol += 4 * u;
   return t;
 }

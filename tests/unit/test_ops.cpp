@@ -193,6 +193,42 @@ std::vector<OpCase<T, L>> op_table() {
     table.push_back(std::move(c));
   }
 
+  {  // linear_gelu: the fused MLP input layer; bit 0: bias, bit 1: erf form
+    OpCase<T, L> c;
+    c.name = "linear_gelu";
+    for (index_t N : seq)
+      for (index_t I : {1, 16, 67})
+        for (index_t O : {1, 33})
+          for (int variant : {0, 1, 2, 3}) {
+            Params p;
+            p.N = N, p.I = I, p.O = O, p.variant = variant;
+            c.sizes.push_back(p);
+          }
+    c.make = [](const Params& p, std::mt19937_64& rng) {
+      Inputs in;
+      in.x.push_back(random_tensor<T>(Shape{p.N, p.I}, rng, -2, 2));  // pre-activations across GELU's bend
+      in.x.push_back(random_tensor<T>(Shape{p.O, p.I}, rng));
+      in.x.push_back(random_tensor<T>(Shape{p.O}, rng));
+      return in;
+    };
+    auto kind = [](const Params& p) { return p.variant & 2 ? Activation::GeluErf : Activation::GeluTanh; };
+    c.run = [kind](const Params& p, const Inputs& in) {
+      auto x = to_backend<T, L>(in.x[0]);
+      auto w = to_backend<T, L>(in.x[1]);
+      auto b = to_backend<T, L>(in.x[2]);
+      auto out = poisoned<T, L>(Shape{p.N, p.O});
+      ops::linear_gelu(out.view(), cview(x), cview(w), p.variant & 1 ? cview(b) : CV{}, kind(p));
+      return outputs(to_double(out));
+    };
+    c.reference = [kind](const Params& p, const Inputs& in) {
+      const auto pre = reference::linear(in.x[0], in.x[1], p.variant & 1 ? cview(in.x[2]) : reference::View{},
+                                         reference::View{});
+      return outputs(reference::gelu(cview(pre), kind(p)));
+    };
+    c.tolerance = {tol<T>(1e-6, 1e-5)};
+    table.push_back(std::move(c));
+  }
+
   {  // gelu, both forms, in place
     OpCase<T, L> c;
     c.name = "gelu";
@@ -397,8 +433,8 @@ TEMPLATE_LIST_TEST_CASE("ops: every op matches the float64 reference", "[ops]", 
   using T = typename TestType::T;
   using L = typename TestType::L;
   const auto table = op_table<T, L>();
-  const std::size_t which = GENERATE(range<std::size_t>(0, 8));
-  REQUIRE(table.size() == 8);
+  const std::size_t which = GENERATE(range<std::size_t>(0, 9));
+  REQUIRE(table.size() == 9);
   const auto& op = table[which];
   for (std::size_t i = 0; i < op.sizes.size(); ++i) {
     const Params& p = op.sizes[i];

@@ -4,7 +4,7 @@
 //
 //   cpu/ops/embedding.hpp      embedding, embedding_backward
 //   cpu/ops/layer_norm.hpp     layer_norm, layer_norm_backward
-//   cpu/ops/linear.hpp         linear, linear_backward                 (through gemm.hpp)
+//   cpu/ops/linear.hpp         linear, linear_gelu, linear_backward    (through gemm.hpp)
 //   cpu/ops/elementwise.hpp    gelu (in place, out of place), gelu_backward, add, add_difference
 //   cpu/ops/attention.hpp      causal_attention, memory_attention<F> and their backwards
 //   cpu/ops/cross_entropy.hpp  cross_entropy, cross_entropy_backward
@@ -54,6 +54,10 @@ struct OpsBackend<Host> {
   template <class T>
   static void linear(Out<T> out, In<T> in, In<T> weight, In<T> bias, Accumulate acc) {
     detail::cpu::linear(out, in, weight, bias, acc);
+  }
+  template <class T>
+  static void linear_gelu(Out<T> out, In<T> in, In<T> weight, In<T> bias, Activation kind) {
+    detail::cpu::linear_gelu(out, in, weight, bias, kind);
   }
   template <class T>
   static void gelu(Out<T> x, Activation kind) {

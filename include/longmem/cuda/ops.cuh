@@ -67,6 +67,10 @@ struct OpsBackend<Device> {
     detail::cuda::linear(out, in, weight, bias, acc);
   }
   template <class T>
+  static void linear_gelu(Out<T> out, In<T> in, In<T> weight, In<T> bias, Activation kind) {
+    detail::cuda::linear_gelu(out, in, weight, bias, kind);
+  }
+  template <class T>
   static void gelu(Out<T> x, Activation kind) {
     detail::cuda::gelu(x, kind);
   }

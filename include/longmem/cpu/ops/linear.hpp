@@ -1,9 +1,11 @@
 #pragma once
 // Host linear layer in PyTorch Linear layout, forward and backward, as GEMMs on row-major buffers.
 //   linear           out (N, O) [+]= in (N, I) W (O, I)^T + b (O)
+//   linear_gelu      out (N, O) = gelu(in (N, I) W (O, I)^T + b (O))  (bias and GELU in one pass per row)
 //   linear_backward  d_in (N, I) [+]= d_out W;  d_W (O, I) += d_out^T in;  d_b (O) += sum_n d_out
 // The GEMMs are gemm() (gemm.hpp): oneDNN's sgemm for float when the build found it.
 #include "longmem/cpu/ops/common.hpp"
+#include "longmem/cpu/ops/elementwise.hpp"
 #include "longmem/cpu/ops/gemm.hpp"
 #include "longmem/ops.hpp"
 
@@ -19,29 +21,57 @@ void check_linear_params(const char* op, const W& weight, const B& bias, const c
   if (!absent(bias)) expect_shape(bias, Shape{weight.dim(0)}, (std::string(op) + ": " + bias_name + " (O, the rows of weight)").c_str());
 }
 
+/// The checks shared by linear and linear_gelu; returns N, the input rows.
+template <class T>
+index_t check_linear(const char* op, TensorView<T, Host> out, TensorView<const T, Host> in,
+                     TensorView<const T, Host> weight, TensorView<const T, Host> bias) {
+  check_linear_params(op, weight, bias, "bias");
+  const index_t O = weight.dim(0), I = weight.dim(1);
+  const index_t N = rows_of(in, I, op, "in");
+  if (rows_of(out, O, op, "out") != N) {
+    fail<ShapeError>(op, ": out has shape ", out.shape().str(), ", expected ", Shape{N, O}.str(), " for ", N,
+                     " input rows and ", O, " output features");
+  }
+  expect_separate(out, in, op, "in");
+  expect_separate(out, weight, op, "weight");
+  if (!absent(bias)) expect_separate(out, bias, op, "bias");
+  return N;
+}
+
 template <class T>
 void linear(TensorView<T, Host> out, TensorView<const T, Host> in, TensorView<const T, Host> weight,
             TensorView<const T, Host> bias, Accumulate acc) {
-  check_linear_params("linear", weight, bias, "bias");
+  const index_t N = check_linear("linear", out, in, weight, bias);
   const index_t O = weight.dim(0), I = weight.dim(1);
-  const bool has_bias = !absent(bias);
-  const index_t N = rows_of(in, I, "linear", "in");
-  if (rows_of(out, O, "linear", "out") != N) {
-    fail<ShapeError>("linear: out has shape ", out.shape().str(), ", expected ", Shape{N, O}.str(), " for ", N,
-                     " input rows and ", O, " output features");
-  }
-  expect_separate(out, in, "linear", "in");
-  expect_separate(out, weight, "linear", "weight");
-  if (has_bias) expect_separate(out, bias, "linear", "bias");
   if (N == 0) return;
   // Y (N, O) [+]= X (N, I) W (O, I)^T
   gemm<T>(false, true, N, O, I, in.data(), I, weight.data(), I, acc == Accumulate::Yes ? T(1) : T(0), out.data(), O);
-  if (has_bias) {
+  if (!absent(bias)) {
     // rows in parallel: single-threaded, this pass costs a third of a 16-thread GEMM at (1024, 256 -> 768)
     const Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>> b(bias.data(), O);
     T* y = out.data();
     parallel_for(N, O, [&](index_t n) { Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(y + n * O, O) += b; });
   }
+}
+
+/// out (N, O) = gelu(in W^T + b): the MLP's first layer where its pre-activation is not kept (the
+/// forward without a backward). One GEMM, then the bias and the GELU in one pass over each row
+/// while it is still in cache, instead of linear's bias pass and gelu's separate pass over (N, O).
+template <class T>
+void linear_gelu(TensorView<T, Host> out, TensorView<const T, Host> in, TensorView<const T, Host> weight,
+                 TensorView<const T, Host> bias, Activation kind) {
+  check_activation("linear_gelu", kind);
+  const index_t N = check_linear("linear_gelu", out, in, weight, bias);
+  const index_t O = weight.dim(0), I = weight.dim(1);
+  if (N == 0) return;
+  gemm<T>(false, true, N, O, I, in.data(), I, weight.data(), I, T(0), out.data(), O);
+  const bool has_bias = !absent(bias);
+  T* y = out.data();
+  parallel_for(N, 4 * O, [&](index_t n) {
+    T* row = y + n * O;
+    if (has_bias) Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(row, O) += Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(bias.data(), O);
+    gelu_range<T>(row, row, 0, O, kind);
+  });
 }
 
 template <class T>

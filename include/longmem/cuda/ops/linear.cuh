@@ -7,6 +7,10 @@
 // bfloat16 or half buffers (forward only): A, B, C, D and the bias in bf16 (fp16), CUBLAS_COMPUTE_32F
 // (bf16 or fp16 tensor cores, fp32 accumulation, the result rounded once); device_math() does not apply.
 //   linear            out (N, O) [+]= in (N, I) W (O, I)^T + b (O)
+//   linear_gelu       out (N, O) = gelu(in W^T + b): on bf16/fp16 buffers the tanh form goes through
+//                     cuBLASLt's GELU epilogue (the tanh approximation, computed on the fp32
+//                     accumulator before the one rounding to the output type); float buffers, the
+//                     erf form and padded outputs run linear + gelu
 //   linear_backward   d_in (N, I) [+]= d_out W;  d_W (O, I) += d_out^T in;  d_b (O) += sum_n d_out
 //   gemm              any row-major C = op(A) op(B) (+ C), strided-batched (linear_backward, the
 //                     attention backward)
@@ -39,6 +43,7 @@
 
 #include "longmem/cuda/math_mode.hpp"
 #include "longmem/cuda/ops/common.cuh"
+#include "longmem/cuda/ops/elementwise.cuh"
 #include "longmem/ops.hpp"
 
 namespace longmem::detail::cuda {
@@ -177,13 +182,32 @@ inline std::string arithmetic_name(cudaDataType_t type, DeviceMath math) {
   return type == CUDA_R_16BF ? "bf16" : type == CUDA_R_16F ? "fp16" : to_string(math);
 }
 
-/// One cuBLASLt GEMM: out = W in (+ beta out) (+ bias through the epilogue when `epilogue_bias`).
+/// What cuBLASLt applies to the product before it is stored (the values are cublasLtEpilogue_t's).
+enum class Epilogue : int {
+  None = CUBLASLT_EPILOGUE_DEFAULT,
+  Bias = CUBLASLT_EPILOGUE_BIAS,          // + bias per output feature
+  Gelu = CUBLASLT_EPILOGUE_GELU,          // gelu (tanh form)
+  GeluBias = CUBLASLT_EPILOGUE_GELU_BIAS  // gelu(. + bias)
+};
+
+inline bool epilogue_has_bias(Epilogue e) { return e == Epilogue::Bias || e == Epilogue::GeluBias; }
+
+inline const char* epilogue_name(Epilogue e) {
+  switch (e) {
+    case Epilogue::Bias: return " with bias";
+    case Epilogue::Gelu: return " with GELU";
+    case Epilogue::GeluBias: return " with bias and GELU";
+    default: return "";
+  }
+}
+
+/// One cuBLASLt GEMM: out = epilogue(W in (+ beta out)).
 /// Returns false, having enqueued nothing, when no algorithm supports the request.
 /// out, in, weight, bias all of element type `type` (CUDA_R_32F: compute as `math` says;
 /// CUDA_R_16BF / CUDA_R_16F: CUBLAS_COMPUTE_32F, bf16 / fp16 tensor cores).
 /// `ld_out` is the stored length of out's rows (O, or more for a padded output).
 inline bool matmul(void* out, const void* in, const void* weight, const void* bias, index_t N, index_t O, index_t I,
-                   bool accumulate, bool epilogue_bias, DeviceMath math, cudaDataType_t type = CUDA_R_32F,
+                   bool accumulate, Epilogue epilogue, DeviceMath math, cudaDataType_t type = CUDA_R_32F,
                    index_t ld_out = 0) {
   if (ld_out == 0) ld_out = O;
   const char* op = "linear";
@@ -197,10 +221,12 @@ inline bool matmul(void* out, const void* in, const void* weight, const void* bi
                "setting TRANSA");
   check_cublas(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)), op,
                "setting TRANSB");
-  if (epilogue_bias) {
-    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+  if (epilogue != Epilogue::None) {
+    const auto epi = static_cast<cublasLtEpilogue_t>(epilogue);
     check_cublas(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)), op,
-                 "setting the bias epilogue");
+                 "setting the epilogue", epilogue_name(epilogue));
+  }
+  if (epilogue_has_bias(epilogue)) {
     const cudaDataType_t bias_type = type;
     check_cublas(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)),
                  op, "setting the bias type");
@@ -230,7 +256,7 @@ inline bool matmul(void* out, const void* in, const void* weight, const void* bi
                                                     sizeof(align_c)), op, "setting alignment D");
 
   const GemmKey key{current_device(), static_cast<std::int64_t>(compute) * 1000 + static_cast<std::int64_t>(type),
-                    epilogue_bias ? 1 : 0, 1, 0, O, N, I, I, I, ld_out, 1, 0, 0, 0, align_a, align_b, align_c};
+                    static_cast<std::int64_t>(epilogue), 1, 0, O, N, I, I, I, ld_out, 1, 0, 0, 0, align_a, align_b, align_c};
   cublasLtMatmulAlgo_t algo;
   if (!cached_algo(ctx, d, key, op, algo)) return false;
 
@@ -238,7 +264,7 @@ inline bool matmul(void* out, const void* in, const void* weight, const void* bi
   const cublasStatus_t s = cublasLtMatmul(ctx.handle, d.op, &alpha, weight, d.a, in, d.b, &beta, out, d.c, out, d.c,
                                           &algo, ctx.workspace, ctx.workspace_bytes, stream());
   if (s == CUBLAS_STATUS_NOT_SUPPORTED) return false;
-  check_cublas(s, op, "cublasLtMatmul of (", N, ", ", I, ") x (", O, ", ", I, ")^T", epilogue_bias ? " with bias" : "",
+  check_cublas(s, op, "cublasLtMatmul of (", N, ", ", I, ") x (", O, ", ", I, ")^T", epilogue_name(epilogue),
                accumulate ? " accumulating" : "");
   return true;
 }
@@ -306,8 +332,9 @@ void linear_padded(T* out, const T* in, const T* weight, const T* bias, index_t 
       check(cudaMemcpy2DAsync(scratch, row_bytes, o, out_row_bytes, out_row_bytes, nb, cudaMemcpyDeviceToDevice, stream()),
             op, "copying ", nb, " rows of ", O, " into the padded scratch");
     }
-    const bool fused_bias = bias && matmul(scratch, in + n0 * I, weight, bias, nb, O, I, accumulate, true, math, type, O_pad);
-    if (!fused_bias && !matmul(scratch, in + n0 * I, weight, nullptr, nb, O, I, accumulate, false, math, type, O_pad)) {
+    const bool fused_bias =
+        bias && matmul(scratch, in + n0 * I, weight, bias, nb, O, I, accumulate, Epilogue::Bias, math, type, O_pad);
+    if (!fused_bias && !matmul(scratch, in + n0 * I, weight, nullptr, nb, O, I, accumulate, Epilogue::None, math, type, O_pad)) {
       fail<BackendError>("linear: cuBLASLt has no ", arithmetic_name(type, math), " algorithm for (", nb,
                          ", ", I, ") x (", O, ", ", I, ")^T into rows padded to ", O_pad);
     }
@@ -346,8 +373,10 @@ void linear(TensorView<T, Device> out, TensorView<const T, Device> in, TensorVie
     linear_padded(out.data(), in.data(), weight.data(), has_bias ? bias.data() : nullptr, N, O, I, accumulate, math);
     return;
   }
-  if (has_bias && matmul(out.data(), in.data(), weight.data(), bias.data(), N, O, I, accumulate, true, math, type)) return;
-  if (!matmul(out.data(), in.data(), weight.data(), nullptr, N, O, I, accumulate, false, math, type)) {
+  if (has_bias && matmul(out.data(), in.data(), weight.data(), bias.data(), N, O, I, accumulate, Epilogue::Bias, math, type)) {
+    return;
+  }
+  if (!matmul(out.data(), in.data(), weight.data(), nullptr, N, O, I, accumulate, Epilogue::None, math, type)) {
     fail<BackendError>("linear: cuBLASLt has no ", arithmetic_name(type, math),
                        " algorithm for (", N, ", ", I, ") x (", O, ", ", I,
                        ")^T with these pointer alignments (", pointer_alignment(in.data()), ", ",
@@ -359,6 +388,38 @@ void linear(TensorView<T, Device> out, TensorView<const T, Device> in, TensorVie
     add_bias_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(bias.data()), N, O);
     check_launch(op, "the bias kernel for ", N, " rows of ", O, " features (", launch_str(grid, block), ")");
   }
+}
+
+/// out (N, O) = gelu(in W^T + b). On bf16/fp16 buffers the tanh form, with out rows in whole 16-byte
+/// units, goes through cuBLASLt's GELU epilogue: one GEMM, no separate pass over out. Float buffers
+/// keep linear + gelu: cuBLASLt does not document the accuracy of its GELU arithmetic, which is
+/// far inside a 16-bit output's rounding but could exceed the fp32 model's. Otherwise, or when
+/// cuBLASLt has no such algorithm, linear then gelu in place.
+template <class T>
+void linear_gelu(TensorView<T, Device> out, TensorView<const T, Device> in, TensorView<const T, Device> weight,
+                 TensorView<const T, Device> bias, Activation kind) {
+  require_forward_element<T>();
+  const char* op = "linear_gelu";
+  check_activation(op, kind);
+  check_linear_params(op, weight, bias, "bias");
+  const index_t O = weight.dim(0), I = weight.dim(1);
+  const bool has_bias = !absent(bias);
+  const index_t N = rows_of(in, I, op, "in");
+  if (rows_of(out, O, op, "out") != N) {
+    fail<ShapeError>(op, ": out has shape ", out.shape().str(), ", expected ", Shape{N, O}.str(), " for ", N,
+                     " input rows and ", O, " output features");
+  }
+  expect_separate(out, in, op, "in");
+  expect_separate(out, weight, op, "weight");
+  if (has_bias) expect_separate(out, bias, op, "bias");
+  if (N == 0) return;
+  if (HalfWidthType<T> && kind == Activation::GeluTanh && padded_columns<T>(O) == O &&
+      matmul(out.data(), in.data(), weight.data(), has_bias ? bias.data() : nullptr, N, O, I, false,
+             has_bias ? Epilogue::GeluBias : Epilogue::Gelu, device_math(), blas_data_type<T>())) {
+    return;
+  }
+  linear(out, in, weight, bias, Accumulate::No);
+  launch_gelu(out.data(), out.data(), out.numel(), kind);
 }
 
 // ---------------------------------------------------------------------------------------------
