@@ -61,6 +61,33 @@ void expect_same_elements(const A& out, const B& in, const char* op, const char*
   }
 }
 
+/// Validates weight (O, I) and the optional bias (O).
+template <class W, class B>
+void check_linear_params(const char* op, const W& weight, const B& bias, const char* bias_name) {
+  if (weight.rank() != 2 || weight.dim(0) == 0 || weight.dim(1) == 0) {
+    fail<ShapeError>(op, ": weight: expected a non-empty (O, I) matrix in PyTorch layout, got shape ",
+                     weight.shape().str());
+  }
+  if (!absent(bias)) expect_shape(bias, Shape{weight.dim(0)}, (std::string(op) + ": " + bias_name + " (O, the rows of weight)").c_str());
+}
+
+/// The checks of linear and linear_gelu: weight (O, I), bias (O) or absent, in (N, I), out (N, O),
+/// out separate from the others. Returns N.
+template <class O, class C>
+index_t check_linear(const char* op, const O& out, const C& in, const C& weight, const C& bias) {
+  check_linear_params(op, weight, bias, "bias");
+  const index_t n_out = weight.dim(0), n_in = weight.dim(1);
+  const index_t N = rows_of(in, n_in, op, "in");
+  if (rows_of(out, n_out, op, "out") != N) {
+    fail<ShapeError>(op, ": out has shape ", out.shape().str(), ", expected ", Shape{N, n_out}.str(), " for ", N,
+                     " input rows and ", n_out, " output features");
+  }
+  expect_separate(out, in, op, "in");
+  expect_separate(out, weight, op, "weight");
+  if (!absent(bias)) expect_separate(out, bias, op, "bias");
+  return N;
+}
+
 /// linear_backward's checks (weight already checked as (O, I)): d_in (N, I), d_weight (O, I),
 /// d_bias (O), in (N, I) when d_weight is wanted, no gradient overlapping an input. Returns N.
 template <class G, class C>

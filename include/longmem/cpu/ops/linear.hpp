@@ -11,32 +11,8 @@
 
 namespace longmem::detail::cpu {
 
-/// Validates weight (O, I) and the optional bias (O).
-template <class W, class B>
-void check_linear_params(const char* op, const W& weight, const B& bias, const char* bias_name) {
-  if (weight.rank() != 2 || weight.dim(0) == 0 || weight.dim(1) == 0) {
-    fail<ShapeError>(op, ": weight: expected a non-empty (O, I) matrix in PyTorch layout, got shape ",
-                     weight.shape().str());
-  }
-  if (!absent(bias)) expect_shape(bias, Shape{weight.dim(0)}, (std::string(op) + ": " + bias_name + " (O, the rows of weight)").c_str());
-}
-
-/// The checks shared by linear and linear_gelu; returns N, the input rows.
-template <class T>
-index_t check_linear(const char* op, TensorView<T, Host> out, TensorView<const T, Host> in,
-                     TensorView<const T, Host> weight, TensorView<const T, Host> bias) {
-  check_linear_params(op, weight, bias, "bias");
-  const index_t O = weight.dim(0), I = weight.dim(1);
-  const index_t N = rows_of(in, I, op, "in");
-  if (rows_of(out, O, op, "out") != N) {
-    fail<ShapeError>(op, ": out has shape ", out.shape().str(), ", expected ", Shape{N, O}.str(), " for ", N,
-                     " input rows and ", O, " output features");
-  }
-  expect_separate(out, in, op, "in");
-  expect_separate(out, weight, op, "weight");
-  if (!absent(bias)) expect_separate(out, bias, op, "bias");
-  return N;
-}
+using op_checks::check_linear;
+using op_checks::check_linear_params;
 
 template <class T>
 void linear(TensorView<T, Host> out, TensorView<const T, Host> in, TensorView<const T, Host> weight,

@@ -269,15 +269,8 @@ inline bool matmul(void* out, const void* in, const void* weight, const void* bi
   return true;
 }
 
-/// Validates weight (O, I) and the optional bias (O).
-template <class W, class B>
-void check_linear_params(const char* op, const W& weight, const B& bias, const char* bias_name) {
-  if (weight.rank() != 2 || weight.dim(0) == 0 || weight.dim(1) == 0) {
-    fail<ShapeError>(op, ": weight: expected a non-empty (O, I) matrix in PyTorch layout, got shape ",
-                     weight.shape().str());
-  }
-  if (!absent(bias)) expect_shape(bias, Shape{weight.dim(0)}, (std::string(op) + ": " + bias_name + " (O, the rows of weight)").c_str());
-}
+using op_checks::check_linear;
+using op_checks::check_linear_params;
 
 /// Scratch for linear_padded's output blocks, one per device, grown on demand and kept (like the
 /// cuBLASLt workspace). Every call runs on stream(), so one block is done before the next is written.
@@ -353,18 +346,9 @@ template <class T>
 void linear(TensorView<T, Device> out, TensorView<const T, Device> in, TensorView<const T, Device> weight,
             TensorView<const T, Device> bias, Accumulate acc) {
   require_forward_element<T>();
-  const char* op = "linear";
-  check_linear_params(op, weight, bias, "bias");
+  const index_t N = check_linear("linear", out, in, weight, bias);
   const index_t O = weight.dim(0), I = weight.dim(1);
   const bool has_bias = !absent(bias);
-  const index_t N = rows_of(in, I, op, "in");
-  if (rows_of(out, O, op, "out") != N) {
-    fail<ShapeError>("linear: out has shape ", out.shape().str(), ", expected ", Shape{N, O}.str(), " for ", N,
-                     " input rows and ", O, " output features");
-  }
-  expect_separate(out, in, op, "in");
-  expect_separate(out, weight, op, "weight");
-  if (has_bias) expect_separate(out, bias, op, "bias");
   if (N == 0) return;
   const bool accumulate = acc == Accumulate::Yes;
   const DeviceMath math = device_math();
@@ -386,7 +370,7 @@ void linear(TensorView<T, Device> out, TensorView<const T, Device> in, TensorVie
     const index_t n_el = N * O;
     const dim3 block(256), grid(grid_for(n_el, 256));
     add_bias_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(bias.data()), N, O);
-    check_launch(op, "the bias kernel for ", N, " rows of ", O, " features (", launch_str(grid, block), ")");
+    check_launch("linear", "the bias kernel for ", N, " rows of ", O, " features (", launch_str(grid, block), ")");
   }
 }
 
@@ -399,19 +383,10 @@ template <class T>
 void linear_gelu(TensorView<T, Device> out, TensorView<const T, Device> in, TensorView<const T, Device> weight,
                  TensorView<const T, Device> bias, Activation kind) {
   require_forward_element<T>();
-  const char* op = "linear_gelu";
-  check_activation(op, kind);
-  check_linear_params(op, weight, bias, "bias");
+  check_activation("linear_gelu", kind);
+  const index_t N = check_linear("linear_gelu", out, in, weight, bias);
   const index_t O = weight.dim(0), I = weight.dim(1);
   const bool has_bias = !absent(bias);
-  const index_t N = rows_of(in, I, op, "in");
-  if (rows_of(out, O, op, "out") != N) {
-    fail<ShapeError>(op, ": out has shape ", out.shape().str(), ", expected ", Shape{N, O}.str(), " for ", N,
-                     " input rows and ", O, " output features");
-  }
-  expect_separate(out, in, op, "in");
-  expect_separate(out, weight, op, "weight");
-  if (has_bias) expect_separate(out, bias, op, "bias");
   if (N == 0) return;
   if (HalfWidthType<T> && kind == Activation::GeluTanh && padded_columns<T>(O) == O &&
       matmul(out.data(), in.data(), weight.data(), has_bias ? bias.data() : nullptr, N, O, I, false,
