@@ -16,6 +16,8 @@
 #   fixtures    regenerate the fixtures with this machine's torch/transformers, compare them with
 #               the committed ones and re-run the fixture tests against the fresh ones
 #
+# (bench/device_prebuilt.sh runs the same kinds of steps from binaries built on the development
+# machine, which saves the build's minutes of device time.)
 # usage (repo root, after `bash .devdeps/install.sh`; `bash bench/pack_device_deps.sh` makes .devdeps here,
 #       and the call carries it): bash bench/run_device.sh STAGE...
 #       (no stage: build test sanitize bench-gpu bench-cpu)
