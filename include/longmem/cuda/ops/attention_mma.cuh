@@ -138,17 +138,30 @@ __device__ inline void mma_joint_open(float (&o)[NTile][4], float (&m)[2], float
 /// The second half of a key tile's online-softmax step, shared by the TF32 and 16-bit kernels: given
 /// the scored and masked tile sc and this thread's row maxima mx over it (m included), the maxima
 /// over the quad, alpha = exp(m - m_new), sc := exp(sc - m_new) summed into l, m := m_new. FastExp:
-/// __expf (the 16-bit kernel, whose probabilities are rounded to 16 bits anyway) instead of expf.
+/// the 16-bit kernel's exp, ex2.approx.ftz of x log2(e) (about 2 ulp; results below 2^-126, far under
+/// a 16-bit probability's rounding next to the row's 1, flush to 0), instead of expf.
 template <bool FastExp, int NSlice>
 __device__ inline void mma_softmax_rescale(float (&sc)[NSlice][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                            float (&mx)[2]) {
   constexpr float neg_inf = -INFINITY;
-  const auto ex = [](float x) { return FastExp ? __expf(x) : expf(x); };
+  const auto ex = [](float x) {
+    if constexpr (FastExp) {
+      float y;
+      asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+      return y;
+    } else {
+      return expf(x);
+    }
+  };
+  float shift[2];  // what the scores are shifted by: the row's max, 0 while it has no key
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
     alpha[r] = mx[r] == neg_inf ? 1.0f : ex(m[r] - mx[r]);  // no key yet (rows past T): stay at zero
+    // A row with no key yet has only -inf scores, and exp(-inf - 0) = 0 (expf and ex2.approx alike):
+    // no select per score.
+    shift[r] = mx[r] == neg_inf ? 0.0f : mx[r];
   }
   l[0] *= alpha[0];
   l[1] *= alpha[1];
@@ -157,7 +170,7 @@ __device__ inline void mma_softmax_rescale(float (&sc)[NSlice][4], float (&m)[2]
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = e / 2;
-      sc[j][e] = mx[r] == neg_inf ? 0.0f : ex(sc[j][e] - mx[r]);
+      sc[j][e] = ex(sc[j][e] - shift[r]);
       l[r] += sc[j][e];
     }
   }
@@ -167,9 +180,10 @@ __device__ inline void mma_softmax_rescale(float (&sc)[NSlice][4], float (&m)[2]
 
 /// One key tile's online-softmax step on S's accumulator fragments sc (rows row[0], row[1]; keys
 /// k0 + 8 j + 2 tig (+1)): scale, ALiBi (as the host's ramp: slope * (key - t) in double, rounded
-/// once), the causal mask, the running maxima m (quads share rows), sc := exp(sc - m_new), the
-/// partial row sums l; returns the factors alpha the output rows must be rescaled by.
-template <int NSlice, class E>
+/// once), the causal and length mask when Masked (a tile that crosses the diagonal or T; the others
+/// need none, so they are compiled without it), the running maxima m (quads share rows), sc :=
+/// exp(sc - m_new), the partial row sums l; returns the factors alpha the output rows must be rescaled by.
+template <bool Masked, int NSlice, class E>
 __device__ inline void mma_softmax_tile(float (&sc)[NSlice][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                         const index_t (&row)[2], index_t k0, index_t T, int tig,
                                         const AttentionArgsT<E>& a, double slope) {
@@ -182,7 +196,8 @@ __device__ inline void mma_softmax_tile(float (&sc)[NSlice][4], float (&m)[2], f
       const index_t t = row[e / 2], key = k0 + 8 * j + 2 * tig + (e % 2);
       float val = sc[j][e] * a.scale;
       if (a.alibi) val += static_cast<float>(slope * static_cast<double>(key - t));
-      sc[j][e] = t < T && key <= t ? val : neg_inf;
+      if constexpr (Masked) val = t < T && key <= t ? val : neg_inf;
+      sc[j][e] = val;
       mx[e / 2] = fmaxf(mx[e / 2], sc[j][e]);
     }
   }
@@ -332,7 +347,11 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
 
     // Scale, ALiBi, causal mask; running maxima per row (quads share rows); probabilities.
     float alpha[2];
-    mma_softmax_tile(sc, m, l, alpha, row, k0, T, tig, a, slope);
+    if (k0 + mma_bc - 1 > w0 || w_last >= T) {  // the tile crosses the diagonal or T
+      mma_softmax_tile<true>(sc, m, l, alpha, row, k0, T, tig, a, slope);
+    } else {  // every key <= every row < T
+      mma_softmax_tile<false>(sc, m, l, alpha, row, k0, T, tig, a, slope);
+    }
 #pragma unroll
     for (int s = 0; s < n_slice; ++s) {
 #pragma unroll

@@ -8,7 +8,8 @@
 // Block: 4 warps x 16 query rows (Br = 64); key tiles of Bc = 64 in two stages of shared memory: the
 // next tile's keys and values come by cp.async while this one is computed. Per warp and tile:
 //   S (16 x 64) = Q (16 x dh) K^T      Q's A fragments held in registers (E pairs), K's B
-//                                      fragments read as 32-bit pairs from the (key, feature) tile
+//                                      fragments by ldmatrix (two 16-wide steps of dh per
+//                                      instruction) from the (key, feature) tile
 //   online softmax on S's fp32 accumulators (rows g and g + 8 of each thread, quads reduce), in
 //                                      float throughout (softmax_tile_16 below)
 //   O (16 x dh) += P (16 x 64) V       P's accumulators packed to E pairs as A fragments (the
@@ -19,11 +20,15 @@
 // probabilities are rounded to E (relative 2^-9 in bf16, 2^-12 in fp16) before P V, as flash
 // attention does; the row sums use the unrounded fp32 probabilities. Against the TF32 kernel's
 // softmax step (exact to a float rounding, for the fp32 fixtures) this one takes the ALiBi term as a
-// float product, exp as __expf and masks only the tiles that cross the diagonal or T: each changes a
-// probability by far less than its rounding to E (an ALiBi term of 700 is off by at most 6e-5;
-// __expf by about 1e-5 relative over the range a softmax uses). The TF32 step's double ALiBi
-// products from 64-bit indices were the likely cost of this kernel's 58 TFLOP/s on an H100
-// (2026-12-08 profile, bench/RESULTS.md); the float step is not yet timed.
+// float product and exp as ex2.approx.ftz of x log2(e) (what __expf compiles to; results below
+// 2^-126 flush to 0): each changes a probability by far less than its rounding to E (an ALiBi term
+// of 700 is off by at most 6e-5; the exp by about 1e-5 relative over the range a softmax uses). The
+// TF32 step's double ALiBi products from 64-bit indices were the likely cost of this kernel's 58
+// TFLOP/s on an H100 (2026-12-08 profile, bench/RESULTS.md); the float step is not yet timed.
+// Instructions per warp and unmasked key tile (bf16, dh 64, SASS counted with cuobjdump): 1,086
+// with the mask predicated into every tile, 32-bit K fragment loads and a select per score; about
+// 560 with the masked step compiled apart (only tiles crossing the diagonal or T run it), K's
+// fragments by ldmatrix.x4 and the exp's shift instead of the select.
 // Fragment layouts (PTX ISA, mma.m16n8k16 .bf16 and .f16): lane = 4 g + tig;
 //   A (16 x 16): a0 (g, 2 tig..+1) a1 (g + 8, 2 tig..+1) a2 (g, 2 tig + 8..+9) a3 (g + 8, 2 tig + 8..+9)
 //   B (16 x 8):  b0 (k 2 tig..+1, n g) b1 (k 2 tig + 8..+9, n g)
@@ -96,18 +101,38 @@ __device__ inline void ldmatrix_x4_trans(std::uint32_t (&b)[4], const void* row)
                : "r"(addr));
 }
 
+/// K's B fragments for S = Q K^T, two 16-wide steps of dh (s, s + 1) of one 8-key slice at once,
+/// from the (key, feature) tile: ldmatrix.x4 (no .trans) hands lane (g, tig) the features 2 tig,
+/// 2 tig + 1 of row g of four 8 x 8 blocks, which are b0, b1 of step s and b0, b1 of step s + 1 when
+/// lane l points at key (l % 8) of the slice, features 16 s + 8 (l / 8). One instruction for what
+/// took four 32-bit shared loads.
+__device__ inline void ldmatrix_x4(std::uint32_t (&b)[4], const void* row) {
+  const auto addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+               : "r"(addr));
+}
+/// The same for one step (an odd last step): lanes 0-15 give the addresses, b0 and b1 come back.
+__device__ inline void ldmatrix_x2(std::uint32_t (&b)[2], const void* row) {
+  const auto addr = static_cast<std::uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr));
+}
+
 /// The online-softmax step of one key tile for the 16-bit kernel (see the header for how it differs
 /// from mma_softmax_tile): scores scaled, ALiBi added as slope x (key - t) in float from exact
-/// float distances, the causal and length mask only where `masked`; then mma_softmax_rescale with
-/// __expf.
-template <int NSlice>
+/// float distances, the causal and length mask only when Masked (a tile that crosses the diagonal
+/// or T: a compile-time branch, so the other tiles carry no mask code at all; positions are below
+/// 2^24, checked on the host, so they are compared as int); then mma_softmax_rescale's fast exp.
+template <bool Masked, int NSlice>
 __device__ inline void softmax_tile_16(float (&sc)[NSlice][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                        const index_t (&row)[2], index_t k0, index_t T, int tig, float scale,
-                                       bool alibi, float slope, bool masked) {
+                                       bool alibi, float slope) {
   constexpr float neg_inf = -INFINITY;
   float dist[4];  // key - t of slice 0, exact in float (|key - t| < T <= 2^24 is checked on the host)
 #pragma unroll
   for (int e = 0; e < 4; ++e) dist[e] = static_cast<float>(k0 + 2 * tig + (e % 2) - row[e / 2]);
+  const int t_row[2] = {static_cast<int>(row[0]), static_cast<int>(row[1])};
+  const int key0 = static_cast<int>(k0) + 2 * tig, t_end = static_cast<int>(T);
   float mx[2] = {m[0], m[1]};
 #pragma unroll
   for (int j = 0; j < NSlice; ++j) {
@@ -115,9 +140,9 @@ __device__ inline void softmax_tile_16(float (&sc)[NSlice][4], float (&m)[2], fl
     for (int e = 0; e < 4; ++e) {
       float val = sc[j][e] * scale;
       if (alibi) val = fmaf(slope, dist[e] + 8.0f * j, val);
-      if (masked) {
-        const index_t t = row[e / 2], key = k0 + 8 * j + 2 * tig + (e % 2);
-        val = t < T && key <= t ? val : neg_inf;
+      if constexpr (Masked) {
+        const int t = t_row[e / 2], key = key0 + 8 * j + (e % 2);
+        val = t < t_end && key <= t ? val : neg_inf;
       }
       sc[j][e] = val;
       mx[e / 2] = fmaxf(mx[e / 2], val);
@@ -238,22 +263,33 @@ __global__ void __launch_bounds__(mma_threads) attention_mma16_kernel(AttentionA
     const E* ks = tiles + 2 * static_cast<int>(i % 2) * mma_bc * kp;
     const E* vs = ks + mma_bc * kp;
     float sc[n_kslice][4];
+    // Lane l's ldmatrix row: key l % 8 of a slice, features 8 (l / 8) of a pair of 16-wide steps.
+    const E* kbase = ks + (lane % 8) * kp + 8 * (lane / 8);
 #pragma unroll
     for (int j = 0; j < n_kslice; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) sc[j][e] = 0.0f;
-      const E* krow = ks + (8 * j + g) * kp + 2 * tig;  // key 8 j + g, features 16 s + 2 tig (+8)
+      const E* krow = kbase + 8 * j * kp;
 #pragma unroll
-      for (int s = 0; s < n_kstep; ++s) {
-        const std::uint32_t b0 = *reinterpret_cast<const std::uint32_t*>(krow + 16 * s);
-        const std::uint32_t b1 = *reinterpret_cast<const std::uint32_t*>(krow + 16 * s + 8);
-        mma16<E>(sc[j], qa[s], b0, b1);
+      for (int s = 0; s + 1 < n_kstep; s += 2) {
+        std::uint32_t b[4];
+        ldmatrix_x4(b, krow + 16 * s);
+        mma16<E>(sc[j], qa[s], b[0], b[1]);
+        mma16<E>(sc[j], qa[s + 1], b[2], b[3]);
+      }
+      if constexpr (n_kstep % 2 == 1) {
+        std::uint32_t b[2];
+        ldmatrix_x2(b, krow + 16 * (n_kstep - 1));
+        mma16<E>(sc[j], qa[n_kstep - 1], b[0], b[1]);
       }
     }
 
     float alpha[2];
-    const bool masked = k0 + mma_bc - 1 > w0 || w_last >= T;  // else every key <= every row < T
-    softmax_tile_16(sc, m, l, alpha, row, k0, T, tig, a.scale, a.alibi, slope, masked);
+    if (k0 + mma_bc - 1 > w0 || w_last >= T) {  // the tile crosses the diagonal or T
+      softmax_tile_16<true>(sc, m, l, alpha, row, k0, T, tig, a.scale, a.alibi, slope);
+    } else {  // every key <= every row < T
+      softmax_tile_16<false>(sc, m, l, alpha, row, k0, T, tig, a.scale, a.alibi, slope);
+    }
 #pragma unroll
     for (int s = 0; s < n_otile; ++s) {
 #pragma unroll
