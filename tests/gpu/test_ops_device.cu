@@ -1549,6 +1549,18 @@ void refusals() {
                               {"linear: out", "(3, 5)", "(2, 5)"});
     expect_throws<InputError>("linear overlap", [&] { ops::linear(x.view(), cview(x), cview(w66), DV{}); },
                               {"linear", "overlaps"});
+    expect_throws<ShapeError>("linear_gelu weight",
+                              [&] { ops::linear_gelu(y.view(), cview(x), cview(w_bad), cview(b), Activation::GeluTanh); },
+                              {"linear_gelu: in", "(3, 6)", "7"});
+    expect_throws<ShapeError>("linear_gelu out",
+                              [&] { ops::linear_gelu(y_bad.view(), cview(x), cview(w), cview(b), Activation::GeluTanh); },
+                              {"linear_gelu: out", "(3, 5)", "(2, 5)"});
+    expect_throws<InputError>("linear_gelu overlap",
+                              [&] { ops::linear_gelu(x.view(), cview(x), cview(w66), DV{}, Activation::GeluTanh); },
+                              {"linear_gelu", "overlaps"});
+    expect_throws<InputError>("linear_gelu kind",
+                              [&] { ops::linear_gelu(y.view(), cview(x), cview(w), cview(b), static_cast<Activation>(7)); },
+                              {"linear_gelu", "unknown activation"});
     EXPECT(all_nan(y) && all_nan(y_bad), "linear wrote before a refusal");
 
     auto g6 = make(Shape{6}), g5 = make(Shape{5});

@@ -738,6 +738,16 @@ TEMPLATE_LIST_TEST_CASE("ops: wrong shapes name the op and the argument", "[ops]
                              {"linear: out", "(3, 5)", "(2, 5)"});
   require_throws<InputError>([&] { ops::linear(x.view(), cview(x), cview(make(Shape{6, 6})), CV{}); },
                              {"linear", "overlaps"});
+  require_throws<ShapeError>([&] { ops::linear_gelu(y.view(), cview(x), cview(w_bad), cview(b), Activation::GeluTanh); },
+                             {"linear_gelu: in", "(3, 6)", "7"});
+  require_throws<ShapeError>([&] { ops::linear_gelu(y_bad.view(), cview(x), cview(w), cview(b), Activation::GeluErf); },
+                             {"linear_gelu: out", "(3, 5)", "(2, 5)"});
+  require_throws<InputError>(
+      [&] { ops::linear_gelu(x.view(), cview(x), cview(make(Shape{6, 6})), CV{}, Activation::GeluTanh); },
+      {"linear_gelu", "overlaps"});
+  require_throws<InputError>(
+      [&] { ops::linear_gelu(y.view(), cview(x), cview(w), cview(b), static_cast<Activation>(7)); },
+      {"linear_gelu", "unknown activation"});
 
   auto g6 = make(Shape{6}), g5 = make(Shape{5});
   require_throws<ShapeError>([&] { ops::layer_norm(x.view(), cview(x), cview(g6), cview(g5), 1e-5); },
