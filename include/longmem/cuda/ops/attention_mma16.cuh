@@ -26,8 +26,8 @@
 // TF32 step's double ALiBi products from 64-bit indices were the likely cost of this kernel's 58
 // TFLOP/s on an H100 (2026-12-08 profile, bench/RESULTS.md); the float step is not yet timed.
 // Instructions per warp and unmasked key tile (bf16, dh 64, SASS counted with cuobjdump): 1,086
-// with the mask predicated into every tile, 32-bit K fragment loads and a select per score; about
-// 560 with the masked step compiled apart (only tiles crossing the diagonal or T run it), K's
+// with the mask predicated into every tile, 32-bit K fragment loads and a select per score; 466
+// with the masked step compiled apart (only tiles crossing the diagonal or T run it), K's
 // fragments by ldmatrix.x4 and the exp's shift instead of the select.
 // Fragment layouts (PTX ISA, mma.m16n8k16 .bf16 and .f16): lane = 4 g + tig;
 //   A (16 x 16): a0 (g, 2 tig..+1) a1 (g + 8, 2 tig..+1) a2 (g, 2 tig + 8..+9) a3 (g + 8, 2 tig + 8..+9)
