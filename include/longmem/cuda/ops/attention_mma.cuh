@@ -178,6 +178,13 @@ __device__ inline void mma_softmax_rescale(float (&sc)[NSlice][4], float (&m)[2]
   m[1] = mx[1];
 }
 
+/// Whether key tile [k0, k0 + Bc) needs the causal and length mask for a warp's rows [w0, w_last]
+/// of a T-row sequence: it crosses the diagonal or the rows pass T. Otherwise every key <= every
+/// row < T, and the softmax step is compiled without the mask.
+__device__ inline bool mma_tile_masked(index_t k0, index_t w0, index_t w_last, index_t T) {
+  return k0 + mma_bc - 1 > w0 || w_last >= T;
+}
+
 /// One key tile's online-softmax step on S's accumulator fragments sc (rows row[0], row[1]; keys
 /// k0 + 8 j + 2 tig (+1)): scale, ALiBi (as the host's ramp: slope * (key - t) in double, rounded
 /// once), the causal and length mask when Masked (a tile that crosses the diagonal or T; the others
@@ -347,7 +354,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma_kernel(AttentionArg
 
     // Scale, ALiBi, causal mask; running maxima per row (quads share rows); probabilities.
     float alpha[2];
-    if (k0 + mma_bc - 1 > w0 || w_last >= T) {  // the tile crosses the diagonal or T
+    if (mma_tile_masked(k0, w0, w_last, T)) {
       mma_softmax_tile<true>(sc, m, l, alpha, row, k0, T, tig, a, slope);
     } else {  // every key <= every row < T
       mma_softmax_tile<false>(sc, m, l, alpha, row, k0, T, tig, a, slope);

@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(mma_threads) attention_mma16_kernel(AttentionA
     }
 
     float alpha[2];
-    if (k0 + mma_bc - 1 > w0 || w_last >= T) {  // the tile crosses the diagonal or T
+    if (mma_tile_masked(k0, w0, w_last, T)) {
       softmax_tile_16<true>(sc, m, l, alpha, row, k0, T, tig, a.scale, a.alibi, slope);
     } else {  // every key <= every row < T
       softmax_tile_16<false>(sc, m, l, alpha, row, k0, T, tig, a.scale, a.alibi, slope);

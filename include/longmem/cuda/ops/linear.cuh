@@ -342,36 +342,39 @@ void linear_padded(T* out, const T* in, const T* weight, const T* bias, index_t 
   }
 }
 
+/// linear's GEMM and bias on checked arguments (out (N, O), in (N, I), weight (O, I), bias (O) or null).
+template <class T>
+void enqueue_linear(T* out, const T* in, const T* weight, const T* bias, index_t N, index_t O, index_t I,
+                    bool accumulate) {
+  const DeviceMath math = device_math();
+  constexpr cudaDataType_t type = blas_data_type<T>();
+  if (padded_columns<T>(O) != O) {
+    linear_padded(out, in, weight, bias, N, O, I, accumulate, math);
+    return;
+  }
+  if (bias && matmul(out, in, weight, bias, N, O, I, accumulate, Epilogue::Bias, math, type)) return;
+  if (!matmul(out, in, weight, nullptr, N, O, I, accumulate, Epilogue::None, math, type)) {
+    fail<BackendError>("linear: cuBLASLt has no ", arithmetic_name(type, math),
+                       " algorithm for (", N, ", ", I, ") x (", O, ", ", I,
+                       ")^T with these pointer alignments (", pointer_alignment(in), ", ",
+                       pointer_alignment(weight), ", ", pointer_alignment(out), " bytes)");
+  }
+  if (bias) {
+    const index_t n_el = N * O;
+    const dim3 block(256), grid(grid_for(n_el, 256));
+    add_bias_kernel<<<grid, block, 0, stream()>>>(device_ptr(out), device_ptr(bias), N, O);
+    check_launch("linear", "the bias kernel for ", N, " rows of ", O, " features (", launch_str(grid, block), ")");
+  }
+}
+
 template <class T>
 void linear(TensorView<T, Device> out, TensorView<const T, Device> in, TensorView<const T, Device> weight,
             TensorView<const T, Device> bias, Accumulate acc) {
   require_forward_element<T>();
   const index_t N = check_linear("linear", out, in, weight, bias);
-  const index_t O = weight.dim(0), I = weight.dim(1);
-  const bool has_bias = !absent(bias);
   if (N == 0) return;
-  const bool accumulate = acc == Accumulate::Yes;
-  const DeviceMath math = device_math();
-  constexpr cudaDataType_t type = blas_data_type<T>();
-  if (padded_columns<T>(O) != O) {
-    linear_padded(out.data(), in.data(), weight.data(), has_bias ? bias.data() : nullptr, N, O, I, accumulate, math);
-    return;
-  }
-  if (has_bias && matmul(out.data(), in.data(), weight.data(), bias.data(), N, O, I, accumulate, Epilogue::Bias, math, type)) {
-    return;
-  }
-  if (!matmul(out.data(), in.data(), weight.data(), nullptr, N, O, I, accumulate, Epilogue::None, math, type)) {
-    fail<BackendError>("linear: cuBLASLt has no ", arithmetic_name(type, math),
-                       " algorithm for (", N, ", ", I, ") x (", O, ", ", I,
-                       ")^T with these pointer alignments (", pointer_alignment(in.data()), ", ",
-                       pointer_alignment(weight.data()), ", ", pointer_alignment(out.data()), " bytes)");
-  }
-  if (has_bias) {
-    const index_t n_el = N * O;
-    const dim3 block(256), grid(grid_for(n_el, 256));
-    add_bias_kernel<<<grid, block, 0, stream()>>>(device_ptr(out.data()), device_ptr(bias.data()), N, O);
-    check_launch("linear", "the bias kernel for ", N, " rows of ", O, " features (", launch_str(grid, block), ")");
-  }
+  enqueue_linear(out.data(), in.data(), weight.data(), absent(bias) ? nullptr : bias.data(), N, weight.dim(0),
+                 weight.dim(1), acc == Accumulate::Yes);
 }
 
 /// out (N, O) = gelu(in W^T + b). On bf16/fp16 buffers the tanh form, with out rows in whole 16-byte
@@ -385,15 +388,15 @@ void linear_gelu(TensorView<T, Device> out, TensorView<const T, Device> in, Tens
   require_forward_element<T>();
   check_activation("linear_gelu", kind);
   const index_t N = check_linear("linear_gelu", out, in, weight, bias);
-  const index_t O = weight.dim(0), I = weight.dim(1);
-  const bool has_bias = !absent(bias);
   if (N == 0) return;
+  const index_t O = weight.dim(0), I = weight.dim(1);
+  const T* b = absent(bias) ? nullptr : bias.data();
   if (HalfWidthType<T> && kind == Activation::GeluTanh && padded_columns<T>(O) == O &&
-      matmul(out.data(), in.data(), weight.data(), has_bias ? bias.data() : nullptr, N, O, I, false,
-             has_bias ? Epilogue::GeluBias : Epilogue::Gelu, device_math(), blas_data_type<T>())) {
+      matmul(out.data(), in.data(), weight.data(), b, N, O, I, false, b ? Epilogue::GeluBias : Epilogue::Gelu,
+             device_math(), blas_data_type<T>())) {
     return;
   }
-  linear(out, in, weight, bias, Accumulate::No);
+  enqueue_linear(out.data(), in.data(), weight.data(), b, N, O, I, false);
   launch_gelu(out.data(), out.data(), out.numel(), kind);
 }
 
